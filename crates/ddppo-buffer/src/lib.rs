@@ -1,0 +1,1 @@
+//! Replay buffers and the k-d tree neighbour index for the gradient loss (ALGORITHM.md sections 1 and 3).
