@@ -1,8 +1,12 @@
 //! The `ddppo` command-line tool. It parses, validates, wires and reports;
 //! the algorithms live in the library crates.
 
+mod chart;
 mod cmd_env;
 mod cmd_grad_error;
+mod cmd_plot;
+mod cmd_table;
+mod run_dir;
 
 use clap::{Parser, Subcommand};
 
@@ -19,6 +23,10 @@ enum Command {
     Env(cmd_env::EnvArgs),
     /// The gradient-error study (paper Figure 2) on an analytic env.
     GradError(cmd_grad_error::GradErrorArgs),
+    /// Learning curves of run directories (mean and std band over seeds).
+    Plot(cmd_plot::PlotArgs),
+    /// A Markdown table of returns (mean ± std over seeds) at fixed step counts.
+    Table(cmd_table::TableArgs),
 }
 
 fn main() {
@@ -26,6 +34,8 @@ fn main() {
     let result = match cli.cmd {
         Command::Env(args) => cmd_env::run(args),
         Command::GradError(args) => cmd_grad_error::run(args),
+        Command::Plot(args) => cmd_plot::run(args),
+        Command::Table(args) => cmd_table::run(args),
     };
     if let Err(e) = result {
         // One line: the cause chain, no backtrace.

@@ -1,0 +1,114 @@
+//! `ddppo plot` on hand-made run directories.
+
+use std::path::Path;
+use std::process::Command;
+
+fn fake_run(dir: &Path, env: &str, variant: &str, seed: u64, returns: &[f64]) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("config.toml"), format!("env = \"{env}\"\nvariant = \"{variant}\"\nseed = {seed}\n")).unwrap();
+    let lines: Vec<String> = returns
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            format!(
+                "{{\"env_steps\":{},\"return_mean\":{r},\"return_std\":1.0,\"wall_s\":{}}}",
+                (i + 1) * 1000,
+                i as f64 * 2.0
+            )
+        })
+        .collect();
+    std::fs::write(dir.join("metrics.jsonl"), lines.join("\n") + "\n").unwrap();
+}
+
+fn ddppo(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_ddppo")).args(args).output().unwrap()
+}
+
+#[test]
+fn plot_groups_runs_by_env_and_variant() {
+    let tmp = tempdir("plot_groups");
+    fake_run(&tmp.join("a"), "hopper", "ddppo", 0, &[10.0, 200.0, 900.0]);
+    fake_run(&tmp.join("b"), "hopper", "ddppo", 1, &[20.0, 300.0, 1100.0]);
+    fake_run(&tmp.join("c"), "hopper", "sac", 0, &[5.0, 50.0, 100.0]);
+    fake_run(&tmp.join("d"), "ant", "ddppo", 0, &[1.0, 2.0, 3.0]);
+    let out = tmp.join("curves.svg");
+    let o = ddppo(&[
+        "plot",
+        tmp.join("a").to_str().unwrap(),
+        tmp.join("b").to_str().unwrap(),
+        tmp.join("c").to_str().unwrap(),
+        tmp.join("d").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let svg = std::fs::read_to_string(&out).unwrap();
+    assert!(svg.starts_with("<svg"));
+    // One panel per env, one legend entry per variant within it.
+    let texts = svg_texts(&svg);
+    let count = |t: &str| texts.iter().filter(|x| x.as_str() == t).count();
+    assert_eq!((count("hopper"), count("ant")), (1, 1), "panel titles: {texts:?}");
+    assert_eq!(count("ddppo"), 2, "{texts:?}");
+    assert_eq!(count("sac"), 1, "{texts:?}");
+}
+
+#[test]
+fn plot_rejects_bad_input_with_one_line() {
+    let tmp = tempdir("plot_bad");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec![tmp.join("missing").display().to_string()], "not a run directory"),
+        (vec![{
+            let d = tmp.join("corrupt");
+            fake_run(&d, "hopper", "ddppo", 0, &[1.0]);
+            std::fs::write(d.join("metrics.jsonl"), "{not json\n").unwrap();
+            d.display().to_string()
+        }], "not a metrics record"),
+    ];
+    for (runs, expect) in cases {
+        let mut args = vec!["plot".to_string()];
+        args.extend(runs);
+        args.extend(["--out".into(), tmp.join("x.svg").display().to_string()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = ddppo(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(err.contains(expect), "expected '{expect}' in: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+        assert!(!err.contains("panicked"));
+    }
+    let d = tmp.join("ok");
+    fake_run(&d, "hopper", "ddppo", 0, &[1.0, 2.0]);
+    let o = ddppo(&["plot", d.to_str().unwrap(), "--out", tmp.join("x.png").to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("only .svg"));
+}
+
+/// The contents of the SVG's `<text>` elements, trimmed.
+fn svg_texts(svg: &str) -> Vec<String> {
+    svg.split("<text").skip(1).filter_map(|t| Some(t.split_once('>')?.1.split_once("</text>")?.0.trim().to_string())).collect()
+}
+
+fn tempdir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("ddppo-cli-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn table_reports_mean_and_std_over_seeds() {
+    let tmp = tempdir("table");
+    fake_run(&tmp.join("a"), "hopper", "ddppo", 0, &[10.0, 200.0]);
+    fake_run(&tmp.join("b"), "hopper", "ddppo", 1, &[20.0, 400.0]);
+    fake_run(&tmp.join("c"), "hopper", "sac", 0, &[5.0, 50.0]);
+    let dirs: Vec<String> = ["a", "b", "c"].iter().map(|d| tmp.join(d).display().to_string()).collect();
+    let mut args = vec!["table"];
+    args.extend(dirs.iter().map(String::as_str));
+    args.extend(["--at", "1000,2000"]);
+    let o = ddppo(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let table = String::from_utf8(o.stdout).unwrap();
+    // ddppo at 2000 steps: returns 200 and 400 -> 300 ± 100 (population std).
+    assert!(table.contains("| hopper | ddppo | 2 | 15.0 ± 5.0 | 300.0 ± 100.0 |"), "{table}");
+    assert!(table.contains("| hopper | sac | 1 | 5.0 ± 0.0 | 50.0 ± 0.0 |"), "{table}");
+}
