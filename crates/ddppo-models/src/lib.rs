@@ -1,1 +1,97 @@
-//! Prediction and gradient ensembles (ALGORITHM.md sections 2 and 3).
+//! Prediction and gradient model ensembles for DDPPO, on candle.
+//!
+//! Implements the model-learning half of the paper's section 4.3: the MBPO
+//! probabilistic ensemble trained by Gaussian likelihood (the prediction model
+//! `M^p`, equation 2) and the gradient model `M^g`, trained with the
+//! directional-derivative loss `w * R` added (equations 9 and 10). `J · v` is
+//! computed by forward-mode tangents written as ordinary tensor ops, so only
+//! first-order autograd is needed. The rollout API picks one elite per row and
+//! runs only that member on it (ALGORITHM.md sections 2 and 3).
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use ddppo_models::{EnsembleConfig, PredictionEnsemble, TransitionData};
+//! use rand::SeedableRng;
+//!
+//! # fn main() -> ddppo_models::Result<()> {
+//! let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+//! let cfg = EnsembleConfig { ensemble_size: 3, elites: 2, hidden: 16, hidden_layers: 2,
+//!     weight_decay: vec![0.0; 3], max_epochs: Some(2), ..Default::default() };
+//! let mut model = PredictionEnsemble::new(1, 1, &cfg, &Device::Cpu, DType::F32, &mut rng)?;
+//! // s' = s + a, r = -s^2 on 64 random rows.
+//! let obs: Vec<f32> = (0..64).map(|i| (i as f32 / 32.0) - 1.0).collect();
+//! let act: Vec<f32> = (0..64).map(|i| ((i * 7 % 64) as f32 / 64.0) - 0.5).collect();
+//! let rew: Vec<f32> = obs.iter().map(|s| -s * s).collect();
+//! let next: Vec<f32> = obs.iter().zip(&act).map(|(s, a)| s + a).collect();
+//! let data = TransitionData { obs: &obs, act: &act, rew: &rew, next_obs: &next };
+//! let report = model.train(&data, &mut rng)?;
+//! assert_eq!(report.holdout_mse.len(), 3);
+//!
+//! // One elite per row, then a sampled model step for 4 rows.
+//! let ens = model.ensemble();
+//! let members = ens.draw_elites(4, &mut rng);
+//! let s = Tensor::new(&[[0.1f32], [0.2], [0.3], [0.4]], &Device::Cpu)?;
+//! let a = Tensor::new(&[[0.0f32], [0.1], [0.0], [-0.1]], &Device::Cpu)?;
+//! let (sample, mean) = ens.sample(&s, &a, &members, &mut rng)?;
+//! assert_eq!(sample.next_obs.dims(), &[4, 1]);
+//! assert_eq!(mean.reward.dims(), &[4]);
+//! # Ok(())
+//! # }
+//! ```
+
+mod config;
+mod ensemble;
+mod layer;
+mod train;
+
+pub use config::{EnsembleConfig, GradientLossConfig};
+pub use ensemble::{ModelStep, ProbabilisticEnsemble, softplus};
+pub use layer::EnsembleLinear;
+pub use train::{
+    EpochStats, GradBatch, GradientEnsemble, LossBatch, LossTerms, PredictionEnsemble, TrainReport,
+    TransitionData,
+};
+
+/// Errors of this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("bad model config: {field}: {reason}")]
+    Config { field: String, reason: String },
+    #[error("bad model input: {0}")]
+    Data(String),
+    #[error("non-finite training loss (member {}) in epoch {epoch}; weights restored to those before this training call", member.map_or("?".to_string(), |m| m.to_string()))]
+    NonFinite { member: Option<usize>, epoch: usize },
+    #[error("model checkpoint {path}: {reason}")]
+    Checkpoint { path: String, reason: String },
+    #[error("tensor: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Opt-in allocator tuning for candle on CPU (Linux/glibc only; a no-op elsewhere).
+///
+/// glibc serves every buffer above `M_MMAP_THRESHOLD` (128 KiB by default, raised
+/// dynamically only after the first free) with a fresh `mmap` and returns it with
+/// `munmap`, so each large intermediate tensor of a training step costs page faults
+/// and zeroing. Raising the threshold to 1 GiB keeps them on the heap; this roughly
+/// halved an ensemble training step. Call once at start-up, before any tensor work.
+/// Returns whether the setting was applied.
+pub fn tune_allocator() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only changes allocator parameters; it is called with valid
+        // option constants and has no memory-safety preconditions.
+        unsafe {
+            let a = libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+            let b = libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+            a == 1 && b == 1
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}

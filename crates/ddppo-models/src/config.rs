@@ -1,0 +1,161 @@
+//! Configuration of the ensembles (ALGORITHM.md sections 2 and 3).
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// Sizes and training schedule of a probabilistic ensemble (MBPO defaults).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EnsembleConfig {
+    /// Number of members `E`.
+    pub ensemble_size: usize,
+    /// Number of elites used for rollouts.
+    pub elites: usize,
+    /// Units per hidden layer.
+    pub hidden: usize,
+    /// Number of hidden layers (SiLU after each).
+    pub hidden_layers: usize,
+    /// L2 coefficient per layer (`hidden_layers + 1` entries), loss `decay_l * sum(W_l^2) / 2`.
+    pub weight_decay: Vec<f64>,
+    /// Adam learning rate.
+    pub lr: f64,
+    /// Minibatch size per member.
+    pub batch_size: usize,
+    /// Fraction of the data held out for early stopping and elite selection.
+    pub holdout_ratio: f64,
+    /// Cap on the number of held-out rows.
+    pub max_holdout: usize,
+    /// Epochs without any member improving before training stops.
+    pub patience: usize,
+    /// Relative holdout improvement that counts as an improvement.
+    pub improvement: f64,
+    /// Hard cap on epochs per training call (`None`: only early stopping).
+    pub max_epochs: Option<usize>,
+    /// Initial value of the learned upper log-variance bound.
+    pub max_logvar_init: f64,
+    /// Initial value of the learned lower log-variance bound.
+    pub min_logvar_init: f64,
+    /// Coefficient of `sum(max_logvar) - sum(min_logvar)` in the loss.
+    pub logvar_bound_penalty: f64,
+}
+
+impl Default for EnsembleConfig {
+    fn default() -> Self {
+        Self {
+            ensemble_size: 7,
+            elites: 5,
+            hidden: 200,
+            hidden_layers: 4,
+            weight_decay: vec![2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4],
+            lr: 1e-3,
+            batch_size: 256,
+            holdout_ratio: 0.2,
+            max_holdout: 5000,
+            patience: 5,
+            improvement: 0.01,
+            max_epochs: None,
+            max_logvar_init: 0.5,
+            min_logvar_init: -10.0,
+            logvar_bound_penalty: 0.01,
+        }
+    }
+}
+
+fn bad(field: &str, why: impl Into<String>) -> Error {
+    Error::Config { field: field.to_string(), reason: why.into() }
+}
+
+impl EnsembleConfig {
+    /// Checks every field; the error names the first bad one.
+    pub fn validate(&self) -> Result<()> {
+        if self.ensemble_size == 0 {
+            return Err(bad("ensemble_size", "must be at least 1"));
+        }
+        if self.elites == 0 || self.elites > self.ensemble_size {
+            return Err(bad(
+                "elites",
+                format!("must be in 1..={} (ensemble_size), got {}", self.ensemble_size, self.elites),
+            ));
+        }
+        if self.hidden == 0 {
+            return Err(bad("hidden", "must be at least 1"));
+        }
+        if self.weight_decay.len() != self.hidden_layers + 1 {
+            return Err(bad(
+                "weight_decay",
+                format!(
+                    "needs hidden_layers + 1 = {} entries, got {}",
+                    self.hidden_layers + 1,
+                    self.weight_decay.len()
+                ),
+            ));
+        }
+        if self.weight_decay.iter().any(|d| !d.is_finite() || *d < 0.0) {
+            return Err(bad("weight_decay", "entries must be finite and >= 0"));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(bad("lr", format!("must be finite and > 0, got {}", self.lr)));
+        }
+        if self.batch_size == 0 {
+            return Err(bad("batch_size", "must be at least 1"));
+        }
+        if !(self.holdout_ratio > 0.0 && self.holdout_ratio < 1.0) {
+            return Err(bad("holdout_ratio", format!("must be in (0, 1), got {}", self.holdout_ratio)));
+        }
+        if self.max_holdout == 0 {
+            return Err(bad("max_holdout", "must be at least 1"));
+        }
+        if !(self.improvement.is_finite() && self.improvement >= 0.0) {
+            return Err(bad("improvement", "must be finite and >= 0"));
+        }
+        if self.max_epochs == Some(0) {
+            return Err(bad("max_epochs", "must be at least 1 when given"));
+        }
+        if !(self.max_logvar_init.is_finite()
+            && self.min_logvar_init.is_finite()
+            && self.min_logvar_init < self.max_logvar_init)
+        {
+            return Err(bad("min_logvar_init", "bounds must be finite with min < max"));
+        }
+        if !(self.logvar_bound_penalty.is_finite() && self.logvar_bound_penalty >= 0.0) {
+            return Err(bad("logvar_bound_penalty", "must be finite and >= 0"));
+        }
+        Ok(())
+    }
+}
+
+/// The directional-derivative loss `w * R` of the gradient model (equations 9 and 10).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GradientLossConfig {
+    /// `n`: neighbours per point.
+    pub neighbours: usize,
+    /// `w`: weight of `R` in the loss. `0` trains a plain NLL model with the same data flow.
+    pub weight: f64,
+    /// Size of the neighbour set: the newest rows of the data.
+    pub neighbour_set: usize,
+    /// Search neighbours in standardised input space instead of raw `x` (the reference's choice).
+    pub standardise_search: bool,
+}
+
+impl Default for GradientLossConfig {
+    fn default() -> Self {
+        Self { neighbours: 5, weight: 0.1, neighbour_set: 10_000, standardise_search: false }
+    }
+}
+
+impl GradientLossConfig {
+    /// Checks every field; the error names the first bad one.
+    pub fn validate(&self) -> Result<()> {
+        if self.neighbours == 0 {
+            return Err(bad("neighbours", "n must be at least 1"));
+        }
+        if !(self.weight.is_finite() && self.weight >= 0.0) {
+            return Err(bad("weight", format!("w must be finite and >= 0, got {}", self.weight)));
+        }
+        if self.neighbour_set <= self.neighbours {
+            return Err(bad("neighbour_set", "must be larger than the number of neighbours"));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,487 @@
+//! The probabilistic ensemble shared by the prediction and gradient models
+//! (ALGORITHM.md section 2): network, log-variance head, input scaler, elites,
+//! forward-mode tangents (section 3), the rollout API and checkpoints.
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{D, DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use rand::Rng;
+use rand_distr::StandardNormal;
+use serde::{Deserialize, Serialize};
+
+use crate::layer::{EnsembleLinear, host_tensor, named_var};
+use crate::{EnsembleConfig, Error, Result};
+
+/// One model transition for a batch of rows.
+#[derive(Clone, Debug)]
+pub struct ModelStep {
+    /// `B`
+    pub reward: Tensor,
+    /// `B x obs`
+    pub next_obs: Tensor,
+}
+
+/// Numerically stable `softplus(x) = log(1 + e^x) = relu(x) + log(1 + e^{-|x|})`
+/// (candle has none; the naive form overflows for large `x`).
+pub fn softplus(x: &Tensor) -> Result<Tensor> {
+    let tail = (x.abs()?.neg()?.exp()? + 1.0)?.log()?;
+    Ok((x.relu()? + tail)?)
+}
+
+/// Outputs of a forward pass with tangents.
+pub(crate) struct TangentOutput {
+    /// `E' x B x out`: mean of `(r, ds)` in raw units.
+    pub mean: Tensor,
+    /// `E' x B x out`: bounded log-variance.
+    pub logvar: Tensor,
+    /// `E' x (Bt * k) x out`: `J_mean · t0` for each tangent row.
+    pub tangent: Option<Tensor>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Metadata {
+    format: String,
+    obs_dim: usize,
+    act_dim: usize,
+    config: EnsembleConfig,
+}
+
+const FORMAT: &str = "ddppo-ensemble-v1";
+
+/// MBPO's probabilistic ensemble: `E` members of `hidden_layers x hidden` SiLU
+/// MLPs predicting mean and log-variance of `(r, s' - s)` from `x = (s, a)`.
+pub struct ProbabilisticEnsemble {
+    pub(crate) obs_dim: usize,
+    pub(crate) act_dim: usize,
+    pub(crate) cfg: EnsembleConfig,
+    pub(crate) device: Device,
+    pub(crate) dtype: DType,
+    pub(crate) varmap: VarMap,
+    pub(crate) layers: Vec<EnsembleLinear>,
+    pub(crate) max_logvar: Var,
+    pub(crate) min_logvar: Var,
+    pub(crate) scaler_mean: Vec<f64>,
+    pub(crate) scaler_std: Vec<f64>,
+    scaler_mean_t: Tensor,
+    scaler_inv_std_t: Tensor,
+    pub(crate) elites: Vec<usize>,
+}
+
+impl ProbabilisticEnsemble {
+    /// A freshly initialised ensemble (identity scaler, elites = the first `elites` members).
+    pub fn new(
+        obs_dim: usize,
+        act_dim: usize,
+        cfg: &EnsembleConfig,
+        device: &Device,
+        dtype: DType,
+        rng: &mut impl Rng,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        if obs_dim == 0 || act_dim == 0 {
+            return Err(Error::Data(format!("obs_dim and act_dim must be >= 1, got {obs_dim} and {act_dim}")));
+        }
+        if !matches!(dtype, DType::F32 | DType::F64) {
+            return Err(Error::Config { field: "dtype".into(), reason: format!("must be f32 or f64, got {dtype:?}") });
+        }
+        let in_dim = obs_dim + act_dim;
+        let out_dim = 1 + obs_dim;
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, dtype, device);
+        let e = cfg.ensemble_size;
+        let mut layers = Vec::with_capacity(cfg.hidden_layers + 1);
+        let mut fan_in = in_dim;
+        for l in 0..=cfg.hidden_layers {
+            let fan_out = if l == cfg.hidden_layers { 2 * out_dim } else { cfg.hidden };
+            layers.push(EnsembleLinear::new(&vb.pp(format!("layer{l}")), &varmap, e, fan_in, fan_out, rng)?);
+            fan_in = fan_out;
+        }
+        let maxv = Tensor::full(cfg.max_logvar_init, (1, out_dim), device)?.to_dtype(dtype)?;
+        let minv = Tensor::full(cfg.min_logvar_init, (1, out_dim), device)?.to_dtype(dtype)?;
+        let max_logvar = named_var(&vb, &varmap, "max_logvar", &[1, out_dim], maxv)?;
+        let min_logvar = named_var(&vb, &varmap, "min_logvar", &[1, out_dim], minv)?;
+        let mut ens = Self {
+            obs_dim,
+            act_dim,
+            cfg: cfg.clone(),
+            device: device.clone(),
+            dtype,
+            varmap,
+            layers,
+            max_logvar,
+            min_logvar,
+            scaler_mean: vec![0.0; in_dim],
+            scaler_std: vec![1.0; in_dim],
+            scaler_mean_t: Tensor::zeros((1, in_dim), dtype, device)?,
+            scaler_inv_std_t: Tensor::ones((1, in_dim), dtype, device)?,
+            elites: (0..cfg.elites).collect(),
+        };
+        ens.set_scaler(vec![0.0; in_dim], vec![1.0; in_dim])?;
+        Ok(ens)
+    }
+
+    pub fn obs_dim(&self) -> usize {
+        self.obs_dim
+    }
+    pub fn act_dim(&self) -> usize {
+        self.act_dim
+    }
+    /// `obs + act`
+    pub fn in_dim(&self) -> usize {
+        self.obs_dim + self.act_dim
+    }
+    /// `1 + obs`: reward and state delta.
+    pub fn out_dim(&self) -> usize {
+        1 + self.obs_dim
+    }
+    pub fn config(&self) -> &EnsembleConfig {
+        &self.cfg
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    /// The members chosen by holdout MSE at the last training.
+    pub fn elites(&self) -> &[usize] {
+        &self.elites
+    }
+    /// The named parameters (for inspection, gradients and optimisers).
+    pub fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+    /// Input scaler `(mean, std)` fitted on the last training split.
+    pub fn scaler(&self) -> (&[f64], &[f64]) {
+        (&self.scaler_mean, &self.scaler_std)
+    }
+
+    /// All parameters in a fixed order: per layer weight and bias, then the log-variance bounds.
+    pub(crate) fn vars(&self) -> Vec<Var> {
+        let mut v = Vec::with_capacity(2 * self.layers.len() + 2);
+        for l in &self.layers {
+            v.push(l.weight.clone());
+            v.push(l.bias.clone());
+        }
+        v.push(self.max_logvar.clone());
+        v.push(self.min_logvar.clone());
+        v
+    }
+
+    /// Sets the input scaler; a std below 1e-12 becomes 1 (constant inputs).
+    pub fn set_scaler(&mut self, mean: Vec<f64>, std: Vec<f64>) -> Result<()> {
+        if mean.len() != self.in_dim() || std.len() != self.in_dim() {
+            return Err(Error::Data(format!("scaler needs {} entries", self.in_dim())));
+        }
+        let std: Vec<f64> = std.into_iter().map(|s| if s.is_finite() && s >= 1e-12 { s } else { 1.0 }).collect();
+        let inv: Vec<f64> = std.iter().map(|s| 1.0 / s).collect();
+        self.scaler_mean_t = host_tensor(mean.clone(), &[1, self.in_dim()], self.dtype, &self.device)?;
+        self.scaler_inv_std_t = host_tensor(inv, &[1, self.in_dim()], self.dtype, &self.device)?;
+        self.scaler_mean = mean;
+        self.scaler_std = std;
+        Ok(())
+    }
+
+    /// `(x - mean) / std` for raw `x` of shape `B x in` (differentiable).
+    pub fn standardise(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.broadcast_sub(&self.scaler_mean_t)?.broadcast_mul(&self.scaler_inv_std_t)?)
+    }
+
+    /// The log-variance bounds of section 2: `lv = max - softplus(max - raw)`,
+    /// then `lv = min + softplus(lv - min)`.
+    fn bound_logvar(&self, raw: &Tensor) -> Result<Tensor> {
+        let maxv = self.max_logvar.as_tensor();
+        let minv = self.min_logvar.as_tensor();
+        let lv = maxv.broadcast_sub(&softplus(&maxv.broadcast_sub(raw)?)?)?;
+        Ok(minv.broadcast_add(&softplus(&lv.broadcast_sub(minv)?)?)?)
+    }
+
+    /// Forward pass on standardised inputs `E' x B x in` (`E'` = E, or 1 with `member`),
+    /// with optional forward-mode tangents.
+    ///
+    /// `tangent = Some((t0, start, k))`: `t0` is `E' x (Bt * k) x in` in standardised
+    /// units, `k` directions for each of the `Bt` input rows `start..start + Bt` (row-major:
+    /// point, then direction). Each hidden layer maps `t -> silu'(z) * (t W)` (section 3),
+    /// so `J · v` costs about `k` extra forward passes and needs only first-order autograd.
+    pub(crate) fn forward_std(
+        &self,
+        x: &Tensor,
+        member: Option<usize>,
+        tangent: Option<(&Tensor, usize, usize)>,
+    ) -> Result<TangentOutput> {
+        let od = self.out_dim();
+        let last = self.layers.len() - 1;
+        let mut h = x.clone();
+        let mut t = tangent.map(|(t0, _, _)| t0.clone());
+        for (l, layer) in self.layers.iter().enumerate() {
+            let (w, b) = layer.params(member)?;
+            let z = h.matmul(&w)?.broadcast_add(&b)?;
+            if l == last {
+                if let Some(tt) = t.take() {
+                    let wm = w.narrow(D::Minus1, 0, od)?.contiguous()?;
+                    t = Some(tt.matmul(&wm)?);
+                }
+                h = z;
+                break;
+            }
+            // sigmoid written with differentiable primitives: the tangent needs silu'(z).
+            let s = (z.neg()?.exp()? + 1.0)?.recip()?;
+            let a = (&z * &s)?;
+            if let (Some(tt), Some((_, start, k))) = (t.take(), tangent) {
+                let (ep, rows, _) = tt.dims3()?;
+                let bt = rows / k;
+                // silu'(z) = s + silu(z) (1 - s)
+                let a_t = a.narrow(1, start, bt)?;
+                let s_t = s.narrow(1, start, bt)?;
+                let d = ((&s_t + &a_t)? - (&a_t * &s_t)?)?;
+                let wt = tt.matmul(&w)?;
+                let o = wt.dim(D::Minus1)?;
+                let nt = wt.reshape((ep, bt, k, o))?.broadcast_mul(&d.unsqueeze(2)?)?.reshape((ep, bt * k, o))?;
+                t = Some(nt);
+            }
+            h = a;
+        }
+        let mean = h.narrow(D::Minus1, 0, od)?;
+        let raw = h.narrow(D::Minus1, od, od)?;
+        let logvar = self.bound_logvar(&raw)?;
+        Ok(TangentOutput { mean, logvar, tangent: t })
+    }
+
+    /// One elite per row, uniformly (ALGORITHM.md section 2, rollout step).
+    pub fn draw_elites(&self, rows: usize, rng: &mut impl Rng) -> Vec<usize> {
+        let k = self.elites.len();
+        (0..rows).map(|_| self.elites[rng.random_range(0..k)]).collect()
+    }
+
+    fn check_rows(&self, obs: &Tensor, act: &Tensor, members: &[usize]) -> Result<usize> {
+        let (b, od) = obs.dims2().map_err(|_| Error::Data(format!("obs must be B x {}", self.obs_dim)))?;
+        let (b2, ad) = act.dims2().map_err(|_| Error::Data(format!("act must be B x {}", self.act_dim)))?;
+        if od != self.obs_dim || ad != self.act_dim || b != b2 {
+            return Err(Error::Data(format!(
+                "obs {b} x {od} and act {b2} x {ad} do not match the model's {} + {}",
+                self.obs_dim, self.act_dim
+            )));
+        }
+        if members.len() != b {
+            return Err(Error::Data(format!("{} members given for {b} rows", members.len())));
+        }
+        if let Some(m) = members.iter().find(|&&m| m >= self.cfg.ensemble_size) {
+            return Err(Error::Data(format!("member {m} out of range 0..{}", self.cfg.ensemble_size)));
+        }
+        Ok(b)
+    }
+
+    /// Mean and log-variance of `(r, ds)` of the given member for each row; only the
+    /// members actually used run, each on its own rows (grouped with `index_select`,
+    /// scattered back), never every member on every row.
+    fn member_rows(&self, obs: &Tensor, act: &Tensor, members: &[usize]) -> Result<(Tensor, Tensor)> {
+        let b = self.check_rows(obs, act, members)?;
+        let x = self.standardise(&Tensor::cat(&[obs, act], 1)?)?;
+        let mut groups: Vec<Vec<u32>> = vec![Vec::new(); self.cfg.ensemble_size];
+        for (row, &m) in members.iter().enumerate() {
+            groups[m].push(row as u32);
+        }
+        let used: Vec<usize> = (0..groups.len()).filter(|&m| !groups[m].is_empty()).collect();
+        if used.len() == 1 {
+            let out = self.forward_std(&x.unsqueeze(0)?, Some(used[0]), None)?;
+            return Ok((out.mean.squeeze(0)?, out.logvar.squeeze(0)?));
+        }
+        let mut means = Vec::with_capacity(used.len());
+        let mut lvs = Vec::with_capacity(used.len());
+        let mut inverse = vec![0u32; b];
+        let mut pos = 0u32;
+        for &m in &used {
+            let idx = Tensor::from_slice(&groups[m], groups[m].len(), &self.device)?;
+            let xm = x.index_select(&idx, 0)?.unsqueeze(0)?;
+            let out = self.forward_std(&xm, Some(m), None)?;
+            means.push(out.mean.squeeze(0)?);
+            lvs.push(out.logvar.squeeze(0)?);
+            for &row in &groups[m] {
+                inverse[row as usize] = pos;
+                pos += 1;
+            }
+        }
+        let inv = Tensor::from_vec(inverse, b, &self.device)?;
+        let mean = Tensor::cat(&means, 0)?.index_select(&inv, 0)?;
+        let lv = Tensor::cat(&lvs, 0)?.index_select(&inv, 0)?;
+        Ok((mean, lv))
+    }
+
+    fn to_step(&self, obs: &Tensor, y: &Tensor) -> Result<ModelStep> {
+        let reward = y.narrow(1, 0, 1)?.squeeze(1)?;
+        let next_obs = (obs + y.narrow(1, 1, self.obs_dim)?)?;
+        Ok(ModelStep { reward, next_obs })
+    }
+
+    /// Mean `(r, s')` of the given member for each row, `g(x)` of section 3; differentiable
+    /// in `obs` and `act` (`B x obs`, `B x act`, the model's dtype).
+    pub fn mean(&self, obs: &Tensor, act: &Tensor, members: &[usize]) -> Result<ModelStep> {
+        let (mean, _) = self.member_rows(obs, act, members)?;
+        self.to_step(obs, &mean)
+    }
+
+    /// A sample `y ~ N(mu, exp(lv))` of the given member per row (noise from `rng`),
+    /// and the mean: `(sample, mean)`.
+    pub fn sample(
+        &self,
+        obs: &Tensor,
+        act: &Tensor,
+        members: &[usize],
+        rng: &mut impl Rng,
+    ) -> Result<(ModelStep, ModelStep)> {
+        let (mean, lv) = self.member_rows(obs, act, members)?;
+        let (b, od) = mean.dims2()?;
+        let eps: Vec<f64> = (0..b * od).map(|_| rng.sample(StandardNormal)).collect();
+        let eps = host_tensor(eps, &[b, od], self.dtype, &self.device)?;
+        let y = (&mean + (lv * 0.5)?.exp()?.mul(&eps)?)?;
+        Ok((self.to_step(obs, &y)?, self.to_step(obs, &mean)?))
+    }
+
+    /// `d(r, s')/d(s, a)` of one member's mean: `B x (1 + obs) x (obs + act)`, by
+    /// forward-mode tangents along the unit directions (diagnostics, gradient error).
+    pub fn jacobian(&self, obs: &Tensor, act: &Tensor, member: usize) -> Result<Tensor> {
+        let b = self.check_rows(obs, act, &vec![member; obs.dim(0).unwrap_or(0)])?;
+        let ind = self.in_dim();
+        let od = self.out_dim();
+        let x = self.standardise(&Tensor::cat(&[obs, act], 1)?)?.unsqueeze(0)?;
+        // Unit direction e_i in raw x is e_i / std_i in standardised units.
+        let mut t0 = vec![0.0; b * ind * ind];
+        for r in 0..b {
+            for i in 0..ind {
+                t0[(r * ind + i) * ind + i] = 1.0 / self.scaler_std[i];
+            }
+        }
+        let t0 = host_tensor(t0, &[1, b * ind, ind], self.dtype, &self.device)?;
+        let out = self.forward_std(&x, Some(member), Some((&t0, 0, ind)))?;
+        let t = out.tangent.ok_or_else(|| Error::Internal("no tangent".into()))?;
+        // s' = s + ds, so d s'/d s gains the identity.
+        let mut eye = vec![0.0; od * ind];
+        for i in 0..self.obs_dim {
+            eye[(1 + i) * ind + i] = 1.0;
+        }
+        let eye = host_tensor(eye, &[1, od, ind], self.dtype, &self.device)?;
+        Ok(t.reshape((b, ind, od))?.transpose(1, 2)?.broadcast_add(&eye)?.contiguous()?)
+    }
+
+    /// Directional derivatives `J_g(x) · v` of every member's mean `g(x) = (r, s + ds)`
+    /// in raw units, by forward-mode tangents (section 3): `x` is `E x B x in`, `v` is
+    /// `E x (B * k) x in` (`k` directions per point, point-major), result `E x (B * k) x out`.
+    pub fn jvp(&self, x: &Tensor, v: &Tensor, k: usize) -> Result<Tensor> {
+        let (e, b, ind) = x.dims3()?;
+        let (e2, bk, ind2) = v.dims3()?;
+        if e != self.cfg.ensemble_size || e2 != e || ind != self.in_dim() || ind2 != ind || k == 0 || bk != b * k {
+            return Err(Error::Data(format!(
+                "jvp needs x E x B x {} and v E x (B * k) x {} with E = {}",
+                self.in_dim(),
+                self.in_dim(),
+                self.cfg.ensemble_size
+            )));
+        }
+        let xs = self.standardise(x)?;
+        let t0 = v.broadcast_mul(&self.scaler_inv_std_t)?;
+        let out = self.forward_std(&xs, None, Some((&t0, 0, k)))?;
+        let t = out.tangent.ok_or_else(|| Error::Internal("no tangent".into()))?;
+        // g = (r, s + ds): the s part adds v_s itself.
+        let zeros = Tensor::zeros((e, bk, 1), self.dtype, &self.device)?;
+        let vs = Tensor::cat(&[&zeros, &v.narrow(2, 0, self.obs_dim)?], 2)?;
+        Ok((t + vs)?)
+    }
+
+    /// Mean squared error of each member's mean `(r, ds)` on standardised inputs
+    /// `H x in` against targets `H x out` (holdout).
+    pub(crate) fn member_mse(&self, x_std: &Tensor, y: &Tensor) -> Result<Vec<f64>> {
+        let (h, ind) = x_std.dims2()?;
+        let e = self.cfg.ensemble_size;
+        let xb = x_std.unsqueeze(0)?.broadcast_as((e, h, ind))?.contiguous()?;
+        let out = self.forward_std(&xb.detach(), None, None)?;
+        let err = out.mean.broadcast_sub(&y.unsqueeze(0)?)?.sqr()?.mean((1, 2))?;
+        Ok(err.to_dtype(DType::F64)?.to_vec1::<f64>()?)
+    }
+
+    /// Saves parameters, scaler, elites and metadata (dims, config) to one safetensors file.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let mut map: HashMap<String, Tensor> = HashMap::new();
+        for (name, var) in self.varmap.data().lock().map_err(|_| Error::Internal("lock".into()))?.iter() {
+            map.insert(name.clone(), var.as_tensor().clone());
+        }
+        map.insert("scaler.mean".into(), Tensor::from_slice(&self.scaler_mean, self.in_dim(), &Device::Cpu)?);
+        map.insert("scaler.std".into(), Tensor::from_slice(&self.scaler_std, self.in_dim(), &Device::Cpu)?);
+        let elites: Vec<u32> = self.elites.iter().map(|&e| e as u32).collect();
+        map.insert("elites".into(), Tensor::from_vec(elites, self.elites.len(), &Device::Cpu)?);
+        let meta = Metadata { format: FORMAT.into(), obs_dim: self.obs_dim, act_dim: self.act_dim, config: self.cfg.clone() };
+        let json = serde_json::to_vec(&meta).map_err(|e| Error::Internal(e.to_string()))?;
+        let n = json.len();
+        map.insert("meta.json".into(), Tensor::from_vec(json, n, &Device::Cpu)?);
+        candle_core::safetensors::save(&map, path)
+            .map_err(|e| Error::Checkpoint { path: path.display().to_string(), reason: e.to_string() })
+    }
+
+    /// Loads a file written by [`save`](Self::save) into this ensemble; the file must
+    /// have the same dims and sizes (else a clear error and nothing is changed).
+    pub fn load(&mut self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let ck = |reason: String| Error::Checkpoint { path: path.display().to_string(), reason };
+        let map = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| ck(e.to_string()))?;
+        let meta = map.get("meta.json").ok_or_else(|| ck("not a ddppo ensemble file (no metadata)".into()))?;
+        let bytes = meta.to_vec1::<u8>().map_err(|e| ck(e.to_string()))?;
+        let meta: Metadata = serde_json::from_slice(&bytes).map_err(|e| ck(format!("bad metadata: {e}")))?;
+        if meta.format != FORMAT {
+            return Err(ck(format!("format {} is not {FORMAT}", meta.format)));
+        }
+        if meta.obs_dim != self.obs_dim || meta.act_dim != self.act_dim {
+            return Err(ck(format!(
+                "file has obs_dim {} act_dim {}, model has {} and {}",
+                meta.obs_dim, meta.act_dim, self.obs_dim, self.act_dim
+            )));
+        }
+        let (c, m) = (&meta.config, &self.cfg);
+        if (c.ensemble_size, c.hidden, c.hidden_layers) != (m.ensemble_size, m.hidden, m.hidden_layers) {
+            return Err(ck(format!(
+                "file has ensemble_size {} hidden {} x {}, model has {} hidden {} x {}",
+                c.ensemble_size, c.hidden_layers, c.hidden, m.ensemble_size, m.hidden_layers, m.hidden
+            )));
+        }
+        // Check everything before changing anything.
+        let vars: Vec<(String, Var)> = self
+            .varmap
+            .data()
+            .lock()
+            .map_err(|_| Error::Internal("lock".into()))?
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (name, var) in &vars {
+            let t = map.get(name).ok_or_else(|| ck(format!("missing tensor {name}")))?;
+            if t.dims() != var.dims() {
+                return Err(ck(format!("tensor {name} has shape {:?}, expected {:?}", t.dims(), var.dims())));
+            }
+        }
+        let get_f64 = |name: &str, n: usize| -> Result<Vec<f64>> {
+            let t = map.get(name).ok_or_else(|| ck(format!("missing tensor {name}")))?;
+            let v = t.to_dtype(DType::F64).and_then(|t| t.to_vec1::<f64>()).map_err(|e| ck(e.to_string()))?;
+            if v.len() != n {
+                return Err(ck(format!("{name} has {} entries, expected {n}", v.len())));
+            }
+            Ok(v)
+        };
+        let mean = get_f64("scaler.mean", self.in_dim())?;
+        let std = get_f64("scaler.std", self.in_dim())?;
+        let elites = map
+            .get("elites")
+            .ok_or_else(|| ck("missing elites".into()))?
+            .to_vec1::<u32>()
+            .map_err(|e| ck(e.to_string()))?;
+        if elites.is_empty() || elites.iter().any(|&e| e as usize >= self.cfg.ensemble_size) {
+            return Err(ck("elite list out of range".into()));
+        }
+        for (name, var) in &vars {
+            let t = map[name].to_dtype(self.dtype)?.to_device(&self.device)?;
+            var.set(&t)?;
+        }
+        self.set_scaler(mean, std)?;
+        self.elites = elites.into_iter().map(|e| e as usize).collect();
+        Ok(())
+    }
+}

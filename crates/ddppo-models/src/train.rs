@@ -1,0 +1,483 @@
+//! Training of the ensembles: MBPO's schedule (ALGORITHM.md section 2) and the
+//! directional-derivative loss of the gradient model (section 3, equations 9 and 10).
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+use rand::Rng;
+use rand::seq::SliceRandom;
+
+use crate::ensemble::ProbabilisticEnsemble;
+use crate::layer::host_tensor;
+use crate::{EnsembleConfig, Error, GradientLossConfig, Result};
+
+/// Training data, rows in time order (oldest first), row-major f32 columns.
+#[derive(Clone, Copy, Debug)]
+pub struct TransitionData<'a> {
+    pub obs: &'a [f32],
+    pub act: &'a [f32],
+    pub rew: &'a [f32],
+    pub next_obs: &'a [f32],
+}
+
+impl TransitionData<'_> {
+    /// Number of rows, after checking that the columns agree and are finite.
+    pub fn rows(&self, obs_dim: usize, act_dim: usize) -> Result<usize> {
+        let n = self.rew.len();
+        if self.obs.len() != n * obs_dim || self.next_obs.len() != n * obs_dim || self.act.len() != n * act_dim {
+            return Err(Error::Data(format!(
+                "columns disagree: {n} rewards, {} obs, {} act, {} next_obs values for obs_dim {obs_dim}, act_dim {act_dim}",
+                self.obs.len(),
+                self.act.len(),
+                self.next_obs.len()
+            )));
+        }
+        let all = [self.obs, self.act, self.rew, self.next_obs];
+        if all.iter().any(|c| c.iter().any(|v| !v.is_finite())) {
+            return Err(Error::Data("training data holds a non-finite value".into()));
+        }
+        Ok(n)
+    }
+}
+
+/// What one training call did.
+#[derive(Clone, Debug)]
+pub struct TrainReport {
+    pub epochs: usize,
+    /// Best holdout MSE per member (the restored weights').
+    pub holdout_mse: Vec<f64>,
+    /// Mean total loss over the minibatches of the last epoch.
+    pub train_loss: f64,
+    /// Mean `R` over the minibatches of the last epoch (gradient model only).
+    pub grad_loss: Option<f64>,
+}
+
+/// Passed to the per-epoch observer.
+#[derive(Clone, Debug)]
+pub struct EpochStats {
+    /// 1-based.
+    pub epoch: usize,
+    /// Holdout MSE of `(r, ds)` per member, current weights.
+    pub holdout_mse: Vec<f64>,
+    pub train_loss: f64,
+    pub grad_loss: Option<f64>,
+}
+
+/// One minibatch for the loss, in standardised inputs (host-built, member-major).
+///
+/// `x`: `E x B x in`, `y`: `E x B x out` targets `(r, ds)`; with the gradient loss
+/// also `xg`: `E x Bg x in` points, `t0`: `E x (Bg * k) x in` the standardised
+/// directions `x_i - x_j` to their `k` neighbours and `dy`: `E x (Bg * k) x out`
+/// the differences `y_i - y_j` (equation 9; the `s` part of `s'` cancels against the
+/// identity in `g = s + ds`, so the `ds` difference is the target for `J_ds · v`).
+pub struct LossBatch {
+    pub x: Tensor,
+    pub y: Tensor,
+    pub grad: Option<GradBatch>,
+}
+
+pub struct GradBatch {
+    pub xg: Tensor,
+    pub t0: Tensor,
+    pub dy: Tensor,
+    pub k: usize,
+}
+
+/// The loss terms of one minibatch.
+pub struct LossTerms {
+    /// Everything: `sum_e NLL_e + w R + penalty + decay` (equation 10 as a loss).
+    pub total: Tensor,
+    /// `E`: Gaussian NLL per member.
+    pub nll: Tensor,
+    /// `E`: `R` per member (mean over points, neighbours and dims).
+    pub grad: Option<Tensor>,
+}
+
+impl ProbabilisticEnsemble {
+    /// The training loss on one minibatch. `w` weighs `R` (mean over members).
+    pub fn loss(&self, batch: &LossBatch, w: f64) -> Result<LossTerms> {
+        let b = batch.x.dim(1)?;
+        let (x, tangent) = match &batch.grad {
+            Some(g) => (Tensor::cat(&[&batch.x, &g.xg], 1)?, Some((&g.t0, b, g.k))),
+            None => (batch.x.clone(), None),
+        };
+        let out = self.forward_std(&x, None, tangent)?;
+        let mean = out.mean.narrow(1, 0, b)?;
+        let lv = out.logvar.narrow(1, 0, b)?;
+        // Gaussian NLL per member: mean((mu - y)^2 exp(-lv)) + mean(lv).
+        let nll = ((mean - &batch.y)?.sqr()? * lv.neg()?.exp()?)?.add(&lv)?.mean((1, 2))?;
+        let mut total = nll.sum_all()?;
+        let mut grad = None;
+        if let (Some(g), Some(t)) = (&batch.grad, out.tangent) {
+            // Equation 9: (J_g(x_j) v_ij - (y_i - y_j))^2, mean over points, neighbours, dims.
+            let r = (t - &g.dy)?.sqr()?.mean((1, 2))?;
+            total = (total + (r.mean_all()? * w)?)?;
+            grad = Some(r);
+        }
+        let c = self.cfg.logvar_bound_penalty;
+        let penalty = ((self.max_logvar.as_tensor().sum_all()? - self.min_logvar.as_tensor().sum_all()?)? * c)?;
+        total = (total + penalty)?;
+        for (layer, &d) in self.layers.iter().zip(&self.cfg.weight_decay) {
+            if d > 0.0 {
+                total = (total + (layer.weight.as_tensor().sqr()?.sum_all()? * (0.5 * d))?)?;
+            }
+        }
+        Ok(LossTerms { total, nll, grad })
+    }
+}
+
+/// Host copies of every parameter (snapshots for early stopping and NaN recovery).
+struct Snapshot(Vec<Vec<f64>>);
+
+impl Snapshot {
+    fn take(vars: &[Var]) -> Result<Self> {
+        let mut v = Vec::with_capacity(vars.len());
+        for var in vars {
+            v.push(var.as_tensor().flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?);
+        }
+        Ok(Self(v))
+    }
+    /// Copies member `m`'s slice of every member-indexed parameter (leading axis `E`).
+    fn update_member(&mut self, vars: &[Var], members: usize, m: usize) -> Result<()> {
+        for (buf, var) in self.0.iter_mut().zip(vars) {
+            if var.dims()[0] == members && members > 1 {
+                let chunk = buf.len() / members;
+                let cur = var.as_tensor().narrow(0, m, 1)?.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                buf[m * chunk..(m + 1) * chunk].copy_from_slice(&cur);
+            } else if members == 1 || var.dims()[0] != members {
+                *buf = var.as_tensor().flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            }
+        }
+        Ok(())
+    }
+    /// Copies the parameters shared by all members (the log-variance bounds).
+    fn update_shared(&mut self, vars: &[Var], members: usize) -> Result<()> {
+        for (buf, var) in self.0.iter_mut().zip(vars) {
+            if var.dims()[0] != members {
+                *buf = var.as_tensor().flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            }
+        }
+        Ok(())
+    }
+    fn restore(&self, vars: &[Var], dtype: DType, device: &Device) -> Result<()> {
+        for (buf, var) in self.0.iter().zip(vars) {
+            var.set(&host_tensor(buf.clone(), var.dims(), dtype, device)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Neighbour table (`N x n`, row-major) over `points` (`N x dim`): each point's `n`
+/// nearest others by squared Euclidean distance.
+fn neighbour_table(points: &[f32], dim: usize, n: usize, standardise: bool) -> Result<Vec<u32>> {
+    let opts = ddppo_buffer::NeighbourOptions { standardise };
+    let index = ddppo_buffer::NeighbourIndex::build(points, dim, n, &opts)
+        .map_err(|e| Error::Data(format!("neighbour search failed: {e}")))?;
+    Ok(index.table().to_vec())
+}
+
+/// The training loop shared by both ensembles.
+pub(crate) fn train_core(
+    ens: &mut ProbabilisticEnsemble,
+    opt: &mut Option<AdamW>,
+    data: &TransitionData,
+    grad_cfg: Option<&GradientLossConfig>,
+    rng: &mut impl Rng,
+    on_epoch: &mut dyn FnMut(&ProbabilisticEnsemble, &EpochStats) -> Result<()>,
+) -> Result<TrainReport> {
+    let (obs_dim, act_dim) = (ens.obs_dim, ens.act_dim);
+    let n = data.rows(obs_dim, act_dim)?;
+    let cfg: EnsembleConfig = ens.cfg.clone();
+    let (ind, od, e) = (ens.in_dim(), ens.out_dim(), cfg.ensemble_size);
+    let n_hold = ((n as f64 * cfg.holdout_ratio).round() as usize).clamp(1, cfg.max_holdout);
+    if n < 2 || n_hold >= n {
+        return Err(Error::Data(format!("need at least 2 rows with one left for training, got {n}")));
+    }
+    // Host columns: raw x = (s, a) and targets (r, s' - s).
+    let mut xr = vec![0.0f64; n * ind];
+    let mut yd = vec![0.0f64; n * od];
+    for r in 0..n {
+        for j in 0..obs_dim {
+            xr[r * ind + j] = data.obs[r * obs_dim + j] as f64;
+            yd[r * od + 1 + j] = data.next_obs[r * obs_dim + j] as f64 - data.obs[r * obs_dim + j] as f64;
+        }
+        for j in 0..act_dim {
+            xr[r * ind + obs_dim + j] = data.act[r * act_dim + j] as f64;
+        }
+        yd[r * od] = data.rew[r] as f64;
+    }
+    let mut perm: Vec<usize> = (0..n).collect();
+    perm.shuffle(rng);
+    let (hold, train) = perm.split_at(n_hold);
+    let train = train.to_vec();
+    // Scaler fitted on the training split.
+    let mut mu = vec![0.0; ind];
+    let mut sd = vec![0.0; ind];
+    for &r in &train {
+        for j in 0..ind {
+            mu[j] += xr[r * ind + j];
+        }
+    }
+    mu.iter_mut().for_each(|m| *m /= train.len() as f64);
+    for &r in &train {
+        for j in 0..ind {
+            sd[j] += (xr[r * ind + j] - mu[j]).powi(2);
+        }
+    }
+    sd.iter_mut().for_each(|s| *s = (*s / train.len() as f64).sqrt());
+    ens.set_scaler(mu, sd)?;
+    let (mu, sd) = (ens.scaler_mean.clone(), ens.scaler_std.clone());
+    let xs: Vec<f64> = xr.iter().enumerate().map(|(i, v)| (v - mu[i % ind]) / sd[i % ind]).collect();
+
+    let (dtype, device) = (ens.dtype, ens.device.clone());
+    let gather = |rows: &[usize], src: &[f64], width: usize| -> Vec<f64> {
+        let mut v = Vec::with_capacity(rows.len() * width);
+        for &r in rows {
+            v.extend_from_slice(&src[r * width..(r + 1) * width]);
+        }
+        v
+    };
+    let x_hold = host_tensor(gather(hold, &xs, ind), &[n_hold, ind], dtype, &device)?;
+    let y_hold = host_tensor(gather(hold, &yd, od), &[n_hold, od], dtype, &device)?;
+
+    // Neighbour set: the newest rows; neighbours searched once per training call.
+    let grad = match grad_cfg {
+        Some(g) => {
+            g.validate()?;
+            let ns = n.min(g.neighbour_set);
+            if ns <= g.neighbours {
+                return Err(Error::Data(format!(
+                    "the gradient loss needs more than n = {} rows, got {ns}",
+                    g.neighbours
+                )));
+            }
+            let first = n - ns;
+            let pts: Vec<f32> = xr[first * ind..].iter().map(|&v| v as f32).collect();
+            let table = neighbour_table(&pts, ind, g.neighbours, g.standardise_search)?;
+            Some((g.clone(), first, ns, table))
+        }
+        None => None,
+    };
+
+    let vars = ens.vars();
+    if opt.is_none() {
+        let params = ParamsAdamW { lr: cfg.lr, weight_decay: 0.0, ..Default::default() };
+        *opt = Some(AdamW::new(vars.clone(), params)?);
+    }
+    let before = Snapshot::take(&vars)?;
+    let mut best = Snapshot::take(&vars)?;
+    let mut best_mse = vec![f64::INFINITY; e];
+    let mut since = 0usize;
+    let mut epoch = 0usize;
+    let (mut last_loss, mut last_grad): (f64, Option<f64>);
+    let bs = cfg.batch_size;
+    let mut gperm: Vec<Vec<usize>> = Vec::new();
+    let mut gpos = vec![usize::MAX; e];
+    loop {
+        epoch += 1;
+        let mut idx: Vec<Vec<usize>> = Vec::with_capacity(e);
+        for _ in 0..e {
+            let mut p = train.clone();
+            p.shuffle(rng);
+            idx.push(p);
+        }
+        let (mut loss_sum, mut grad_sum, mut batches) = (0.0, 0.0, 0usize);
+        let mut lo = 0;
+        while lo < train.len() {
+            let hi = (lo + bs).min(train.len());
+            let b = hi - lo;
+            let mut x = Vec::with_capacity(e * b * ind);
+            let mut y = Vec::with_capacity(e * b * od);
+            for p in &idx {
+                x.extend(gather(&p[lo..hi], &xs, ind));
+                y.extend(gather(&p[lo..hi], &yd, od));
+            }
+            let gb = match &grad {
+                Some((g, first, ns, table)) => {
+                    let k = g.neighbours;
+                    let mut xg = Vec::with_capacity(e * b * ind);
+                    let mut t0 = Vec::with_capacity(e * b * k * ind);
+                    let mut dy = Vec::with_capacity(e * b * k * od);
+                    if gperm.len() != e {
+                        gperm = vec![(0..*ns).collect(); e];
+                    }
+                    for m in 0..e {
+                        for _ in 0..b {
+                            // An independent shuffle of the neighbour set per member.
+                            if gpos[m] >= *ns {
+                                gperm[m].shuffle(rng);
+                                gpos[m] = 0;
+                            }
+                            let j = gperm[m][gpos[m]];
+                            gpos[m] += 1;
+                            let rj = first + j;
+                            xg.extend_from_slice(&xs[rj * ind..(rj + 1) * ind]);
+                            for &i in &table[j * k..(j + 1) * k] {
+                                let ri = first + i as usize;
+                                for c in 0..ind {
+                                    t0.push(xs[ri * ind + c] - xs[rj * ind + c]);
+                                }
+                                for c in 0..od {
+                                    dy.push(yd[ri * od + c] - yd[rj * od + c]);
+                                }
+                            }
+                        }
+                    }
+                    Some(GradBatch {
+                        xg: host_tensor(xg, &[e, b, ind], dtype, &device)?,
+                        t0: host_tensor(t0, &[e, b * k, ind], dtype, &device)?,
+                        dy: host_tensor(dy, &[e, b * k, od], dtype, &device)?,
+                        k,
+                    })
+                }
+                None => None,
+            };
+            let batch = LossBatch {
+                x: host_tensor(x, &[e, b, ind], dtype, &device)?,
+                y: host_tensor(y, &[e, b, od], dtype, &device)?,
+                grad: gb,
+            };
+            let w = grad.as_ref().map_or(0.0, |g| g.0.weight);
+            let terms = ens.loss(&batch, w)?;
+            let total = terms.total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let rvals = match &terms.grad {
+                Some(r) => Some(r.to_dtype(DType::F64)?.to_vec1::<f64>()?),
+                None => None,
+            };
+            if !total.is_finite() {
+                let nll = terms.nll.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                let member = (0..e).find(|&m| !nll[m].is_finite() || rvals.as_ref().is_some_and(|r| !r[m].is_finite()));
+                before.restore(&vars, dtype, &device)?;
+                *opt = None;
+                return Err(Error::NonFinite { member, epoch });
+            }
+            let grads = terms.total.backward()?;
+            opt.as_mut().ok_or_else(|| Error::Internal("optimiser missing".into()))?.step(&grads)?;
+            loss_sum += total;
+            if let Some(r) = rvals {
+                grad_sum += r.iter().sum::<f64>() / e as f64;
+            }
+            batches += 1;
+            lo = hi;
+        }
+        last_loss = loss_sum / batches as f64;
+        last_grad = grad.as_ref().map(|_| grad_sum / batches as f64);
+        let mse = ens.member_mse(&x_hold, &y_hold)?;
+        if mse.iter().any(|v| !v.is_finite()) {
+            let member = mse.iter().position(|v| !v.is_finite());
+            before.restore(&vars, dtype, &device)?;
+            *opt = None;
+            return Err(Error::NonFinite { member, epoch });
+        }
+        on_epoch(ens, &EpochStats { epoch, holdout_mse: mse.clone(), train_loss: last_loss, grad_loss: last_grad })?;
+        // MBPO's early stopping: a member improves when its holdout loss drops by more
+        // than `improvement` relative to its best; its weights are snapshotted then.
+        let mut improved = false;
+        for m in 0..e {
+            let gain = if best_mse[m].is_finite() { (best_mse[m] - mse[m]) / best_mse[m] } else { f64::INFINITY };
+            if gain > cfg.improvement {
+                best_mse[m] = mse[m];
+                best.update_member(&vars, e, m)?;
+                improved = true;
+            }
+        }
+        if improved {
+            best.update_shared(&vars, e)?;
+            since = 0;
+        } else {
+            since += 1;
+        }
+        if since >= cfg.patience || cfg.max_epochs.is_some_and(|max| epoch >= max) {
+            break;
+        }
+    }
+    best.restore(&vars, dtype, &device)?;
+    let mut order: Vec<usize> = (0..e).collect();
+    order.sort_by(|&a, &b| best_mse[a].total_cmp(&best_mse[b]));
+    ens.elites = order[..cfg.elites].to_vec();
+    Ok(TrainReport { epochs: epoch, holdout_mse: best_mse, train_loss: last_loss, grad_loss: last_grad })
+}
+
+/// The prediction model: the ensemble trained by Gaussian NLL (section 2).
+pub struct PredictionEnsemble {
+    core: ProbabilisticEnsemble,
+    opt: Option<AdamW>,
+}
+
+impl PredictionEnsemble {
+    pub fn new(
+        obs_dim: usize,
+        act_dim: usize,
+        cfg: &EnsembleConfig,
+        device: &Device,
+        dtype: DType,
+        rng: &mut impl Rng,
+    ) -> Result<Self> {
+        Ok(Self { core: ProbabilisticEnsemble::new(obs_dim, act_dim, cfg, device, dtype, rng)?, opt: None })
+    }
+    /// Trains on all of `data` with early stopping; restores each member's best weights.
+    pub fn train(&mut self, data: &TransitionData, rng: &mut impl Rng) -> Result<TrainReport> {
+        train_core(&mut self.core, &mut self.opt, data, None, rng, &mut |_, _| Ok(()))
+    }
+    /// As [`train`](Self::train), calling `on_epoch` after every epoch's holdout evaluation.
+    pub fn train_with(
+        &mut self,
+        data: &TransitionData,
+        rng: &mut impl Rng,
+        on_epoch: &mut dyn FnMut(&ProbabilisticEnsemble, &EpochStats) -> Result<()>,
+    ) -> Result<TrainReport> {
+        train_core(&mut self.core, &mut self.opt, data, None, rng, on_epoch)
+    }
+    pub fn ensemble(&self) -> &ProbabilisticEnsemble {
+        &self.core
+    }
+    pub fn ensemble_mut(&mut self) -> &mut ProbabilisticEnsemble {
+        &mut self.core
+    }
+}
+
+/// The gradient model: NLL plus `w * R`, the directional-derivative loss (equation 10).
+pub struct GradientEnsemble {
+    core: ProbabilisticEnsemble,
+    opt: Option<AdamW>,
+    grad: GradientLossConfig,
+}
+
+impl GradientEnsemble {
+    pub fn new(
+        obs_dim: usize,
+        act_dim: usize,
+        cfg: &EnsembleConfig,
+        grad: &GradientLossConfig,
+        device: &Device,
+        dtype: DType,
+        rng: &mut impl Rng,
+    ) -> Result<Self> {
+        grad.validate()?;
+        Ok(Self {
+            core: ProbabilisticEnsemble::new(obs_dim, act_dim, cfg, device, dtype, rng)?,
+            opt: None,
+            grad: grad.clone(),
+        })
+    }
+    pub fn gradient_config(&self) -> &GradientLossConfig {
+        &self.grad
+    }
+    /// Trains on all of `data`; neighbours from the newest `neighbour_set` rows.
+    pub fn train(&mut self, data: &TransitionData, rng: &mut impl Rng) -> Result<TrainReport> {
+        train_core(&mut self.core, &mut self.opt, data, Some(&self.grad), rng, &mut |_, _| Ok(()))
+    }
+    /// As [`train`](Self::train), calling `on_epoch` after every epoch's holdout evaluation.
+    pub fn train_with(
+        &mut self,
+        data: &TransitionData,
+        rng: &mut impl Rng,
+        on_epoch: &mut dyn FnMut(&ProbabilisticEnsemble, &EpochStats) -> Result<()>,
+    ) -> Result<TrainReport> {
+        train_core(&mut self.core, &mut self.opt, data, Some(&self.grad), rng, on_epoch)
+    }
+    pub fn ensemble(&self) -> &ProbabilisticEnsemble {
+        &self.core
+    }
+    pub fn ensemble_mut(&mut self) -> &mut ProbabilisticEnsemble {
+        &mut self.core
+    }
+}
