@@ -12,14 +12,28 @@
 //! assert_eq!(index.len(), 5);
 //! assert_eq!(index.neighbours(0), &[1, 2]); // distances 1, 9
 //! assert_eq!(index.neighbours(3), &[2, 4]); // distances 9, 16 (the point itself excluded)
+//!
+//! // D_env: push transitions, sample a batch into caller-owned storage.
+//! use ddppo_buffer::{Batch, ReplayBuffer};
+//! use rand::SeedableRng;
+//! let mut d_env = ReplayBuffer::new(2, 1, 1000);
+//! d_env.push(&[0.0, 1.0], &[0.5], 1.0, &[0.1, 1.0], 1.0, 0.0)?;
+//! d_env.push(&[0.1, 1.0], &[-0.5], 0.5, &[0.2, 0.9], 0.0, 1.0)?;
+//! let mut batch = Batch::new(4, 2, 1);
+//! d_env.sample_into(&mut rand_chacha::ChaCha8Rng::seed_from_u64(0), &mut batch);
+//! assert!(batch.rew.iter().all(|&r| r == 1.0 || r == 0.5));
+//! assert_eq!(d_env.newest(1).rew, vec![0.5]);
 //! # Ok::<(), ddppo_buffer::Error>(())
 //! ```
 
 mod neighbours;
+mod replay;
+pub mod storage;
 
 pub use neighbours::{
     MAX_TREE_WIDTH, NeighbourIndex, NeighbourOptions, brute_force_neighbours, exact_sq_dist,
 };
+pub use replay::{Batch, Columns, ReplayBuffer, sample_mixed, try_sample_mixed};
 
 /// Everything that can go wrong in this crate.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +56,36 @@ pub enum Error {
     /// NaN or infinity in a point (a k-d tree would silently return nothing).
     #[error("point {row} has a non-finite coordinate {value} in column {col}")]
     NonFinitePoint { row: usize, col: usize, value: f32 },
+    /// A pushed column whose length is not `rows x width`.
+    #[error("column {column}: expected {expected} values for {rows} rows, got {got}")]
+    RowWidth { column: &'static str, expected: usize, got: usize, rows: usize },
+    /// NaN or infinity in a pushed transition (the models must never see one).
+    #[error("column {column}, row {row}: non-finite value {value}")]
+    NonFiniteValue { column: &'static str, row: usize, value: f32 },
+    /// A push into a buffer of capacity 0.
+    #[error("cannot push into a replay buffer of capacity 0")]
+    ZeroCapacity,
+    /// Sampling from a buffer with no rows.
+    #[error("cannot sample from an empty replay buffer")]
+    EmptyBuffer,
+    /// `real_ratio` outside [0, 1].
+    #[error("real_ratio must lie in [0, 1], got {0}")]
+    RealRatio(f64),
+    /// Mixed sampling from buffers of different (obs, act) widths.
+    #[error("env buffer has (obs, act) widths {env:?}, model buffer {model:?}")]
+    MixedWidths { env: (usize, usize), model: (usize, usize) },
+    /// A file system error while saving or loading.
+    #[error("{}: {source}", path.display())]
+    Io { path: std::path::PathBuf, source: std::io::Error },
+    /// A file that does not start with the replay-buffer magic bytes.
+    #[error("{}: not a replay buffer file (wrong magic bytes)", path.display())]
+    NotABuffer { path: std::path::PathBuf },
+    /// A replay-buffer file of another format version.
+    #[error("{}: replay buffer format version {found}, this build reads version {supported}", path.display())]
+    UnsupportedVersion { path: std::path::PathBuf, found: u32, supported: u32 },
+    /// A truncated, over-long or corrupted replay-buffer file.
+    #[error("{}: corrupted replay buffer file: {reason}", path.display())]
+    Corrupt { path: std::path::PathBuf, reason: String },
 }
 
 /// This crate's result type.

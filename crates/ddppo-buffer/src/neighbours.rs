@@ -125,7 +125,7 @@ fn validate(points: &[f32], dim: usize, n: usize) -> Result<usize> {
     if dim == 0 {
         return Err(Error::ZeroDim);
     }
-    if points.len() % dim != 0 {
+    if !points.len().is_multiple_of(dim) {
         return Err(Error::RaggedPoints { len: points.len(), dim });
     }
     let len = points.len() / dim;
