@@ -1,0 +1,48 @@
+//! The crate's error type.
+
+/// Everything that can go wrong in `ddppo-agent`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A tensor operation failed (shape mismatch, device error).
+    #[error("tensor operation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// A configuration value is out of range or inconsistent.
+    #[error("invalid config: {0}")]
+    Config(String),
+    /// A configuration file could not be parsed.
+    #[error("cannot parse config {path}: {source}")]
+    ConfigParse {
+        /// The file (or `<string>`).
+        path: String,
+        /// The TOML error.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A configuration file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Input with the wrong dimensions.
+    #[error("dimension mismatch: {0}")]
+    Shape(String),
+    /// The environment crate reported an error.
+    #[error("environment: {0}")]
+    Env(#[from] ddppo_env::Error),
+    /// The buffer crate reported an error.
+    #[error("replay buffer: {0}")]
+    Buffer(#[from] ddppo_buffer::Error),
+    /// The models crate reported an error.
+    #[error("model: {0}")]
+    Model(#[from] ddppo_models::Error),
+    /// Training diverged (non-finite loss).
+    #[error("training diverged: {0}")]
+    Diverged(String),
+}
+
+/// The crate's result type.
+pub type Result<T> = std::result::Result<T, Error>;

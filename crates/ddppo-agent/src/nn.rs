@@ -1,0 +1,192 @@
+//! Building blocks shared by the SAC networks: seeded fully connected layers
+//! registered in a [`VarMap`], an MLP, Adam with per-value gradient clipping,
+//! and Polyak averaging.
+//!
+//! candle's CPU `randn` cannot be seeded, so every initial weight is drawn on
+//! the host from a `ChaCha8Rng` and uploaded; the names in the `VarMap` are the
+//! `VarBuilder` paths (`l0.weight`, `l0.bias`, ...), which keeps checkpoints
+//! stable.
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{Linear, Module, VarBuilder, VarMap};
+use rand::Rng;
+
+use crate::Result;
+
+/// Registers a `fan_out x fan_in` weight (Xavier-uniform, as the SAC
+/// reference initialises its layers) and a zero bias under `vb`'s prefix,
+/// drawn from `rng`, and returns the layer reading them through `vb`.
+pub fn seeded_linear(
+    vm: &VarMap,
+    vb: &VarBuilder,
+    fan_in: usize,
+    fan_out: usize,
+    rng: &mut impl Rng,
+) -> Result<Linear> {
+    let bound = (6.0 / (fan_in + fan_out) as f64).sqrt();
+    let w: Vec<f64> = (0..fan_in * fan_out).map(|_| rng.random_range(-bound..bound)).collect();
+    let w = Tensor::from_vec(w, (fan_out, fan_in), vb.device())?.to_dtype(vb.dtype())?;
+    let b = Tensor::zeros(fan_out, vb.dtype(), vb.device())?;
+    {
+        let mut data = vm.data().lock().map_err(|_| candle_core::Error::Msg("VarMap lock poisoned".into()))?;
+        data.insert(format!("{}weight", prefix(vb)), Var::from_tensor(&w)?);
+        data.insert(format!("{}bias", prefix(vb)), Var::from_tensor(&b)?);
+    }
+    let weight = vb.get((fan_out, fan_in), "weight")?;
+    let bias = vb.get(fan_out, "bias")?;
+    Ok(Linear::new(weight, Some(bias)))
+}
+
+fn prefix(vb: &VarBuilder) -> String {
+    let p = vb.prefix();
+    if p.is_empty() { p } else { format!("{p}.") }
+}
+
+/// A ReLU multi-layer perceptron `in -> hidden... -> out`, layers `l0, l1, ...`.
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    layers: Vec<Linear>,
+}
+
+impl Mlp {
+    /// Creates the layers under `vb` with seeded initial weights stored in `vm`.
+    pub fn new(
+        vm: &VarMap,
+        vb: VarBuilder,
+        input: usize,
+        hidden: &[usize],
+        output: usize,
+        rng: &mut impl Rng,
+    ) -> Result<Self> {
+        let mut dims = vec![input];
+        dims.extend_from_slice(hidden);
+        dims.push(output);
+        let layers = dims
+            .windows(2)
+            .enumerate()
+            .map(|(i, d)| seeded_linear(vm, &vb.pp(format!("l{i}")), d[0], d[1], rng))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { layers })
+    }
+
+    /// `x`: rows x input.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = x.clone();
+        let last = self.layers.len() - 1;
+        for (i, l) in self.layers.iter().enumerate() {
+            h = l.forward(&h)?;
+            if i < last {
+                h = h.relu()?;
+            }
+        }
+        Ok(h)
+    }
+
+    /// The layers' `(weight, bias)` tensors, input side first.
+    pub fn layers(&self) -> impl Iterator<Item = (&Tensor, Option<&Tensor>)> {
+        self.layers.iter().map(|l| (l.weight(), l.bias()))
+    }
+}
+
+/// Adam (Kingma & Ba) over a fixed list of variables, with every gradient
+/// value clipped to `[-clip, clip]` before the moment update, as the
+/// reference's `clip_grad_value_` does. Weight decay is zero throughout
+/// ALGORITHM.md section 5, so there is none here.
+///
+/// The moments are plain tensors and the step count a field, so a checkpoint
+/// can save and restore the optimiser exactly.
+#[derive(Debug)]
+pub struct Adam {
+    vars: Vec<Var>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    /// Number of steps taken.
+    pub step: u64,
+    /// Learning rate.
+    pub lr: f64,
+    /// Gradient values are clipped to `±clip` (`None`: no clipping).
+    pub clip: Option<f64>,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+}
+
+impl Adam {
+    /// Adam with betas (0.9, 0.999) and eps 1e-8, PyTorch's defaults.
+    pub fn new(vars: Vec<Var>, lr: f64, clip: Option<f64>) -> Result<Self> {
+        let m = vars.iter().map(|v| v.as_tensor().zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
+        let v = m.clone();
+        Ok(Self { vars, m, v, step: 0, lr, clip, beta1: 0.9, beta2: 0.999, eps: 1e-8 })
+    }
+
+    /// The variables this optimiser steps.
+    pub fn vars(&self) -> &[Var] {
+        &self.vars
+    }
+
+    /// The first and second moments, in the order of [`Adam::vars`].
+    pub fn moments(&self) -> (&[Tensor], &[Tensor]) {
+        (&self.m, &self.v)
+    }
+
+    /// One step from the gradients of `loss`; variables without a gradient
+    /// (not in the graph) are left alone.
+    pub fn backward_step(&mut self, loss: &Tensor) -> Result<()> {
+        let grads = loss.backward()?;
+        self.step_with(|var| grads.get(var.as_tensor()).cloned())
+    }
+
+    /// One step with the gradient of each variable given by `grad`.
+    pub fn step_with(&mut self, mut grad: impl FnMut(&Var) -> Option<Tensor>) -> Result<()> {
+        self.step += 1;
+        let t = self.step as i32;
+        let bc1 = 1.0 - self.beta1.powi(t);
+        let bc2 = 1.0 - self.beta2.powi(t);
+        for (i, var) in self.vars.iter().enumerate() {
+            let Some(g) = grad(var) else { continue };
+            let g = match self.clip {
+                Some(c) => g.clamp(-c, c)?,
+                None => g,
+            };
+            let m = ((&self.m[i] * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
+            let v = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
+            let denom = ((&v / bc2)?.sqrt()? + self.eps)?;
+            let update = ((&m / bc1)? / denom)?;
+            var.set(&(var.as_tensor() - (update * self.lr)?)?)?;
+            self.m[i] = m;
+            self.v[i] = v;
+        }
+        Ok(())
+    }
+}
+
+/// `target <- (1 - tau) target + tau source`, variable by variable.
+pub fn polyak(target: &[Var], source: &[Var], tau: f64) -> Result<()> {
+    for (t, s) in target.iter().zip(source) {
+        t.set(&((t.as_tensor() * (1.0 - tau))? + (s.as_tensor() * tau)?)?)?;
+    }
+    Ok(())
+}
+
+/// The variables of `vm` sorted by name, so that the order (and therefore the
+/// optimiser state layout) is reproducible.
+pub fn sorted_vars(vm: &VarMap) -> Vec<(String, Var)> {
+    let data = match vm.data().lock() {
+        Ok(d) => d,
+        Err(p) => p.into_inner(),
+    };
+    let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// Uploads host rows (`rows x cols`, f32) as a tensor of `dtype`.
+pub fn upload(data: &[f32], rows: usize, cols: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_slice(data, (rows, cols), device)?.to_dtype(dtype)?)
+}
+
+/// A `rows x cols` tensor of standard normal draws from `rng`.
+pub fn host_randn(rng: &mut impl Rng, rows: usize, cols: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let v: Vec<f64> = (0..rows * cols).map(|_| rng.sample(rand_distr::StandardNormal)).collect();
+    Ok(Tensor::from_vec(v, (rows, cols), device)?.to_dtype(dtype)?)
+}
