@@ -29,6 +29,8 @@ pub enum Error {
     LinearSystem(String),
     #[error("reading {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error("replay: {0}")]
+    Replay(String),
     #[error("evaluation: {0}")]
     Evaluation(String),
 }

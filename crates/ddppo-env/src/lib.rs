@@ -10,7 +10,8 @@
 //!   predictions during model rollouts; it needs no simulator.
 //! - [`Pendulum`] and [`LinearEnv`] implement [`AnalyticDynamics`]: exact
 //!   `(r, s')` and Jacobians `d(r, s')/d(s, a)` for the gradient-error study.
-//! - [`evaluate`] runs evaluation episodes on worker threads.
+//! - [`evaluate`] runs evaluation episodes on worker threads;
+//!   [`replay::replay`] applies recorded actions from a given state.
 //!
 //! ```
 //! use ddppo_env::{make, AnalyticDynamics, Env, Pendulum, Task};
@@ -37,6 +38,7 @@ mod analytic;
 mod error;
 #[cfg(feature = "mujoco")]
 mod mujoco_env;
+pub mod replay;
 mod runner;
 mod task;
 mod termination;

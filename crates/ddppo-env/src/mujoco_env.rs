@@ -84,7 +84,11 @@ impl MujocoModel {
         if !path.is_file() {
             return Err(Error::AssetsMissing { path });
         }
-        let model = MjModel::from_xml(&path).map_err(|e| Error::ModelLoad { path: path.clone(), msg: e.to_string() })?;
+        // MuJoCo's parser messages span lines; the error is one line.
+        let model = MjModel::from_xml(&path).map_err(|e| Error::ModelLoad {
+            path: path.clone(),
+            msg: e.to_string().split_whitespace().collect::<Vec<_>>().join(" "),
+        })?;
         let nu = model.ffi().nu as usize;
         if nu != task.act_dim() {
             return Err(Error::ModelLoad { path, msg: format!("has {nu} actuators, {task} expects {}", task.act_dim()) });
@@ -142,6 +146,11 @@ impl MujocoEnv {
 
     pub fn task(&self) -> Task {
         self.spec.task
+    }
+
+    /// The model this env simulates (shared with the other envs of its [`MujocoModel`]).
+    pub fn model(&self) -> &Arc<MjModel> {
+        &self.spec.model
     }
 
     /// `(qpos, qvel)`.
