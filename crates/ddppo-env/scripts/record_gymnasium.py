@@ -104,6 +104,9 @@ def main():
     import mujoco
     import numpy as np
 
+    # MuJoCo appends its warnings to MUJOCO_LOG.TXT in the working directory;
+    # keep that file out of the source tree.
+    os.chdir(VENV.parent)
     assets = Path(gym.__file__).parent / "envs" / "mujoco" / "assets"
     OUT.mkdir(parents=True, exist_ok=True)
     for name, (env_id, kwargs) in tasks(assets).items():

@@ -29,7 +29,7 @@ pub enum Error {
     LinearSystem(String),
     #[error("reading {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("replay: {0}")]
+    #[error("{0}")]
     Replay(String),
     #[error("evaluation: {0}")]
     Evaluation(String),

@@ -12,12 +12,12 @@ use crate::analytic::check_state;
 use crate::error::{Error, Result};
 use crate::task::Task;
 use crate::{Env, StepResult, check_action};
-use mujoco_rs::prelude::{MjData, MjModel, MjtObjBase};
+use mujoco_rs::prelude::{MjData, MjLogMessage, MjModel, MjtLogLevel, MjtObjBase, set_log_handler};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Once};
 
 /// Episode length of every MuJoCo task (gym's `TimeLimit`).
 const MAX_EPISODE_STEPS: usize = 1000;
@@ -59,6 +59,26 @@ pub fn assets_dir() -> Option<PathBuf> {
         .or_else(|| option_env!("DDPPO_ASSETS_DIR").map(PathBuf::from))
 }
 
+/// MuJoCo's default handler prints warnings to stdout (where `ddppo env
+/// replay` writes its JSON lines) and appends them to `MUJOCO_LOG.TXT` in
+/// the working directory. Ours sends them to stderr and drops the one
+/// warning every load of gymnasium's `half_cheetah.xml` raises (its
+/// deprecated `settotalmass`, harmless here).
+fn mujoco_messages_to_stderr(message: &MjLogMessage) {
+    let subject = message.subject();
+    // Installing a handler turns on every info topic (e.g. compile times).
+    let level = message.level();
+    if level == MjtLogLevel::mjLOG_DEBUG
+        || level == MjtLogLevel::mjLOG_INFO
+        || subject.contains("'settotalmass' is deprecated")
+    {
+        return;
+    }
+    eprintln!("MuJoCo {:?}: {subject}", message.level());
+}
+
+static LOG_HANDLER: Once = Once::new();
+
 /// One task's compiled model, shared (`Arc`) by all envs of that task.
 #[derive(Clone)]
 pub struct MujocoModel {
@@ -80,6 +100,10 @@ impl MujocoModel {
         if !dir.is_dir() {
             return Err(Error::AssetsMissing { path: dir });
         }
+        // SAFETY: every use of MuJoCo in this crate starts with a model
+        // loaded here, and `Once` makes concurrent callers wait until the
+        // handler is in place, so no other thread is inside MuJoCo meanwhile.
+        LOG_HANDLER.call_once(|| unsafe { set_log_handler(mujoco_messages_to_stderr) });
         let path = dir.join(spec.xml);
         if !path.is_file() {
             return Err(Error::AssetsMissing { path });

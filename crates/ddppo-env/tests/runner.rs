@@ -1,6 +1,6 @@
 //! The evaluation runner: results independent of the worker count, equal
 //! to a plain sequential loop, and errors passed through.
-use ddppo_env::{Env, EnvFactory, Error, Task, evaluate, evaluate_episodes, make};
+use ddppo_env::{EnvFactory, Error, Task, evaluate, evaluate_episodes, make};
 
 /// A deterministic, state-dependent policy for any task.
 fn policy_for(task: Task) -> impl Fn(&[f64]) -> Vec<f64> + Sync {
