@@ -1,9 +1,73 @@
 //! `ddppo env list` and `ddppo env replay`.
-use anyhow::Result;
+use anyhow::{Context, Result};
+use ddppo_env::Task;
+use ddppo_env::replay::{ReplayInput, replay};
+use std::io::Write;
+use std::path::PathBuf;
 
 #[derive(clap::Args)]
-pub struct EnvArgs {}
+pub struct EnvArgs {
+    #[command(subcommand)]
+    cmd: EnvCommand,
+}
 
-pub fn run(_args: EnvArgs) -> Result<()> {
-    anyhow::bail!("not yet implemented")
+#[derive(clap::Subcommand)]
+enum EnvCommand {
+    /// List the environments with their observation and action sizes.
+    List,
+    /// Apply recorded actions from a given state; print one JSON line per step
+    /// and stop after the first termination.
+    Replay {
+        /// Environment name (see `ddppo env list`).
+        #[arg(long)]
+        env: String,
+        /// JSON file: {"qpos": [...], "qvel": [...], "actions": [[...], ...]}
+        /// for MuJoCo tasks, {"state": [...], "actions": [...]} for pendulum and linear.
+        #[arg(long)]
+        input: PathBuf,
+    },
+}
+
+pub fn run(args: EnvArgs) -> Result<()> {
+    match args.cmd {
+        EnvCommand::List => list(),
+        EnvCommand::Replay { env, input } => replay_file(&env, &input),
+    }
+}
+
+fn list() -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{:<18} {:>4} {:>4}  kind", "name", "obs", "act")?;
+    for task in Task::ALL {
+        let kind = if task.is_mujoco() { "MuJoCo (v2 semantics)" } else { "analytic (exact Jacobians)" };
+        writeln!(out, "{:<18} {:>4} {:>4}  {kind}", task.name(), task.obs_dim(), task.act_dim())?;
+    }
+    Ok(())
+}
+
+fn replay_file(env: &str, path: &std::path::Path) -> Result<()> {
+    let task = Task::from_name(env)?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let input = ReplayInput::from_json(&text).with_context(|| format!("{}", path.display()))?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut write_error = None;
+    replay(task, &input, |step| {
+        let line = serde_json::json!({
+            "obs": step.obs,
+            "reward": step.reward,
+            "terminated": step.terminated,
+            "truncated": step.truncated,
+        });
+        if write_error.is_none()
+            && let Err(e) = writeln!(out, "{line}")
+        {
+            write_error = Some(e);
+        }
+    })
+    .with_context(|| format!("replaying {} on {task}", path.display()))?;
+    if let Some(e) = write_error {
+        return Err(e).context("writing to stdout");
+    }
+    out.flush().context("writing to stdout")?;
+    Ok(())
 }

@@ -23,8 +23,9 @@ use std::time::{Duration, Instant};
 const TASKS: [Task; 6] = [Task::InvertedPendulum, Task::Hopper, Task::Walker2d, Task::HalfCheetah, Task::Ant, Task::Humanoid];
 const EPISODE: usize = 1000;
 
-/// Mean seconds per env step of each (task, variant), over everything criterion ran.
-static TIMES: Mutex<BTreeMap<(String, &'static str), (Duration, u64)>> = Mutex::new(BTreeMap::new());
+/// Total time and steps of each (task, variant), over everything criterion ran.
+type Times = BTreeMap<(String, &'static str), (Duration, u64)>;
+static TIMES: Mutex<Times> = Mutex::new(BTreeMap::new());
 
 fn record(task: Task, variant: &'static str, elapsed: Duration, iters: u64) {
     let mut times = TIMES.lock().unwrap();
