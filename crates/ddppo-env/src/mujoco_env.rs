@@ -80,6 +80,23 @@ fn mujoco_messages_to_stderr(message: &MjLogMessage) {
 static LOG_HANDLER: Once = Once::new();
 
 /// One task's compiled model, shared (`Arc`) by all envs of that task.
+///
+/// ```no_run
+/// use ddppo_env::{Env, MujocoModel, Task};
+///
+/// // Needs the XMLs (`cargo xtask setup`); each env gets its own MjData.
+/// let model = MujocoModel::load(Task::Hopper)?;
+/// let mut envs: Vec<_> = (0..4).map(|_| model.make_env()).collect();
+/// for (seed, env) in envs.iter_mut().enumerate() {
+///     env.reset(seed as u64);
+///     let step = env.step(&[0.1, -0.2, 0.3])?;
+///     println!("reward {} terminated {}", step.reward, step.terminated);
+/// }
+/// // Start from a given state, as gymnasium's set_state.
+/// let (qpos, qvel) = envs[0].state();
+/// envs[1].set_state(&qpos, &qvel)?;
+/// # Ok::<(), ddppo_env::Error>(())
+/// ```
 #[derive(Clone)]
 pub struct MujocoModel {
     task: Task,
