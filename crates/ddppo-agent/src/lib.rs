@@ -1,9 +1,51 @@
-//! SAC critic, back-prop-through-model policy update and training loop (ALGORITHM.md sections 1, 4, 5, 6).
+//! The agent of DDPPO (ICLR 2022): the SAC critic, the policy update that
+//! back-propagates through a learned model, model rollouts for the critic's
+//! data, and the training loop with every variant (ALGORITHM.md sections 1,
+//! 4, 5 and 6; the paper's Algorithm 1, section 4.3 and equations 11-13).
+//!
+//! - [`sac`]: tanh-Gaussian policy, twin Q with targets (equation 12),
+//!   learned temperature (equation 13).
+//! - [`rollout`]: [`ModelRollout`], the one place that picks an elite,
+//!   samples and terminates; values from the prediction model, derivatives
+//!   from the gradient model via `sg(p) + g - sg(g)`.
+//! - [`policy_update`]: equation 11 and its adjoint-recursion check.
+//! - [`config`] and [`agent`]: the typed config (presets in `configs/`) and
+//!   the loop of Algorithm 1.
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use ddppo_agent::sac::{GaussianPolicy, SacCritic, critic_target};
+//! use rand::SeedableRng;
+//!
+//! # fn main() -> ddppo_agent::Result<()> {
+//! let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+//! let dev = Device::Cpu;
+//! let policy = GaussianPolicy::new(3, &[-2.0], &[2.0], &[16, 16], DType::F32, &dev, &mut rng)?;
+//! let critic = SacCritic::new(3, 1, &[16, 16], DType::F32, &dev, &mut rng)?;
+//! let s = Tensor::zeros((4, 3), DType::F32, &dev)?;
+//! let a = policy.sample(&s, &mut rng)?; // reparameterised, actions inside [-2, 2]
+//! let q = critic.target_min_q(&s, &a.action)?;
+//! let r = Tensor::ones(4, DType::F32, &dev)?;
+//! let y = critic_target(&r, &r, &q, &a.logp, 0.2, 0.99)?; // equation 12's target
+//! assert_eq!(y.dims(), &[4]);
+//!
+//! // A whole (tiny) run is `Agent::new(config)?.train(&mut observer)`:
+//! let cfg = ddppo_agent::AgentConfig::preset("inverted-pendulum")?;
+//! assert_eq!((cfg.horizon, cfg.gradient.neighbours), (3, 10));
+//! # Ok(())
+//! # }
+//! ```
 
+pub mod agent;
+pub mod config;
 pub mod error;
+pub mod grad_error;
 pub mod nn;
 pub mod policy_update;
 pub mod rollout;
 pub mod sac;
 
+pub use agent::{Agent, EvalRecord, NoObserver, Observer, PhaseTimes};
+pub use config::{AgentConfig, RolloutSchedule, Variant};
 pub use error::{Error, Result};
+pub use rollout::{DynamicsModel, ModelRollout};

@@ -56,6 +56,9 @@ pub struct ModelRollout<'a> {
     /// Supplies `d(r, s')/d(s, a)` when the caller differentiates; `None`
     /// returns the detached sample.
     pub gradient: Option<&'a dyn DynamicsModel>,
+    /// The gradient model is the prediction model itself: differentiate the
+    /// same member that produced the value instead of drawing another.
+    pub share_members: bool,
     /// `is_terminal` of the task.
     pub terminal: Termination<'a>,
 }
@@ -73,7 +76,7 @@ impl<'a> ModelRollout<'a> {
         let done = self.terminations(&p_next)?;
         let (reward, next_obs, gradient_members) = match self.gradient {
             Some(gm) => {
-                let gmembers = gm.draw_members(rows, rng);
+                let gmembers = if self.share_members { members.clone() } else { gm.draw_members(rows, rng) };
                 let g = gm.mean(obs, act, &gmembers)?;
                 let reward = ((&p_rew + &g.reward)? - g.reward.detach())?;
                 let next_obs = ((&p_next + &g.next_obs)? - g.next_obs.detach())?;

@@ -86,7 +86,7 @@ fn check_adjoint(threshold: f32, expect_some_done: bool) {
     let prediction = RandomEnsemble::new(3, &mut rng, 0.1);
     let gradient = RandomEnsemble::new(2, &mut rng, 0.0);
     let terminal = move |s: &[f32]| s[0].abs() > threshold;
-    let rollout = ModelRollout { prediction: &prediction, gradient: Some(&gradient), terminal: &terminal };
+    let rollout = ModelRollout { prediction: &prediction, gradient: Some(&gradient), share_members: false, terminal: &terminal };
     let rows = 16;
     let s0: Vec<f64> = (0..rows * OBS).map(|_| rng.random_range(-1.0..1.0)).collect();
     let s0 = Tensor::from_vec(s0, (rows, OBS), &d).unwrap();
@@ -137,7 +137,7 @@ fn gradient_comes_from_the_gradient_model() {
     let never = |_: &[f32]| false;
     let s0 = Tensor::from_vec((0..8 * OBS).map(|i| (i as f64 * 0.37).sin()).collect::<Vec<_>>(), (8, OBS), &d).unwrap();
     let grad_with = |g: &dyn DynamicsModel| {
-        let rollout = ModelRollout { prediction: &prediction, gradient: Some(g), terminal: &never };
+        let rollout = ModelRollout { prediction: &prediction, gradient: Some(g), share_members: false, terminal: &never };
         let mut r = ChaCha8Rng::seed_from_u64(9);
         let out = policy_objective(&policy, &critic, &rollout, &s0, 2, 0.9, 0.1, &mut r).unwrap();
         let v = out.objective.to_scalar::<f64>().unwrap();
@@ -288,7 +288,7 @@ fn linear_dynamics_gradient_matches_finite_differences() {
     let critic = SacCritic::new(OBS, ACT, &[6], DType::F64, &d, &mut rng).unwrap();
     let sys = Linear::new();
     let never = |_: &[f32]| false;
-    let rollout = ModelRollout { prediction: &sys, gradient: Some(&sys), terminal: &never };
+    let rollout = ModelRollout { prediction: &sys, gradient: Some(&sys), share_members: false, terminal: &never };
     let rows = 5;
     let s0v: Vec<Vec<f64>> = (0..rows).map(|_| (0..OBS).map(|_| rng.random_range(-1.0..1.0)).collect()).collect();
     let s0 = Tensor::from_vec(s0v.concat(), (rows, OBS), &d).unwrap();

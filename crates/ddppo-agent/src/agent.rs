@@ -1,0 +1,667 @@
+//! The training loop of ALGORITHM.md section 1, one env step at a time,
+//! following the paper's Algorithm 1: collect, train the models, roll them
+//! out into `D_model`, update the critic (`G2`), update the policy (`G1`),
+//! evaluate.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use ddppo_buffer::{Batch, ReplayBuffer};
+use ddppo_env::{Env, EnvFactory, Task, evaluate_episodes, is_terminal};
+use ddppo_models::{
+    EnsembleConfig, GradientEnsemble, GradientLossConfig, PredictionEnsemble, ProbabilisticEnsemble, TransitionData,
+};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{AgentConfig, Variant};
+use crate::nn::{Adam, upload};
+use crate::policy_update::policy_objective;
+use crate::rollout::ModelRollout;
+use crate::sac::{GaussianPolicy, PolicySnapshot, SacCritic, Temperature};
+use crate::{Error, Result};
+
+/// Rows per chunk of the critic-data model rollout (bounds peak memory of a
+/// 100 000-row rollout).
+const ROLLOUT_CHUNK: usize = 25_000;
+
+/// What one evaluation reports (one line of `metrics.jsonl`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EvalRecord {
+    /// Env steps taken so far.
+    pub env_steps: usize,
+    /// Mean return of the deterministic evaluation episodes.
+    pub return_mean: f64,
+    /// Standard deviation (population) of those returns.
+    pub return_std: f64,
+    /// Mean length of the evaluation episodes.
+    pub episode_len_mean: f64,
+    /// Return of the last finished training (stochastic) episode.
+    pub train_return: Option<f64>,
+    /// Wall seconds since the agent was created.
+    pub wall_s: f64,
+    /// Mean critic loss (equation 12) since the previous evaluation.
+    pub critic_loss: Option<f64>,
+    /// Mean policy loss (`-J/B` of equation 11, or the SAC policy loss) since the previous evaluation.
+    pub policy_loss: Option<f64>,
+    /// Current temperature.
+    pub alpha: f64,
+    /// Last model training: mean training loss of the rollout (prediction) ensemble.
+    pub model_loss: Option<f64>,
+    /// Last model training: mean elite holdout MSE of the rollout ensemble.
+    pub model_holdout_mse: Option<f64>,
+    /// Last model training: the gradient model's directional-derivative loss `R`.
+    pub grad_loss: Option<f64>,
+    /// Current model-rollout length `k`.
+    pub rollout_length: usize,
+    /// Rows in `D_model`.
+    pub model_pool: usize,
+    /// Updates so far.
+    pub critic_updates: u64,
+    /// Updates so far.
+    pub policy_updates: u64,
+    /// Seconds spent per phase so far.
+    pub phase_s: PhaseTimes,
+}
+
+/// Wall seconds per phase of the loop (for profiling).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct PhaseTimes {
+    /// Acting in the env and storing transitions.
+    pub collect: f64,
+    /// Training the ensembles.
+    pub model_train: f64,
+    /// Model rollouts for `D_model`.
+    pub model_rollout: f64,
+    /// Critic updates.
+    pub critic: f64,
+    /// Policy (and temperature) updates.
+    pub policy: f64,
+    /// Evaluation episodes.
+    pub eval: f64,
+}
+
+/// Receives progress from [`Agent::train`].
+pub trait Observer {
+    /// After every env step.
+    fn on_step(&mut self, _env_steps: usize, _total_steps: usize) {}
+    /// After every evaluation.
+    fn on_eval(&mut self, _record: &EvalRecord) {}
+}
+
+/// An observer that ignores everything.
+pub struct NoObserver;
+impl Observer for NoObserver {}
+
+/// The run's random streams, each a seekable `ChaCha8Rng` (a checkpoint stores
+/// seed, stream and word position).
+#[derive(Clone, Debug)]
+pub struct AgentRngs {
+    /// Env reset seeds.
+    pub env: ChaCha8Rng,
+    /// Exploration noise and warm-up actions.
+    pub act: ChaCha8Rng,
+    /// Critic, policy and temperature updates.
+    pub update: ChaCha8Rng,
+    /// Model training and critic-data rollouts.
+    pub model: ChaCha8Rng,
+}
+
+impl AgentRngs {
+    fn new(seed: u64) -> Self {
+        let stream = |k: u64| {
+            let mut r = ChaCha8Rng::seed_from_u64(seed);
+            r.set_stream(k);
+            r
+        };
+        Self { env: stream(1), act: stream(2), update: stream(3), model: stream(4) }
+    }
+}
+
+/// An ensemble with its training rule.
+pub enum TrainedEnsemble {
+    /// Gaussian NLL only.
+    Prediction(PredictionEnsemble),
+    /// NLL plus `w R` (equation 10).
+    Gradient(GradientEnsemble),
+}
+
+impl TrainedEnsemble {
+    /// The shared core (rollout API).
+    pub fn ensemble(&self) -> &ProbabilisticEnsemble {
+        match self {
+            TrainedEnsemble::Prediction(e) => e.ensemble(),
+            TrainedEnsemble::Gradient(e) => e.ensemble(),
+        }
+    }
+    fn train(&mut self, data: &TransitionData, rng: &mut ChaCha8Rng) -> Result<ddppo_models::TrainReport> {
+        Ok(match self {
+            TrainedEnsemble::Prediction(e) => e.train(data, rng)?,
+            TrainedEnsemble::Gradient(e) => e.train(data, rng)?,
+        })
+    }
+}
+
+/// The learned models of a variant (section 6): the rollout ensemble and,
+/// for `ddppo`, a separate gradient ensemble. Without one, derivatives come
+/// from the rollout ensemble's mean.
+pub struct LearnedModels {
+    /// Rolls out (values).
+    pub prediction: TrainedEnsemble,
+    /// Differentiates, when separate.
+    pub gradient: Option<TrainedEnsemble>,
+}
+
+impl LearnedModels {
+    fn new(
+        variant: Variant,
+        cfg: &AgentConfig,
+        obs_dim: usize,
+        act_dim: usize,
+        device: &Device,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Option<Self>> {
+        let pred = |c: &EnsembleConfig, rng: &mut ChaCha8Rng| -> Result<TrainedEnsemble> {
+            Ok(TrainedEnsemble::Prediction(PredictionEnsemble::new(obs_dim, act_dim, c, device, DType::F32, rng)?))
+        };
+        let grad = |c: &EnsembleConfig, g: &GradientLossConfig, rng: &mut ChaCha8Rng| -> Result<TrainedEnsemble> {
+            Ok(TrainedEnsemble::Gradient(GradientEnsemble::new(obs_dim, act_dim, c, g, device, DType::F32, rng)?))
+        };
+        Ok(match variant {
+            Variant::Sac => None,
+            Variant::Ddppo => Some(Self {
+                prediction: pred(&cfg.model, rng)?,
+                gradient: Some(grad(&cfg.model, &cfg.gradient, rng)?),
+            }),
+            Variant::NoGradLoss | Variant::Mbpo => Some(Self { prediction: pred(&cfg.model, rng)?, gradient: None }),
+            Variant::SingleModel => Some(Self { prediction: grad(&cfg.model, &cfg.gradient, rng)?, gradient: None }),
+            Variant::DoubleParams => {
+                let mut wide = cfg.model.clone();
+                wide.hidden = cfg.double_params_width(obs_dim, act_dim);
+                Some(Self { prediction: pred(&wide, rng)?, gradient: None })
+            }
+        })
+    }
+}
+
+#[derive(Default)]
+struct Mean {
+    sum: f64,
+    n: usize,
+}
+impl Mean {
+    fn add(&mut self, v: f64) {
+        self.sum += v;
+        self.n += 1;
+    }
+    fn take(&mut self) -> Option<f64> {
+        let m = (self.n > 0).then(|| self.sum / self.n as f64);
+        *self = Mean::default();
+        m
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+struct ModelStats {
+    loss: Option<f64>,
+    holdout: Option<f64>,
+    grad: Option<f64>,
+}
+
+/// A DDPPO (or baseline) agent with its env, buffers, networks, optimisers,
+/// random streams and counters: everything a run's state is made of.
+pub struct Agent {
+    cfg: AgentConfig,
+    task: Task,
+    device: Device,
+    factory: EnvFactory,
+    env: Box<dyn Env>,
+    obs: Vec<f64>,
+    episode_return: f64,
+    last_train_return: Option<f64>,
+    /// `D_env`.
+    pub env_buffer: ReplayBuffer,
+    /// `D_model`.
+    pub model_buffer: ReplayBuffer,
+    /// The policy `pi_phi`.
+    pub policy: GaussianPolicy,
+    /// Twin Q with targets.
+    pub critic: SacCritic,
+    /// The temperature.
+    pub temperature: Temperature,
+    /// Policy optimiser (values clipped to `±policy_grad_clip`).
+    pub policy_opt: Adam,
+    /// Critic optimiser (values clipped to `±critic_grad_clip`).
+    pub critic_opt: Adam,
+    /// Temperature optimiser.
+    pub alpha_opt: Adam,
+    /// Learned models (`None` for `sac`).
+    pub models: Option<LearnedModels>,
+    /// Random streams.
+    pub rngs: AgentRngs,
+    /// Env steps taken.
+    pub env_steps: usize,
+    /// Updates taken.
+    pub critic_updates: u64,
+    /// Updates taken.
+    pub policy_updates: u64,
+    /// Model trainings taken.
+    pub model_trainings: u64,
+    rollout_length: usize,
+    snapshot: Option<PolicySnapshot>,
+    critic_loss: Mean,
+    policy_loss: Mean,
+    model_stats: ModelStats,
+    times: PhaseTimes,
+    started: Instant,
+    batch: Batch,
+}
+
+fn secs(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64()
+}
+
+fn finite(what: &str, v: f64) -> Result<f64> {
+    if v.is_finite() { Ok(v) } else { Err(Error::Diverged(format!("{what} is {v}"))) }
+}
+
+impl Agent {
+    /// Builds the agent of a validated config on the CPU.
+    pub fn new(cfg: AgentConfig) -> Result<Self> {
+        Self::with_device(cfg, Device::Cpu)
+    }
+
+    /// Builds the agent with networks on `device`.
+    pub fn with_device(cfg: AgentConfig, device: Device) -> Result<Self> {
+        cfg.validate()?;
+        let task = cfg.task()?;
+        let factory = EnvFactory::new(task)?;
+        let mut env = factory.make()?;
+        let (obs_dim, act_dim) = (env.obs_dim(), env.act_dim());
+        let mut rngs = AgentRngs::new(cfg.seed);
+        let mut init = ChaCha8Rng::seed_from_u64(cfg.seed);
+        init.set_stream(0);
+        let policy =
+            GaussianPolicy::new(obs_dim, env.action_low(), env.action_high(), &cfg.hidden, DType::F32, &device, &mut init)?;
+        let critic = SacCritic::new(obs_dim, act_dim, &cfg.hidden, DType::F32, &device, &mut init)?;
+        let target_entropy = cfg.target_entropy.unwrap_or(-(act_dim as f64));
+        let temperature = Temperature::new(cfg.init_alpha, target_entropy, DType::F32, &device)?;
+        let policy_opt = Adam::new(policy.vars(), cfg.policy_lr, Some(cfg.policy_grad_clip))?;
+        let critic_opt = Adam::new(critic.vars().to_vec(), cfg.critic_lr, Some(cfg.critic_grad_clip))?;
+        let alpha_opt = Adam::new(vec![temperature.var().clone()], cfg.alpha_lr, None)?;
+        let models = LearnedModels::new(cfg.variant, &cfg, obs_dim, act_dim, &device, &mut init)?;
+        let k0 = cfg.rollout_schedule.length(0);
+        let model_buffer = ReplayBuffer::new(obs_dim, act_dim, cfg.model_pool_size(k0));
+        let obs = env.reset(rngs.env.random());
+        Ok(Self {
+            env_buffer: ReplayBuffer::new(obs_dim, act_dim, cfg.replay_size),
+            model_buffer,
+            batch: Batch::new(cfg.batch_size, obs_dim, act_dim),
+            policy,
+            critic,
+            temperature,
+            policy_opt,
+            critic_opt,
+            alpha_opt,
+            models,
+            rngs,
+            task,
+            device,
+            factory,
+            env,
+            obs,
+            episode_return: 0.0,
+            last_train_return: None,
+            env_steps: 0,
+            critic_updates: 0,
+            policy_updates: 0,
+            model_trainings: 0,
+            rollout_length: k0,
+            snapshot: None,
+            critic_loss: Mean::default(),
+            policy_loss: Mean::default(),
+            model_stats: ModelStats::default(),
+            times: PhaseTimes::default(),
+            started: Instant::now(),
+            cfg,
+        })
+    }
+
+    /// The run's config.
+    pub fn config(&self) -> &AgentConfig {
+        &self.cfg
+    }
+
+    /// Seconds per phase so far.
+    pub fn phase_times(&self) -> PhaseTimes {
+        self.times
+    }
+
+    /// Runs until `epochs * epoch_length` env steps, evaluating every
+    /// `eval_every` steps (and once before the first step); returns the records.
+    pub fn train(&mut self, observer: &mut dyn Observer) -> Result<Vec<EvalRecord>> {
+        let total = self.cfg.total_steps();
+        let mut records = Vec::new();
+        if self.env_steps == 0 {
+            let r = self.evaluate()?;
+            observer.on_eval(&r);
+            records.push(r);
+        }
+        while self.env_steps < total {
+            if let Some(r) = self.step()? {
+                observer.on_eval(&r);
+                records.push(r);
+            }
+            observer.on_step(self.env_steps, total);
+        }
+        Ok(records)
+    }
+
+    /// One iteration of Algorithm 1: one env step and everything due after it.
+    pub fn step(&mut self) -> Result<Option<EvalRecord>> {
+        // Line 4: act in the real env, store the transition in D_env.
+        let t = Instant::now();
+        self.collect()?;
+        self.times.collect += secs(t);
+
+        // Lines 5-11: every model_train_freq steps, train both models on D_env
+        // and roll the prediction model out into D_model.
+        if self.models.is_some()
+            && self.env_steps >= self.cfg.min_pool_size
+            && self.env_steps % self.cfg.model_train_freq == 0
+        {
+            let t = Instant::now();
+            self.train_models()?;
+            self.times.model_train += secs(t);
+            let t = Instant::now();
+            self.rollout_models()?;
+            self.times.model_rollout += secs(t);
+        }
+
+        let ready = match self.models {
+            Some(_) => self.model_trainings > 0,
+            None => self.env_steps >= self.cfg.min_pool_size,
+        };
+        if ready {
+            // Lines 13-15: G2 critic updates (equation 12), capped.
+            let t = Instant::now();
+            for _ in 0..self.critic_updates_due() {
+                self.update_critic()?;
+            }
+            self.times.critic += secs(t);
+            // Lines 16-19: G1 policy updates (equation 11, or SAC's for the baselines).
+            let t = Instant::now();
+            for _ in 0..self.cfg.policy_updates_per_step {
+                if self.cfg.variant.backprop_policy() {
+                    self.update_policy_through_model()?;
+                } else {
+                    self.update_policy_sac()?;
+                }
+            }
+            self.times.policy += secs(t);
+        }
+
+        if self.env_steps % self.cfg.eval_every == 0 {
+            return Ok(Some(self.evaluate()?));
+        }
+        Ok(None)
+    }
+
+    fn snapshot(&mut self) -> Result<&PolicySnapshot> {
+        if self.snapshot.is_none() {
+            self.snapshot = Some(self.policy.snapshot()?);
+        }
+        self.snapshot.as_ref().ok_or_else(|| Error::Config("no policy snapshot".into()))
+    }
+
+    fn collect(&mut self) -> Result<()> {
+        let action: Vec<f64> = if self.env_steps < self.cfg.start_steps {
+            let (lo, hi) = (self.env.action_low().to_vec(), self.env.action_high().to_vec());
+            lo.iter().zip(&hi).map(|(l, h)| self.rngs.act.random_range(*l..*h)).collect()
+        } else {
+            let obs = self.obs.clone();
+            self.snapshot()?;
+            let snap = self.snapshot.as_ref().ok_or_else(|| Error::Config("no policy snapshot".into()))?;
+            snap.sample_action(&obs, &mut self.rngs.act)
+        };
+        let step = self.env.step(&action)?;
+        let f = |v: &[f64]| v.iter().map(|x| *x as f32).collect::<Vec<f32>>();
+        // mask = 0 only on a true terminal; a time-limit truncation bootstraps.
+        let mask = if step.terminated { 0.0 } else { 1.0 };
+        let done = if step.terminated || step.truncated { 1.0 } else { 0.0 };
+        self.env_buffer.push(&f(&self.obs), &f(&action), step.reward as f32, &f(&step.obs), mask, done)?;
+        self.episode_return += step.reward;
+        self.env_steps += 1;
+        if step.terminated || step.truncated {
+            self.last_train_return = Some(self.episode_return);
+            self.episode_return = 0.0;
+            self.obs = self.env.reset(self.rngs.env.random());
+        } else {
+            self.obs = step.obs;
+        }
+        Ok(())
+    }
+
+    /// Trains the ensembles on all of `D_env` (Algorithm 1 lines 5-6).
+    pub fn train_models(&mut self) -> Result<()> {
+        let Some(models) = self.models.as_mut() else { return Ok(()) };
+        let cols = self.env_buffer.newest(self.env_buffer.len());
+        let data = TransitionData { obs: &cols.obs, act: &cols.act, rew: &cols.rew, next_obs: &cols.next_obs };
+        let report = models.prediction.train(&data, &mut self.rngs.model)?;
+        let elites = models.prediction.ensemble().elites().to_vec();
+        let holdout = elites.iter().map(|&e| report.holdout_mse.get(e).copied().unwrap_or(f64::NAN)).sum::<f64>()
+            / elites.len().max(1) as f64;
+        let mut stats = ModelStats { loss: Some(report.train_loss), holdout: Some(holdout), grad: report.grad_loss };
+        if let Some(g) = models.gradient.as_mut() {
+            let gr = g.train(&data, &mut self.rngs.model)?;
+            stats.grad = gr.grad_loss;
+        }
+        self.model_stats = stats;
+        self.model_trainings += 1;
+        Ok(())
+    }
+
+    /// Section 1 step 3: set `k`, resize `D_model`, and push `k`-step rollouts
+    /// of the current (stochastic) policy on the prediction model from
+    /// `rollout_batch_size` states of `D_env`, dropping terminated rows.
+    pub fn rollout_models(&mut self) -> Result<()> {
+        let Some(models) = self.models.as_ref() else { return Ok(()) };
+        let epoch = self.env_steps / self.cfg.epoch_length;
+        let k = self.cfg.rollout_schedule.length(epoch);
+        self.rollout_length = k;
+        let pool = self.cfg.model_pool_size(k);
+        if self.model_buffer.capacity() != pool {
+            self.model_buffer.resize(pool);
+        }
+        let (od, ad) = (self.env_buffer.obs_dim(), self.env_buffer.act_dim());
+        let task = self.task;
+        let terminal = move |s: &[f32]| is_terminal(task, s);
+        let rollout =
+            ModelRollout { prediction: models.prediction.ensemble(), gradient: None, share_members: false, terminal: &terminal };
+        let mut remaining = self.cfg.rollout_batch_size;
+        while remaining > 0 {
+            let rows = remaining.min(ROLLOUT_CHUNK);
+            remaining -= rows;
+            let mut start = Batch::new(rows, od, ad);
+            self.env_buffer.try_sample_into(&mut self.rngs.model, &mut start)?;
+            let mut obs = start.obs;
+            let mut n = rows;
+            for _ in 0..k {
+                let s = upload(&obs, n, od, DType::F32, &self.device)?;
+                let a = self.policy.sample(&s, &mut self.rngs.model)?.action.detach();
+                let step = rollout.step(&s, &a, &mut self.rngs.model)?;
+                let act = a.flatten_all()?.to_vec1::<f32>()?;
+                let rew = step.reward.to_vec1::<f32>()?;
+                let next = step.next_obs.flatten_all()?.to_vec1::<f32>()?;
+                let mask: Vec<f32> = step.done.iter().map(|d| if *d { 0.0 } else { 1.0 }).collect();
+                let done: Vec<f32> = step.done.iter().map(|d| if *d { 1.0 } else { 0.0 }).collect();
+                if next.iter().any(|v| !v.is_finite()) || rew.iter().any(|v| !v.is_finite()) {
+                    return Err(Error::Diverged("model rollout produced a non-finite state".into()));
+                }
+                self.model_buffer.push_batch(&obs, &act, &rew, &next, &mask, &done)?;
+                let alive: Vec<usize> = (0..n).filter(|&i| !step.done[i]).collect();
+                if alive.is_empty() {
+                    break;
+                }
+                obs = alive.iter().flat_map(|&i| next[i * od..(i + 1) * od].iter().copied()).collect();
+                n = alive.len();
+            }
+        }
+        Ok(())
+    }
+
+    fn critic_updates_due(&self) -> usize {
+        let cap = self.cfg.max_train_repeat_per_step as u64
+            * self.env_steps.saturating_sub(self.cfg.min_pool_size).max(1) as u64;
+        let room = cap.saturating_sub(self.critic_updates);
+        (self.cfg.critic_updates_per_step as u64).min(room) as usize
+    }
+
+    /// Draws a batch: the `real_ratio` mix of `D_env` and `D_model`, or only
+    /// `D_env` for `sac`.
+    fn draw_batch(&mut self) -> Result<()> {
+        if self.cfg.variant == Variant::Sac {
+            self.env_buffer.try_sample_into(&mut self.rngs.update, &mut self.batch)?;
+        } else {
+            ddppo_buffer::try_sample_mixed(
+                &self.env_buffer,
+                &self.model_buffer,
+                self.cfg.real_ratio,
+                &mut self.rngs.update,
+                &mut self.batch,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn batch_tensors(&self) -> Result<[Tensor; 5]> {
+        let (b, od, ad) = (self.batch.size, self.env_buffer.obs_dim(), self.env_buffer.act_dim());
+        let d = &self.device;
+        Ok([
+            upload(&self.batch.obs, b, od, DType::F32, d)?,
+            upload(&self.batch.act, b, ad, DType::F32, d)?,
+            Tensor::from_slice(&self.batch.rew, b, d)?,
+            upload(&self.batch.next_obs, b, od, DType::F32, d)?,
+            Tensor::from_slice(&self.batch.mask, b, d)?,
+        ])
+    }
+
+    /// One critic update (equation 12), then the Polyak target update.
+    pub fn update_critic(&mut self) -> Result<()> {
+        self.draw_batch()?;
+        let [obs, act, rew, next_obs, mask] = self.batch_tensors()?;
+        let alpha = self.temperature.alpha()?;
+        let loss = self.critic.loss(
+            &self.policy,
+            &obs,
+            &act,
+            &rew,
+            &next_obs,
+            &mask,
+            alpha,
+            self.cfg.gamma,
+            &mut self.rngs.update,
+        )?;
+        self.critic_loss.add(finite("critic loss", loss.to_scalar::<f32>()? as f64)?);
+        self.critic_opt.backward_step(&loss)?;
+        self.critic.update_targets(self.cfg.tau)?;
+        self.critic_updates += 1;
+        Ok(())
+    }
+
+    fn update_temperature(&mut self, logp: &Tensor) -> Result<()> {
+        if self.cfg.learn_alpha {
+            let loss = self.temperature.loss(logp)?;
+            self.alpha_opt.backward_step(&loss)?;
+        }
+        Ok(())
+    }
+
+    /// One policy update by back-propagating equation 11 through `H` model
+    /// steps (section 4), then the temperature (equation 13).
+    pub fn update_policy_through_model(&mut self) -> Result<()> {
+        let Some(models) = self.models.as_ref() else {
+            return Err(Error::Config("back-prop policy update without a model".into()));
+        };
+        self.env_buffer.try_sample_into(&mut self.rngs.update, &mut self.batch)?;
+        let (b, od) = (self.batch.size, self.env_buffer.obs_dim());
+        let start = upload(&self.batch.obs, b, od, DType::F32, &self.device)?;
+        let task = self.task;
+        let terminal = move |s: &[f32]| is_terminal(task, s);
+        let prediction = models.prediction.ensemble();
+        let (gradient, share) = match &models.gradient {
+            Some(g) => (g.ensemble(), false),
+            None => (prediction, true),
+        };
+        let rollout = ModelRollout { prediction, gradient: Some(gradient), share_members: share, terminal: &terminal };
+        let alpha = self.temperature.alpha()?;
+        let out = policy_objective(
+            &self.policy,
+            &self.critic,
+            &rollout,
+            &start,
+            self.cfg.horizon,
+            self.cfg.gamma,
+            alpha,
+            &mut self.rngs.update,
+        )?;
+        let loss = out.objective.neg()?;
+        self.policy_loss.add(finite("policy loss", loss.to_scalar::<f32>()? as f64)?);
+        self.policy_opt.backward_step(&loss)?;
+        self.snapshot = None;
+        self.policy_updates += 1;
+        self.update_temperature(&out.logp0)
+    }
+
+    /// The SAC policy loss `mean(alpha log pi(a|s) - min Q(s, a))` on a
+    /// critic-style batch (`mbpo`, `sac`), then the temperature.
+    pub fn update_policy_sac(&mut self) -> Result<()> {
+        self.draw_batch()?;
+        let (b, od) = (self.batch.size, self.env_buffer.obs_dim());
+        let obs = upload(&self.batch.obs, b, od, DType::F32, &self.device)?;
+        let alpha = self.temperature.alpha()?;
+        let sample = self.policy.sample(&obs, &mut self.rngs.update)?;
+        let q = self.critic.min_q(&obs, &sample.action)?;
+        let loss = ((&sample.logp * alpha)? - q)?.mean_all()?;
+        self.policy_loss.add(finite("policy loss", loss.to_scalar::<f32>()? as f64)?);
+        self.policy_opt.backward_step(&loss)?;
+        self.snapshot = None;
+        self.policy_updates += 1;
+        self.update_temperature(&sample.logp.detach())
+    }
+
+    /// Evaluates the deterministic policy on `eval_episodes` episodes (fixed,
+    /// separately seeded envs, on worker threads) and returns the record.
+    pub fn evaluate(&mut self) -> Result<EvalRecord> {
+        let t = Instant::now();
+        let snap = self.snapshot()?.clone();
+        let base_seed = self.cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1 << 40);
+        let policy = move |o: &[f64]| snap.mean_action(o);
+        let stats =
+            evaluate_episodes(&self.factory, &policy, self.cfg.eval_episodes, base_seed, self.cfg.eval_workers)?;
+        self.times.eval += secs(t);
+        let n = stats.len().max(1) as f64;
+        let mean = stats.iter().map(|s| s.ret).sum::<f64>() / n;
+        let var = stats.iter().map(|s| (s.ret - mean).powi(2)).sum::<f64>() / n;
+        Ok(EvalRecord {
+            env_steps: self.env_steps,
+            return_mean: mean,
+            return_std: var.sqrt(),
+            episode_len_mean: stats.iter().map(|s| s.len as f64).sum::<f64>() / n,
+            train_return: self.last_train_return,
+            wall_s: secs(self.started),
+            critic_loss: self.critic_loss.take(),
+            policy_loss: self.policy_loss.take(),
+            alpha: self.temperature.alpha()?,
+            model_loss: self.model_stats.loss,
+            model_holdout_mse: self.model_stats.holdout,
+            grad_loss: self.model_stats.grad,
+            rollout_length: self.rollout_length,
+            model_pool: self.model_buffer.len(),
+            critic_updates: self.critic_updates,
+            policy_updates: self.policy_updates,
+            phase_s: self.times,
+        })
+    }
+}

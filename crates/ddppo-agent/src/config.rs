@@ -1,0 +1,375 @@
+//! The typed run configuration: every knob of ALGORITHM.md sections 1-7,
+//! read from TOML (`deny_unknown_fields`) and validated with one-line errors.
+//! The per-task presets (Table 1 of the paper) live in `configs/*.toml` at the
+//! repository root and are compiled in ([`AgentConfig::preset`]).
+
+use std::path::Path;
+
+use ddppo_env::Task;
+use ddppo_models::{EnsembleConfig, GradientLossConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// The algorithms of ALGORITHM.md section 6.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Variant {
+    /// Prediction ensemble rolls out, gradient ensemble (with `w R`) differentiates.
+    Ddppo,
+    /// Prediction ensemble for both value and derivative; no gradient loss.
+    NoGradLoss,
+    /// One ensemble trained with the gradient loss, for both.
+    SingleModel,
+    /// One ensemble with about twice the parameters (wider layers), no gradient loss.
+    DoubleParams,
+    /// MBPO: model rollouts for the critic, SAC policy loss on the mixed batch.
+    Mbpo,
+    /// Model-free SAC.
+    Sac,
+}
+
+impl Variant {
+    /// All variants, in the order of section 6.
+    pub const ALL: [Variant; 6] =
+        [Variant::Ddppo, Variant::NoGradLoss, Variant::SingleModel, Variant::DoubleParams, Variant::Mbpo, Variant::Sac];
+
+    /// The name used in configs and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Ddppo => "ddppo",
+            Variant::NoGradLoss => "no-grad-loss",
+            Variant::SingleModel => "single-model",
+            Variant::DoubleParams => "double-params",
+            Variant::Mbpo => "mbpo",
+            Variant::Sac => "sac",
+        }
+    }
+
+    /// Parses a variant name; the error lists the valid ones.
+    pub fn from_name(name: &str) -> Result<Self> {
+        Self::ALL.into_iter().find(|v| v.name() == name).ok_or_else(|| {
+            let names: Vec<&str> = Self::ALL.iter().map(|v| v.name()).collect();
+            Error::Config(format!("unknown variant `{name}`; valid: {}", names.join(", ")))
+        })
+    }
+
+    /// Whether the variant learns a dynamics model at all.
+    pub fn uses_model(self) -> bool {
+        self != Variant::Sac
+    }
+
+    /// Whether the policy is trained by back-propagating through the model
+    /// (equation 11) rather than by the SAC policy loss.
+    pub fn backprop_policy(self) -> bool {
+        !matches!(self, Variant::Mbpo | Variant::Sac)
+    }
+}
+
+/// The rollout-length schedule `[min_epoch, max_epoch, min_len, max_len]`:
+/// `k` grows linearly from `min_len` at `min_epoch` to `max_len` at
+/// `max_epoch`, clamped (section 1 step 3).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RolloutSchedule(pub [usize; 4]);
+
+impl RolloutSchedule {
+    /// The model-rollout length `k` in `epoch` (0-based).
+    pub fn length(&self, epoch: usize) -> usize {
+        let [e0, e1, l0, l1] = self.0;
+        if e1 <= e0 {
+            return if epoch >= e1 { l1 } else { l0 };
+        }
+        let frac = (epoch as f64 - e0 as f64) / (e1 - e0) as f64;
+        let k = l0 as f64 + frac * (l1 as f64 - l0 as f64);
+        let (lo, hi) = (l0.min(l1) as f64, l0.max(l1) as f64);
+        k.clamp(lo, hi) as usize
+    }
+}
+
+/// One training run. Field defaults are ALGORITHM.md's (MBPO's / the paper's).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Task name (`inverted-pendulum`, `hopper`, ..., `pendulum`, `linear`).
+    pub task: String,
+    /// Algorithm (section 6).
+    pub variant: Variant,
+    /// Seed of every random stream of the run.
+    pub seed: u64,
+    /// Number of epochs; the run lasts `epochs * epoch_length` env steps.
+    pub epochs: usize,
+    /// Env steps per epoch (1000).
+    pub epoch_length: usize,
+    /// Warm-up env steps with uniform random actions (5000; 200 for InvertedPendulum).
+    pub start_steps: usize,
+    /// `D_env` size before any model training or update.
+    pub min_pool_size: usize,
+    /// Capacity of `D_env`.
+    pub replay_size: usize,
+    /// Env steps between model trainings (250).
+    pub model_train_freq: usize,
+    /// Model rollouts started per model training (100 000).
+    pub rollout_batch_size: usize,
+    /// `[min_epoch, max_epoch, min_len, max_len]` of the rollout length `k`.
+    pub rollout_schedule: RolloutSchedule,
+    /// Epochs of model rollouts `D_model` retains.
+    pub retain_epochs: usize,
+    /// Fraction of each critic batch drawn from `D_env` (0.05).
+    pub real_ratio: f64,
+    /// `G1`: policy updates per env step.
+    pub policy_updates_per_step: usize,
+    /// `G2`: critic updates per env step.
+    pub critic_updates_per_step: usize,
+    /// Cap: total critic updates never exceed this times `(env_steps - min_pool_size)`.
+    pub max_train_repeat_per_step: usize,
+    /// `H`: model transitions in the policy objective (equation 11).
+    pub horizon: usize,
+    /// Batch size of critic and policy updates (256).
+    pub batch_size: usize,
+    /// Discount.
+    pub gamma: f64,
+    /// Polyak rate of the target critics.
+    pub tau: f64,
+    /// Learning rates.
+    pub critic_lr: f64,
+    /// Policy learning rate.
+    pub policy_lr: f64,
+    /// Temperature learning rate.
+    pub alpha_lr: f64,
+    /// Initial temperature.
+    pub init_alpha: f64,
+    /// Learn the temperature (otherwise it stays at `init_alpha`).
+    pub learn_alpha: bool,
+    /// Target entropy; `None` means `-dim(A)`.
+    pub target_entropy: Option<f64>,
+    /// Critic gradient values are clipped to `±critic_grad_clip` (100).
+    pub critic_grad_clip: f64,
+    /// Policy gradient values are clipped to `±policy_grad_clip` (5).
+    pub policy_grad_clip: f64,
+    /// Hidden widths of the policy and of each Q network.
+    pub hidden: Vec<usize>,
+    /// Env steps between evaluations (1000).
+    pub eval_every: usize,
+    /// Deterministic evaluation episodes (10).
+    pub eval_episodes: usize,
+    /// Threads running the evaluation episodes.
+    pub eval_workers: usize,
+    /// Hidden width of the single ensemble of `double-params` (`None`: chosen
+    /// so the parameter count is about twice `model.hidden`'s).
+    pub double_params_hidden: Option<usize>,
+    /// The ensembles (section 2).
+    pub model: EnsembleConfig,
+    /// The gradient loss `n`, `w` (section 3).
+    pub gradient: GradientLossConfig,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            task: "inverted-pendulum".into(),
+            variant: Variant::Ddppo,
+            seed: 0,
+            epochs: 15,
+            epoch_length: 1000,
+            start_steps: 5000,
+            min_pool_size: 5000,
+            replay_size: 1_000_000,
+            model_train_freq: 250,
+            rollout_batch_size: 100_000,
+            rollout_schedule: RolloutSchedule([20, 100, 1, 1]),
+            retain_epochs: 1,
+            real_ratio: 0.05,
+            policy_updates_per_step: 10,
+            critic_updates_per_step: 10,
+            max_train_repeat_per_step: 10,
+            horizon: 3,
+            batch_size: 256,
+            gamma: 0.99,
+            tau: 0.005,
+            critic_lr: 3e-4,
+            policy_lr: 3e-4,
+            alpha_lr: 3e-4,
+            init_alpha: 1.0,
+            learn_alpha: true,
+            target_entropy: None,
+            critic_grad_clip: 100.0,
+            policy_grad_clip: 5.0,
+            hidden: vec![256, 256],
+            eval_every: 1000,
+            eval_episodes: 10,
+            eval_workers: 2,
+            double_params_hidden: None,
+            model: EnsembleConfig::default(),
+            gradient: GradientLossConfig::default(),
+        }
+    }
+}
+
+const PRESETS: [(&str, &str); 7] = [
+    ("inverted-pendulum", include_str!("../../../configs/inverted-pendulum.toml")),
+    ("hopper", include_str!("../../../configs/hopper.toml")),
+    ("walker2d", include_str!("../../../configs/walker2d.toml")),
+    ("half-cheetah", include_str!("../../../configs/half-cheetah.toml")),
+    ("ant", include_str!("../../../configs/ant.toml")),
+    ("humanoid", include_str!("../../../configs/humanoid.toml")),
+    ("pendulum", include_str!("../../../configs/pendulum.toml")),
+];
+
+fn bad(msg: impl Into<String>) -> Error {
+    Error::Config(msg.into())
+}
+
+impl AgentConfig {
+    /// Parses TOML; unknown keys and wrong types are errors naming the key.
+    pub fn from_toml_str(text: &str) -> Result<Self> {
+        let cfg: Self = toml::from_str(text).map_err(|source| Error::ConfigParse { path: "<string>".into(), source })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads and validates a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.display().to_string(), source })?;
+        let cfg: Self =
+            toml::from_str(&text).map_err(|source| Error::ConfigParse { path: path.display().to_string(), source })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The compiled-in preset of a task (the `configs/<task>.toml` file).
+    pub fn preset(task: &str) -> Result<Self> {
+        let (_, text) = PRESETS.iter().find(|(n, _)| *n == task).ok_or_else(|| {
+            let names: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
+            bad(format!("no preset for task `{task}`; presets: {}", names.join(", ")))
+        })?;
+        let cfg: Self = toml::from_str(text)
+            .map_err(|source| Error::ConfigParse { path: format!("configs/{task}.toml"), source })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The names of the tasks with a preset.
+    pub fn preset_names() -> impl Iterator<Item = &'static str> {
+        PRESETS.iter().map(|(n, _)| *n)
+    }
+
+    /// Serialises to TOML (for writing the resolved config next to a run).
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string_pretty(self).map_err(|e| bad(format!("cannot serialise config: {e}")))
+    }
+
+    /// The task, parsed.
+    pub fn task(&self) -> Result<Task> {
+        Ok(Task::from_name(&self.task)?)
+    }
+
+    /// Total env steps of the run.
+    pub fn total_steps(&self) -> usize {
+        self.epochs * self.epoch_length
+    }
+
+    /// Capacity of `D_model` for rollout length `k`:
+    /// `retain_epochs * rollout_batch_size * epoch_length / model_train_freq * k`.
+    pub fn model_pool_size(&self, k: usize) -> usize {
+        let rollouts_per_epoch = self.rollout_batch_size * self.epoch_length / self.model_train_freq;
+        self.retain_epochs * rollouts_per_epoch * k
+    }
+
+    /// The hidden width of the `double-params` ensemble: the `h'` whose
+    /// parameter count (`in h + (L-1) h^2 + h out`, biases included) is closest
+    /// to twice that of `model.hidden`.
+    pub fn double_params_width(&self, obs_dim: usize, act_dim: usize) -> usize {
+        if let Some(h) = self.double_params_hidden {
+            return h;
+        }
+        let (i, o, l) = (obs_dim + act_dim, 2 * (obs_dim + 1), self.model.hidden_layers.max(1));
+        let count = |h: usize| i * h + h + (l - 1) * (h * h + h) + h * o + o;
+        let target = 2 * count(self.model.hidden);
+        (self.model.hidden..=4 * self.model.hidden.max(1))
+            .min_by_key(|&h| count(h).abs_diff(target))
+            .unwrap_or(self.model.hidden)
+    }
+
+    /// Checks every value; the error names the first bad key.
+    pub fn validate(&self) -> Result<()> {
+        Task::from_name(&self.task)?;
+        let positive = [
+            ("epochs", self.epochs),
+            ("epoch_length", self.epoch_length),
+            ("replay_size", self.replay_size),
+            ("model_train_freq", self.model_train_freq),
+            ("rollout_batch_size", self.rollout_batch_size),
+            ("retain_epochs", self.retain_epochs),
+            ("horizon (H)", self.horizon),
+            ("batch_size", self.batch_size),
+            ("eval_every", self.eval_every),
+            ("eval_workers", self.eval_workers),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(bad(format!("{name} must be at least 1")));
+            }
+        }
+        if self.min_pool_size == 0 {
+            return Err(bad("min_pool_size must be at least 1 (the first update needs data)"));
+        }
+        if self.min_pool_size > self.replay_size {
+            return Err(bad(format!(
+                "min_pool_size ({}) exceeds replay_size ({})",
+                self.min_pool_size, self.replay_size
+            )));
+        }
+        if !(0.0..=1.0).contains(&self.real_ratio) {
+            return Err(bad(format!("real_ratio must be in [0, 1], got {}", self.real_ratio)));
+        }
+        if !(self.gamma > 0.0 && self.gamma <= 1.0) {
+            return Err(bad(format!("gamma must be in (0, 1], got {}", self.gamma)));
+        }
+        if !(self.tau > 0.0 && self.tau <= 1.0) {
+            return Err(bad(format!("tau must be in (0, 1], got {}", self.tau)));
+        }
+        for (name, v) in [
+            ("critic_lr", self.critic_lr),
+            ("policy_lr", self.policy_lr),
+            ("alpha_lr", self.alpha_lr),
+            ("init_alpha", self.init_alpha),
+            ("critic_grad_clip", self.critic_grad_clip),
+            ("policy_grad_clip", self.policy_grad_clip),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(bad(format!("{name} must be positive and finite, got {v}")));
+            }
+        }
+        if let Some(t) = self.target_entropy {
+            if !t.is_finite() {
+                return Err(bad("target_entropy must be finite"));
+            }
+        }
+        if self.hidden.is_empty() || self.hidden.contains(&0) {
+            return Err(bad("hidden must list at least one positive width"));
+        }
+        let [e0, e1, l0, l1] = self.rollout_schedule.0;
+        if e1 < e0 {
+            return Err(bad(format!("rollout_schedule: max_epoch {e1} is before min_epoch {e0}")));
+        }
+        if l0 == 0 || l1 == 0 {
+            return Err(bad("rollout_schedule: rollout lengths must be at least 1"));
+        }
+        if self.double_params_hidden == Some(0) {
+            return Err(bad("double_params_hidden must be positive"));
+        }
+        if self.variant.uses_model() {
+            self.model.validate()?;
+            if self.model.elites == 0 || self.model.elites > self.model.ensemble_size {
+                return Err(bad(format!(
+                    "model.elites must be in 1..={}, got {}",
+                    self.model.ensemble_size, self.model.elites
+                )));
+            }
+        }
+        if matches!(self.variant, Variant::Ddppo | Variant::SingleModel) {
+            self.gradient.validate()?;
+        }
+        Ok(())
+    }
+}
