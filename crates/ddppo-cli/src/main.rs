@@ -6,6 +6,8 @@ mod cmd_env;
 mod cmd_grad_error;
 mod cmd_plot;
 mod cmd_table;
+mod cmd_train;
+mod device;
 mod run_dir;
 
 use clap::{Parser, Subcommand};
@@ -19,6 +21,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train an agent (preset per task; --set overrides any key).
+    Train(cmd_train::TrainArgs),
     /// List the environments, or replay actions through one.
     Env(cmd_env::EnvArgs),
     /// The gradient-error study (paper Figure 2) on an analytic env.
@@ -32,14 +36,18 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.cmd {
+        Command::Train(args) => cmd_train::run(args),
         Command::Env(args) => cmd_env::run(args),
         Command::GradError(args) => cmd_grad_error::run(args),
         Command::Plot(args) => cmd_plot::run(args),
         Command::Table(args) => cmd_table::run(args),
     };
     if let Err(e) = result {
-        // One line: the cause chain, no backtrace.
-        eprintln!("error: {e:#}");
+        // One line: the cause chain, no backtrace (some causes, e.g. TOML
+        // errors with a source excerpt, span several lines).
+        let msg = format!("{e:#}");
+        let one: Vec<&str> = msg.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+        eprintln!("error: {}", one.join(" "));
         std::process::exit(1);
     }
 }

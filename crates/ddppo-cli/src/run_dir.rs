@@ -1,35 +1,24 @@
 //! The files of a run directory, as `ddppo train` writes them:
 //!
-//! - `config.toml`: the resolved config; its top-level `env`, `variant` and
+//! - `config.toml`: the resolved config; its top-level `task`, `variant` and
 //!   `seed` keys identify the run;
 //! - `metrics.jsonl`: one JSON object per evaluation (see [`Metrics`]);
 //! - `metrics.csv`: the same records as CSV;
 //! - `checkpoints/`: the newest complete checkpoint and the one before it.
 
 use anyhow::{Context, Result, bail};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use std::path::Path;
 
 pub const CONFIG_FILE: &str = "config.toml";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 
-/// One evaluation, one line of `metrics.jsonl`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The fields of a `metrics.jsonl` line (an `ddppo_agent::EvalRecord`) that
+/// plots and tables read.
+#[derive(Debug, Clone, Deserialize)]
 pub struct Metrics {
     pub env_steps: u64,
     pub return_mean: f64,
-    pub return_std: f64,
-    pub wall_s: f64,
-    #[serde(default)]
-    pub model_loss: Option<f64>,
-    #[serde(default)]
-    pub grad_model_loss: Option<f64>,
-    #[serde(default)]
-    pub critic_loss: Option<f64>,
-    #[serde(default)]
-    pub policy_loss: Option<f64>,
-    #[serde(default)]
-    pub alpha: Option<f64>,
 }
 
 /// What identifies a run among others in a plot or an ablation table.
@@ -57,7 +46,7 @@ pub fn identity(dir: &Path) -> Result<RunIdentity> {
         .and_then(|v| v.as_integer())
         .and_then(|s| u64::try_from(s).ok())
         .with_context(|| format!("{} has no non-negative integer key `seed`", path.display()))?;
-    Ok(RunIdentity { env: string("env")?, variant: string("variant")?, seed })
+    Ok(RunIdentity { env: string("task")?, variant: string("variant")?, seed })
 }
 
 pub fn read_metrics(dir: &Path) -> Result<Vec<Metrics>> {
@@ -76,4 +65,41 @@ pub fn read_metrics(dir: &Path) -> Result<Vec<Metrics>> {
         out.push(m);
     }
     Ok(out)
+}
+
+/// Writes `bytes` to a temporary name beside `path`, syncs it, and renames it
+/// over `path`: a crash leaves either the old file or the new one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// A CSV header and row from a JSON object: nested objects flatten to
+/// `outer.inner` columns; `env_steps` and the returns come first.
+pub fn csv_row(value: &serde_json::Value) -> (String, String) {
+    fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    flatten(&key, v, out);
+                }
+            }
+            serde_json::Value::Null => out.push((prefix.to_string(), String::new())),
+            serde_json::Value::String(s) => out.push((prefix.to_string(), s.clone())),
+            other => out.push((prefix.to_string(), other.to_string())),
+        }
+    }
+    let mut cols = Vec::new();
+    flatten("", value, &mut cols);
+    const FIRST: [&str; 4] = ["env_steps", "return_mean", "return_std", "wall_s"];
+    cols.sort_by_key(|(k, _)| (FIRST.iter().position(|f| f == k).unwrap_or(FIRST.len()), k.clone()));
+    let header = cols.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(",");
+    let row = cols.iter().map(|(_, v)| v.as_str()).collect::<Vec<_>>().join(",");
+    (header, row)
 }

@@ -5,7 +5,7 @@ use std::process::Command;
 
 fn fake_run(dir: &Path, env: &str, variant: &str, seed: u64, returns: &[f64]) {
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("config.toml"), format!("env = \"{env}\"\nvariant = \"{variant}\"\nseed = {seed}\n")).unwrap();
+    std::fs::write(dir.join("config.toml"), format!("task = \"{env}\"\nvariant = \"{variant}\"\nseed = {seed}\n")).unwrap();
     let lines: Vec<String> = returns
         .iter()
         .enumerate()
