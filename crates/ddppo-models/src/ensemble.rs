@@ -10,6 +10,7 @@ use rand::Rng;
 use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
 
+use crate::fused::SiluTangent;
 use crate::layer::{EnsembleLinear, host_tensor, named_var};
 use crate::{EnsembleConfig, Error, Result};
 
@@ -66,6 +67,7 @@ pub struct ProbabilisticEnsemble {
     scaler_mean_t: Tensor,
     scaler_inv_std_t: Tensor,
     pub(crate) elites: Vec<usize>,
+    fused: bool,
 }
 
 impl ProbabilisticEnsemble {
@@ -116,6 +118,7 @@ impl ProbabilisticEnsemble {
             scaler_mean_t: Tensor::zeros((1, in_dim), dtype, device)?,
             scaler_inv_std_t: Tensor::ones((1, in_dim), dtype, device)?,
             elites: (0..cfg.elites).collect(),
+            fused: device.is_cpu(),
         };
         ens.set_scaler(vec![0.0; in_dim], vec![1.0; in_dim])?;
         Ok(ens)
@@ -210,6 +213,46 @@ impl ProbabilisticEnsemble {
         member: Option<usize>,
         tangent: Option<(&Tensor, usize, usize)>,
     ) -> Result<TangentOutput> {
+        if self.fused {
+            self.forward_fused(x, member, tangent)
+        } else {
+            self.forward_plain(x, member, tangent)
+        }
+    }
+
+    /// CPU path: base and tangent rows stacked, one matmul per layer, the fused
+    /// [`SiluTangent`] kernel for bias + activation + tangent scaling.
+    fn forward_fused(&self, x: &Tensor, member: Option<usize>, tangent: Option<(&Tensor, usize, usize)>) -> Result<TangentOutput> {
+        let od = self.out_dim();
+        let (ep, base, _) = x.dims3()?;
+        let (mut h, op) = match tangent {
+            Some((t0, start, k)) => (Tensor::cat(&[x, t0], 1)?, SiluTangent { base, start, k }),
+            None => (x.clone(), SiluTangent { base, start: 0, k: 1 }),
+        };
+        let last = self.layers.len() - 1;
+        for layer in &self.layers[..last] {
+            let (w, b) = layer.params(member)?;
+            h = h.matmul(&w)?.apply_op2(&b.contiguous()?, op)?;
+        }
+        let (w, b) = self.layers[last].params(member)?;
+        let y = h.matmul(&w)?;
+        // Bias through a ones-column matmul: its gradient is then a matmul too, not a
+        // reduction over the batch axis.
+        let ones = Tensor::ones((ep, base, 1), self.dtype, &self.device)?;
+        let out = (y.narrow(1, 0, base)? + ones.matmul(&b)?)?;
+        let t = match tangent {
+            Some(_) => Some(y.narrow(1, base, y.dim(1)? - base)?.narrow(D::Minus1, 0, od)?),
+            None => None,
+        };
+        let mean = out.narrow(D::Minus1, 0, od)?;
+        let raw = out.narrow(D::Minus1, od, od)?;
+        let logvar = self.bound_logvar(&raw)?;
+        Ok(TangentOutput { mean, logvar, tangent: t })
+    }
+
+    /// Device-independent path written with candle's ops (used off-CPU, and in tests
+    /// as an independent check of the fused kernel).
+    fn forward_plain(&self, x: &Tensor, member: Option<usize>, tangent: Option<(&Tensor, usize, usize)>) -> Result<TangentOutput> {
         let od = self.out_dim();
         let last = self.layers.len() - 1;
         let mut h = x.clone();
@@ -246,6 +289,12 @@ impl ProbabilisticEnsemble {
         let raw = h.narrow(D::Minus1, od, od)?;
         let logvar = self.bound_logvar(&raw)?;
         Ok(TangentOutput { mean, logvar, tangent: t })
+    }
+
+    /// Chooses the fused CPU kernel (default on CPU) or the plain candle-op path.
+    #[doc(hidden)]
+    pub fn set_fused_kernels(&mut self, on: bool) {
+        self.fused = on && self.device.is_cpu();
     }
 
     /// One elite per row, uniformly (ALGORITHM.md section 2, rollout step).
@@ -483,5 +532,63 @@ impl ProbabilisticEnsemble {
         self.set_scaler(mean, std)?;
         self.elites = elites.into_iter().map(|e| e as usize).collect();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{GradBatch, LossBatch};
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    fn randt(rng: &mut ChaCha8Rng, shape: &[usize], dtype: DType) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| rng.random_range(-1.5..1.5)).collect();
+        host_tensor(v, shape, dtype, &Device::Cpu).unwrap()
+    }
+
+    /// The fused CPU kernel and the plain candle-op path agree on the loss and on
+    /// every parameter gradient (f64 exactly, f32 to float tolerance).
+    #[test]
+    fn fused_kernel_matches_plain_ops() {
+        for (dtype, tol) in [(DType::F64, 1e-11), (DType::F32, 2e-4)] {
+            let mut rng = ChaCha8Rng::seed_from_u64(5);
+            let cfg = EnsembleConfig { ensemble_size: 3, elites: 2, hidden: 9, hidden_layers: 3, weight_decay: vec![1e-4; 4], ..Default::default() };
+            let mut ens = ProbabilisticEnsemble::new(2, 2, &cfg, &Device::Cpu, dtype, &mut rng).unwrap();
+            for v in ens.vars() {
+                let noise = randt(&mut rng, v.dims(), dtype);
+                v.set(&(v.as_tensor() + (noise * 0.2).unwrap()).unwrap()).unwrap();
+            }
+            let (e, b, bg, k) = (3, 6, 4, 3);
+            let batch = LossBatch {
+                x: randt(&mut rng, &[e, b, 4], dtype),
+                y: randt(&mut rng, &[e, b, 3], dtype),
+                grad: Some(GradBatch {
+                    xg: randt(&mut rng, &[e, bg, 4], dtype),
+                    t0: randt(&mut rng, &[e, bg * k, 4], dtype),
+                    dy: randt(&mut rng, &[e, bg * k, 3], dtype),
+                    k,
+                }),
+            };
+            let run = |ens: &ProbabilisticEnsemble| {
+                let terms = ens.loss(&batch, 0.9).unwrap();
+                let grads = terms.total.backward().unwrap();
+                let mut all = vec![terms.total.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()];
+                for v in ens.vars() {
+                    let g = grads.get(v.as_tensor()).unwrap();
+                    all.extend(g.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap());
+                }
+                all
+            };
+            ens.set_fused_kernels(true);
+            let fused = run(&ens);
+            ens.set_fused_kernels(false);
+            let plain = run(&ens);
+            assert_eq!(fused.len(), plain.len());
+            for (i, (a, b)) in fused.iter().zip(&plain).enumerate() {
+                assert!((a - b).abs() <= tol * (1.0 + b.abs()), "{dtype:?} entry {i}: fused {a} plain {b}");
+            }
+        }
     }
 }

@@ -41,6 +41,7 @@
 
 mod config;
 mod ensemble;
+mod fused;
 mod layer;
 mod train;
 
@@ -48,7 +49,7 @@ pub use config::{EnsembleConfig, GradientLossConfig};
 pub use ensemble::{ModelStep, ProbabilisticEnsemble, softplus};
 pub use layer::EnsembleLinear;
 pub use train::{
-    EpochStats, GradBatch, GradientEnsemble, LossBatch, LossTerms, PredictionEnsemble, TrainReport,
+    EpochStats, GradBatch, ModelOptimizer, GradientEnsemble, LossBatch, LossTerms, PredictionEnsemble, TrainReport,
     TransitionData,
 };
 

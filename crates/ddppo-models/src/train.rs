@@ -124,6 +124,31 @@ impl ProbabilisticEnsemble {
     }
 }
 
+/// Adam over an ensemble's parameters (the L2 terms are in the loss, so no decoupled
+/// weight decay). One training step = loss, backward, update.
+pub struct ModelOptimizer {
+    adam: AdamW,
+}
+
+impl ModelOptimizer {
+    pub fn new(ens: &ProbabilisticEnsemble) -> Result<Self> {
+        let params = ParamsAdamW { lr: ens.cfg.lr, weight_decay: 0.0, ..Default::default() };
+        Ok(Self { adam: AdamW::new(ens.vars(), params)? })
+    }
+    /// Back-propagates `total` and updates the parameters; returns the loss value.
+    pub fn apply(&mut self, total: &Tensor) -> Result<f64> {
+        let value = total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let grads = total.backward()?;
+        self.adam.step(&grads)?;
+        Ok(value)
+    }
+    /// One step on `batch` with gradient-loss weight `w`; returns the loss value.
+    pub fn step(&mut self, ens: &ProbabilisticEnsemble, batch: &LossBatch, w: f64) -> Result<f64> {
+        let terms = ens.loss(batch, w)?;
+        self.apply(&terms.total)
+    }
+}
+
 /// Host copies of every parameter (snapshots for early stopping and NaN recovery).
 struct Snapshot(Vec<Vec<f64>>);
 
@@ -177,7 +202,7 @@ fn neighbour_table(points: &[f32], dim: usize, n: usize, standardise: bool) -> R
 /// The training loop shared by both ensembles.
 pub(crate) fn train_core(
     ens: &mut ProbabilisticEnsemble,
-    opt: &mut Option<AdamW>,
+    opt: &mut Option<ModelOptimizer>,
     data: &TransitionData,
     grad_cfg: Option<&GradientLossConfig>,
     rng: &mut impl Rng,
@@ -259,8 +284,7 @@ pub(crate) fn train_core(
 
     let vars = ens.vars();
     if opt.is_none() {
-        let params = ParamsAdamW { lr: cfg.lr, weight_decay: 0.0, ..Default::default() };
-        *opt = Some(AdamW::new(vars.clone(), params)?);
+        *opt = Some(ModelOptimizer::new(ens)?);
     }
     let before = Snapshot::take(&vars)?;
     let mut best = Snapshot::take(&vars)?;
@@ -349,8 +373,7 @@ pub(crate) fn train_core(
                 *opt = None;
                 return Err(Error::NonFinite { member, epoch });
             }
-            let grads = terms.total.backward()?;
-            opt.as_mut().ok_or_else(|| Error::Internal("optimiser missing".into()))?.step(&grads)?;
+            opt.as_mut().ok_or_else(|| Error::Internal("optimiser missing".into()))?.apply(&terms.total)?;
             loss_sum += total;
             if let Some(r) = rvals {
                 grad_sum += r.iter().sum::<f64>() / e as f64;
@@ -399,7 +422,7 @@ pub(crate) fn train_core(
 /// The prediction model: the ensemble trained by Gaussian NLL (section 2).
 pub struct PredictionEnsemble {
     core: ProbabilisticEnsemble,
-    opt: Option<AdamW>,
+    opt: Option<ModelOptimizer>,
 }
 
 impl PredictionEnsemble {
@@ -437,7 +460,7 @@ impl PredictionEnsemble {
 /// The gradient model: NLL plus `w * R`, the directional-derivative loss (equation 10).
 pub struct GradientEnsemble {
     core: ProbabilisticEnsemble,
-    opt: Option<AdamW>,
+    opt: Option<ModelOptimizer>,
     grad: GradientLossConfig,
 }
 
