@@ -174,3 +174,23 @@ fn bad_linear_systems_are_clear_errors() {
     let err = LinearSystem::from_file(std::path::Path::new("no/such/linear.toml")).unwrap_err();
     assert!(err.to_string().contains("no/such/linear.toml"), "{err}");
 }
+
+#[test]
+fn bad_states_and_actions_are_errors() {
+    let mut pendulum = Pendulum::new();
+    assert_eq!(pendulum.set_state(&[0.0]).unwrap_err().to_string(), "state has 1 values, pendulum expects 2");
+    assert_eq!(
+        pendulum.set_state(&[0.0, f64::NAN]).unwrap_err().to_string(),
+        "state component 1 is NaN; states must be finite"
+    );
+    assert_eq!(pendulum.step(&[]).unwrap_err().to_string(), "action has 0 components, pendulum expects 1");
+    let mut linear = LinearEnv::default();
+    assert!(linear.set_state(&[0.0; 2]).is_err());
+    assert_eq!(
+        linear.step(&[0.0, f64::NEG_INFINITY]).unwrap_err().to_string(),
+        "action component 1 is -inf; actions must be finite"
+    );
+    // Nothing moved.
+    assert_eq!(pendulum.state(), vec![0.0, 0.0]);
+    assert_eq!(linear.state(), vec![0.0; 3]);
+}

@@ -19,3 +19,11 @@ fn unknown_name_lists_the_valid_names() {
         "unknown env `HalfCheetah-v2`; valid names: inverted-pendulum, hopper, walker2d, half-cheetah, ant, humanoid, pendulum, linear"
     );
 }
+
+#[cfg(not(feature = "mujoco"))]
+#[test]
+fn mujoco_tasks_need_the_feature() {
+    let err = ddppo_env::make(Task::Ant).err().unwrap();
+    assert_eq!(err.to_string(), "ant needs MuJoCo, but ddppo-env was built without its `mujoco` feature");
+    assert!(ddppo_env::make(Task::Pendulum).is_ok());
+}
