@@ -1,6 +1,6 @@
 //! The evaluation runner: results independent of the worker count, equal
 //! to a plain sequential loop, and errors passed through.
-use ddppo_env::{EnvFactory, Error, Task, evaluate, evaluate_episodes, make};
+use ddppo_env::{EnvFactory, Error, Task, evaluate, make};
 
 /// A deterministic, state-dependent policy for any task.
 fn policy_for(task: Task) -> impl Fn(&[f64]) -> Vec<f64> + Sync {
@@ -47,7 +47,7 @@ fn hopper_returns_do_not_depend_on_worker_count() {
         assert_eq!(evaluate(Task::Hopper, &policy, 4, 5, workers).unwrap(), expected, "{workers} workers");
     }
     let factory = EnvFactory::new(Task::Hopper).unwrap();
-    let stats = evaluate_episodes(&factory, &policy, 4, 5, 2).unwrap();
+    let stats = ddppo_env::evaluate_episodes(&factory, &policy, 4, 5, 2).unwrap();
     assert!(stats.iter().all(|s| s.len >= 1 && s.len <= 1000));
 }
 
