@@ -622,7 +622,7 @@ impl Agent {
         let obs = upload(&self.batch.obs, b, od, DType::F32, &self.device)?;
         let alpha = self.temperature.alpha()?;
         let sample = self.policy.sample(&obs, &mut self.rngs.update)?;
-        let q = self.critic.min_q(&obs, &sample.action)?;
+        let q = self.critic.min_q_frozen(&obs, &sample.action)?;
         let loss = ((&sample.logp * alpha)? - q)?.mean_all()?;
         self.policy_loss.add(finite("policy loss", loss.to_scalar::<f32>()? as f64)?);
         self.policy_opt.backward_step(&loss)?;

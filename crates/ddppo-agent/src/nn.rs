@@ -82,6 +82,25 @@ impl Mlp {
         Ok(h)
     }
 
+    /// As [`Mlp::forward`] with the parameters treated as constants: the
+    /// result is differentiable in `x` only, so a backward pass computes no
+    /// parameter gradients (the policy update differentiates through the
+    /// critic but never steps it).
+    pub fn forward_frozen(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = x.clone();
+        let last = self.layers.len() - 1;
+        for (i, l) in self.layers.iter().enumerate() {
+            h = h.matmul(&l.weight().detach().t()?)?;
+            if let Some(b) = l.bias() {
+                h = h.broadcast_add(&b.detach())?;
+            }
+            if i < last {
+                h = h.relu()?;
+            }
+        }
+        Ok(h)
+    }
+
     /// The layers' `(weight, bias)` tensors, input side first.
     pub fn layers(&self) -> impl Iterator<Item = (&Tensor, Option<&Tensor>)> {
         self.layers.iter().map(|l| (l.weight(), l.bias()))

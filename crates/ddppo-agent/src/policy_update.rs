@@ -101,7 +101,7 @@ pub fn policy_objective(
     let eps = host_randn(rng, rows, policy.act_dim(), dtype, &device)?;
     let a = policy.sample_with_noise(&s, &eps)?;
     record.noise.push(eps);
-    let q = critic.min_q(&s, &a.action)?;
+    let q = critic.min_q_frozen(&s, &a.action)?;
     let m = mask_tensor(&alive, dtype, &device)?;
     let terminal = ((q - (&a.logp * alpha)?)? * m)?.affine(discount, 0.0)?;
     let total = match total {
@@ -149,7 +149,7 @@ pub fn adjoint_policy_gradient(
     let discount_h = gamma.powi(horizon as i32);
     let s_h = Var::from_tensor(&trajectory.states[horizon])?;
     let a = policy.sample_with_noise(s_h.as_tensor(), &trajectory.noise[horizon])?;
-    let q = critic.min_q(s_h.as_tensor(), &a.action)?;
+    let q = critic.min_q_frozen(s_h.as_tensor(), &a.action)?;
     let m = mask_tensor(&trajectory.alive[horizon], dtype, &device)?;
     let local = ((q - (&a.logp * alpha)?)? * m)?.sum_all()?.affine(discount_h * scale, 0.0)?;
     let grads = local.backward()?;

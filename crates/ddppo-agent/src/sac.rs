@@ -290,6 +290,16 @@ impl SacCritic {
         Ok(a.minimum(&b)?)
     }
 
+    /// `min(Q1, Q2)(s, a)` of the online networks with their parameters held
+    /// constant: differentiable in `s, a` only (the policy update's terminal
+    /// value, equation 11), so no critic gradients are computed.
+    pub fn min_q_frozen(&self, obs: &Tensor, act: &Tensor) -> Result<Tensor> {
+        let x = Tensor::cat(&[obs, act], 1)?;
+        let a = self.q[0].forward_frozen(&x)?.squeeze(1)?;
+        let b = self.q[1].forward_frozen(&x)?.squeeze(1)?;
+        Ok(a.minimum(&b)?)
+    }
+
     /// `min(Q1', Q2')(s, a)` of the target networks.
     pub fn target_min_q(&self, obs: &Tensor, act: &Tensor) -> Result<Tensor> {
         let (a, b) = Self::eval(&self.q_target, obs, act)?;

@@ -176,3 +176,25 @@ fn bad_action_bounds_are_rejected() {
     assert!(GaussianPolicy::new(1, &[1.0], &[-1.0], &[3], DType::F64, &Device::Cpu, &mut rng).is_err());
     assert!(GaussianPolicy::new(1, &[1.0, 0.0], &[2.0], &[3], DType::F64, &Device::Cpu, &mut rng).is_err());
 }
+
+#[test]
+fn frozen_q_matches_q_and_leaves_critic_without_gradient() {
+    let d = Device::Cpu;
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let critic = SacCritic::new(2, 1, &[5, 5], DType::F64, &d, &mut rng).unwrap();
+    let obs = candle_core::Var::from_tensor(&Tensor::new(&[[0.3f64, -0.2], [1.0, 0.5]], &d).unwrap()).unwrap();
+    let act = Tensor::new(&[[0.1f64], [-0.7]], &d).unwrap();
+    let q = critic.min_q(obs.as_tensor(), &act).unwrap();
+    let qf = critic.min_q_frozen(obs.as_tensor(), &act).unwrap();
+    assert_eq!(q.to_vec1::<f64>().unwrap(), qf.to_vec1::<f64>().unwrap());
+    let g = q.sum_all().unwrap().backward().unwrap();
+    let gf = qf.sum_all().unwrap().backward().unwrap();
+    let ds = g.get(obs.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let dsf = gf.get(obs.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    assert!(ds.iter().any(|v| *v != 0.0));
+    assert_eq!(ds, dsf);
+    for v in critic.vars() {
+        assert!(g.get(v.as_tensor()).is_some());
+        assert!(gf.get(v.as_tensor()).is_none(), "frozen Q must not produce parameter gradients");
+    }
+}
