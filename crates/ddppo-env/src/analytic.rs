@@ -133,6 +133,16 @@ impl Env for Pendulum {
         self.steps += 1;
         Ok(StepResult { obs: next, reward, terminated: false, truncated: self.steps >= Self::MAX_EPISODE_STEPS })
     }
+    /// `[steps, theta, theta_dot]`.
+    fn save_state(&self) -> Vec<f64> {
+        vec![self.steps as f64, self.state[0], self.state[1]]
+    }
+    fn restore_state(&mut self, state: &[f64]) -> Result<()> {
+        let steps = crate::saved_steps("pendulum", state, 3)?;
+        self.state = [state[1], state[2]];
+        self.steps = steps;
+        Ok(())
+    }
 }
 
 /// The matrices of a linear system `s' = A s + B a` with reward
@@ -336,6 +346,16 @@ impl Env for LinearEnv {
         self.state.copy_from_slice(&next);
         self.steps += 1;
         Ok(StepResult { obs: next, reward, terminated: false, truncated: self.steps >= Self::MAX_EPISODE_STEPS })
+    }
+    /// `[steps, s...]`.
+    fn save_state(&self) -> Vec<f64> {
+        std::iter::once(self.steps as f64).chain(self.state.iter().copied()).collect()
+    }
+    fn restore_state(&mut self, state: &[f64]) -> Result<()> {
+        let steps = crate::saved_steps("linear", state, 1 + self.state.len())?;
+        self.state.copy_from_slice(&state[1..]);
+        self.steps = steps;
+        Ok(())
     }
 }
 

@@ -33,6 +33,8 @@ pub enum Error {
     Replay(String),
     #[error("evaluation: {0}")]
     Evaluation(String),
+    #[error("saved {task} env state is invalid: {msg}")]
+    SavedState { task: &'static str, msg: String },
 }
 
 /// `Result` with this crate's [`Error`].

@@ -75,6 +75,30 @@ pub trait Env: Send {
     /// Advances one step. An action of the wrong length or with a non-finite
     /// component is an error and leaves the env untouched.
     fn step(&mut self, action: &[f64]) -> Result<StepResult>;
+    /// Everything the next steps depend on (state, step count, simulator
+    /// internals), for checkpoints: after [`Env::restore_state`] of it, the env
+    /// steps bit for bit as the one it was saved from.
+    fn save_state(&self) -> Vec<f64>;
+    /// Restores what [`Env::save_state`] returned (of an env of the same task);
+    /// a vector of the wrong length or with a non-finite value is an error and
+    /// leaves the env untouched.
+    fn restore_state(&mut self, state: &[f64]) -> Result<()>;
+}
+
+/// The step count stored as the first element of a saved env state.
+pub(crate) fn saved_steps(task: &'static str, state: &[f64], expected: usize) -> Result<usize> {
+    let bad = |msg: String| Err(Error::SavedState { task, msg });
+    if state.len() != expected {
+        return bad(format!("{} values, expected {expected}", state.len()));
+    }
+    if let Some((index, value)) = state.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return bad(format!("value {index} is {value}"));
+    }
+    let steps = state[0];
+    if steps < 0.0 || steps.fract() != 0.0 {
+        return bad(format!("step count {steps} is not a whole number"));
+    }
+    Ok(steps as usize)
 }
 
 /// Builds the env of `task` (`Linear` with the default [`LinearSystem`]).

@@ -12,7 +12,7 @@ use crate::analytic::check_state;
 use crate::error::{Error, Result};
 use crate::task::Task;
 use crate::{Env, StepResult, check_action};
-use mujoco_rs::prelude::{MjData, MjLogMessage, MjModel, MjtLogLevel, MjtObjBase, set_log_handler};
+use mujoco_rs::prelude::{MjData, MjLogMessage, MjModel, MjtLogLevel, MjtObjBase, MjtState, set_log_handler};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
@@ -167,7 +167,7 @@ impl MujocoModel {
     /// A new env with its own `MjData` on this model, in the model's default pose.
     pub fn make_env(&self) -> MujocoEnv {
         let data = MjData::new(self.model.clone());
-        MujocoEnv { spec: self.clone(), data, steps: 0, dt: self.dt() }
+        MujocoEnv { spec: self.clone(), data, steps: 0, dt: self.dt(), x_before: 0.0 }
     }
 }
 
@@ -177,7 +177,15 @@ pub struct MujocoEnv {
     data: MjData<Arc<MjModel>>,
     steps: usize,
     dt: f64,
+    /// The forward position the next step's reward starts from. It is a
+    /// derived quantity (body frames of the last substep), kept here so that
+    /// a saved state restores it exactly without re-running the kinematics.
+    x_before: f64,
 }
+
+/// What `mj_getState` saves: everything `mj_step` reads (time, qpos, qvel,
+/// act, warm-start accelerations, ...).
+const INTEGRATION_STATE: u32 = MjtState::mjSTATE_INTEGRATION as u32;
 
 impl MujocoEnv {
     /// Loads the task's model and makes one env on it.
@@ -209,6 +217,7 @@ impl MujocoEnv {
         self.data.qpos_mut().copy_from_slice(qpos);
         self.data.qvel_mut().copy_from_slice(qvel);
         self.data.forward();
+        self.x_before = self.forward_position();
         Ok(())
     }
 
@@ -292,20 +301,22 @@ impl Env for MujocoEnv {
         self.data.qvel_mut().copy_from_slice(&qvel);
         self.data.forward();
         self.steps = 0;
+        self.x_before = self.forward_position();
         self.observation()
     }
 
     fn step(&mut self, action: &[f64]) -> Result<StepResult> {
         let task = self.spec.task;
         check_action(task.name(), action, task.act_dim())?;
-        let x_before = self.forward_position();
+        let x_before = self.x_before;
         // gym sets ctrl to the raw action; MuJoCo clamps to ctrlrange itself.
         self.data.ctrl_mut().copy_from_slice(action);
         for _ in 0..self.spec.frame_skip {
             self.data.step();
         }
         self.steps += 1;
-        let x_velocity = (self.forward_position() - x_before) / self.dt;
+        self.x_before = self.forward_position();
+        let x_velocity = (self.x_before - x_before) / self.dt;
         let ctrl_sq: f64 = action.iter().map(|a| a * a).sum();
         let (qpos, qvel) = (self.data.qpos(), self.data.qvel());
         let finite = || qpos.iter().chain(qvel).all(|x| x.is_finite());
@@ -338,5 +349,24 @@ impl Env for MujocoEnv {
             Task::Pendulum | Task::Linear => unreachable!("MujocoModel::load rejects analytic tasks"),
         };
         Ok(StepResult { obs: self.observation(), reward, terminated, truncated: self.steps >= MAX_EPISODE_STEPS })
+    }
+
+    /// `[steps, x_before, mj_getState(mjSTATE_INTEGRATION)...]`.
+    fn save_state(&self) -> Vec<f64> {
+        let mut out = vec![self.steps as f64, self.x_before];
+        out.extend_from_slice(&self.data.state(INTEGRATION_STATE));
+        out
+    }
+
+    fn restore_state(&mut self, state: &[f64]) -> Result<()> {
+        let task = self.spec.task.name();
+        let expected = 2 + self.spec.model.state_size(INTEGRATION_STATE);
+        let steps = crate::saved_steps(task, state, expected)?;
+        self.data
+            .set_state(&state[2..], INTEGRATION_STATE)
+            .map_err(|e| Error::SavedState { task, msg: e.to_string() })?;
+        self.steps = steps;
+        self.x_before = state[1];
+        Ok(())
     }
 }
