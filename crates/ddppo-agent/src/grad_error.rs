@@ -21,8 +21,8 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use ddppo_env::{AnalyticDynamics, Env, LinearEnv, LinearSystem, Pendulum};
 use ddppo_models::{
-    EnsembleConfig, EpochStats, GradientEnsemble, GradientLossConfig, PredictionEnsemble, ProbabilisticEnsemble,
-    TransitionData,
+    EnsembleConfig, EpochStats, GradientEnsemble, GradientLossConfig, PredictionEnsemble,
+    ProbabilisticEnsemble, TransitionData,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -36,7 +36,10 @@ pub enum StudyError {
     #[error("bad study config: {0}")]
     Config(String),
     #[error("cannot read {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Env(#[from] ddppo_env::Error),
     #[error(transparent)]
@@ -106,7 +109,11 @@ impl Default for StudyConfig {
                 batch_size: 128,
                 ..EnsembleConfig::default()
             },
-            gradient: GradientLossConfig { neighbours: 10, weight: 10.0, ..GradientLossConfig::default() },
+            gradient: GradientLossConfig {
+                neighbours: 10,
+                weight: 10.0,
+                ..GradientLossConfig::default()
+            },
             linear: LinearSystem::default(),
             seed: 0,
         }
@@ -116,14 +123,17 @@ impl Default for StudyConfig {
 impl StudyConfig {
     /// Parses and validates TOML text.
     pub fn from_toml_str(text: &str) -> StudyResult<Self> {
-        let cfg: Self = toml::from_str(text).map_err(|e| StudyError::Config(e.message().to_string()))?;
+        let cfg: Self =
+            toml::from_str(text).map_err(|e| StudyError::Config(e.message().to_string()))?;
         cfg.validate()?;
         Ok(cfg)
     }
     /// Reads and validates a TOML file.
     pub fn from_file(path: &Path) -> StudyResult<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| StudyError::Io { path: path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| StudyError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
         Self::from_toml_str(&text).map_err(|e| match e {
             StudyError::Config(m) => StudyError::Config(format!("{}: {m}", path.display())),
             other => other,
@@ -149,7 +159,11 @@ impl StudyConfig {
     }
     /// The ensemble config with the fixed epoch count and no early stop.
     fn model_config(&self) -> EnsembleConfig {
-        EnsembleConfig { max_epochs: Some(self.epochs), patience: self.epochs.max(1), ..self.ensemble.clone() }
+        EnsembleConfig {
+            max_epochs: Some(self.epochs),
+            patience: self.epochs.max(1),
+            ..self.ensemble.clone()
+        }
     }
 }
 
@@ -186,7 +200,10 @@ impl MeanStd {
         let n = v.len().max(1) as f64;
         let mean = v.iter().sum::<f64>() / n;
         let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
-        Self { mean, std: var.sqrt() }
+        Self {
+            mean,
+            std: var.sqrt(),
+        }
     }
 }
 
@@ -258,12 +275,17 @@ fn rollouts<E: Env + AnalyticDynamics>(
             if out.len() >= rows {
                 break;
             }
-            let a: Vec<f64> = low.iter().zip(&high).map(|(l, h)| rng.random_range(*l..*h)).collect();
+            let a: Vec<f64> = low
+                .iter()
+                .zip(&high)
+                .map(|(l, h)| rng.random_range(*l..*h))
+                .collect();
             let step = env.step(&a)?;
             let mut next = step.obs.clone();
             if wrap_first {
                 let d = next[0] - s[0];
-                let wrapped = (d + std::f64::consts::PI).rem_euclid(2.0 * std::f64::consts::PI) - std::f64::consts::PI;
+                let wrapped = (d + std::f64::consts::PI).rem_euclid(2.0 * std::f64::consts::PI)
+                    - std::f64::consts::PI;
                 next[0] = s[0] + wrapped;
             }
             out.push((s.clone(), a, step.reward, next));
@@ -276,11 +298,21 @@ fn rollouts<E: Env + AnalyticDynamics>(
     Ok(out)
 }
 
-fn collect<E: Env + AnalyticDynamics>(env: &mut E, cfg: &StudyConfig, seed: u64, wrap_first: bool) -> StudyResult<Collected> {
+fn collect<E: Env + AnalyticDynamics>(
+    env: &mut E,
+    cfg: &StudyConfig,
+    seed: u64,
+    wrap_first: bool,
+) -> StudyResult<Collected> {
     let (obs_dim, act_dim) = (env.obs_dim(), env.act_dim());
     let train = rollouts(env, cfg.transitions, seed, wrap_first)?;
     // Test points from independent episodes.
-    let test = rollouts(env, cfg.test_points, seed ^ 0x5eed_7e57_0000_0001, wrap_first)?;
+    let test = rollouts(
+        env,
+        cfg.test_points,
+        seed ^ 0x5eed_7e57_0000_0001,
+        wrap_first,
+    )?;
     let mut c = Collected {
         obs_dim,
         act_dim,
@@ -318,7 +350,11 @@ fn gradient_mse(ens: &ProbabilisticEnsemble, data: &Collected) -> StudyResult<(f
     let rows = 1 + data.obs_dim;
     let (mut reward, mut dynamics) = (0.0, 0.0);
     for m in 0..members {
-        let jac = ens.jacobian(&obs, &act, m)?.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let jac = ens
+            .jacobian(&obs, &act, m)?
+            .flatten_all()?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?;
         for (i, (a, b)) in jac.iter().zip(&data.test_jac).enumerate() {
             let se = (a - b).powi(2);
             if (i / cols) % rows == 0 {
@@ -330,7 +366,11 @@ fn gradient_mse(ens: &ProbabilisticEnsemble, data: &Collected) -> StudyResult<(f
     }
     let n = (members * p) as f64;
     let all = (reward + dynamics) / (n * (rows * cols) as f64);
-    Ok((all, reward / (n * cols as f64), dynamics / (n * (rows - 1) as f64 * cols as f64)))
+    Ok((
+        all,
+        reward / (n * cols as f64),
+        dynamics / (n * (rows - 1) as f64 * cols as f64),
+    ))
 }
 
 /// Trains one variant on one seed; returns its curve.
@@ -344,7 +384,12 @@ fn run_variant(
     let mcfg = cfg.model_config();
     // Same seed for both variants: same initial weights, holdout split and shuffles.
     let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(0x9e37_79b9));
-    let td = TransitionData { obs: &data.obs, act: &data.act, rew: &data.rew, next_obs: &data.next_obs };
+    let td = TransitionData {
+        obs: &data.obs,
+        act: &data.act,
+        rew: &data.rew,
+        next_obs: &data.next_obs,
+    };
     let mut curve = Vec::with_capacity(cfg.epochs);
     let mut error: Option<StudyError> = None;
     let mut on_epoch = |ens: &ProbabilisticEnsemble, st: &EpochStats| -> ddppo_models::Result<()> {
@@ -373,7 +418,15 @@ fn run_variant(
     let (obs_dim, act_dim) = (data.obs_dim, data.act_dim);
     let dev = Device::Cpu;
     let result = if variant == VARIANTS[0] {
-        let mut m = GradientEnsemble::new(obs_dim, act_dim, &mcfg, &cfg.gradient, &dev, DType::F32, &mut rng)?;
+        let mut m = GradientEnsemble::new(
+            obs_dim,
+            act_dim,
+            &mcfg,
+            &cfg.gradient,
+            &dev,
+            DType::F32,
+            &mut rng,
+        )?;
         m.train_with(&td, &mut rng, &mut on_epoch)
     } else {
         let mut m = PredictionEnsemble::new(obs_dim, act_dim, &mcfg, &dev, DType::F32, &mut rng)?;
@@ -403,11 +456,15 @@ pub fn run_study(
         let seed = cfg.seed + i as u64;
         let data = match env {
             StudyEnv::Pendulum => collect(&mut Pendulum::new(), cfg, seed, true)?,
-            StudyEnv::Linear => collect(&mut LinearEnv::new(cfg.linear.clone())?, cfg, seed, false)?,
+            StudyEnv::Linear => {
+                collect(&mut LinearEnv::new(cfg.linear.clone())?, cfg, seed, false)?
+            }
         };
         for (v, variant) in VARIANTS.iter().enumerate() {
             let curve = run_variant(&data, cfg, variant, seed, progress)?;
-            let last = curve.last().ok_or_else(|| StudyError::Config("no epoch ran".into()))?;
+            let last = curve
+                .last()
+                .ok_or_else(|| StudyError::Config("no epoch ran".into()))?;
             finals[v].push(last.clone());
             curves.extend(curve);
         }
@@ -416,7 +473,8 @@ pub fn run_study(
         .iter()
         .zip(&finals)
         .map(|(name, f)| {
-            let stat = |g: fn(&CurvePoint) -> f64| MeanStd::of(&f.iter().map(g).collect::<Vec<_>>());
+            let stat =
+                |g: fn(&CurvePoint) -> f64| MeanStd::of(&f.iter().map(g).collect::<Vec<_>>());
             VariantSummary {
                 variant: name.to_string(),
                 pred_mse: stat(|p| p.pred_mse),
@@ -462,7 +520,11 @@ mod tests {
                 batch_size: 128,
                 ..EnsembleConfig::default()
             },
-            gradient: GradientLossConfig { neighbours: 10, weight, ..GradientLossConfig::default() },
+            gradient: GradientLossConfig {
+                neighbours: 10,
+                weight,
+                ..GradientLossConfig::default()
+            },
             ..StudyConfig::default()
         }
     }
@@ -473,20 +535,38 @@ mod tests {
         let seeds = 3;
         let study = run_study(env, &tiny(weight), seeds, &mut |_| {}).unwrap();
         let finals = |variant: &str| -> Vec<&CurvePoint> {
-            study.curves.iter().filter(|p| p.variant == variant && p.epoch == 30).collect()
+            study
+                .curves
+                .iter()
+                .filter(|p| p.variant == variant && p.epoch == 30)
+                .collect()
         };
         let (with, without) = (finals(VARIANTS[0]), finals(VARIANTS[1]));
         assert_eq!((with.len(), without.len()), (seeds, seeds));
         for (w, wo) in with.iter().zip(&without) {
             eprintln!("{env:?} seed {}: with {w:?}\n  without {wo:?}", w.seed);
-            assert!(metric(w) < metric(wo), "seed {}: gradient error with the loss {} not below {}", w.seed, metric(w), metric(wo));
+            assert!(
+                metric(w) < metric(wo),
+                "seed {}: gradient error with the loss {} not below {}",
+                w.seed,
+                metric(w),
+                metric(wo)
+            );
         }
-        let mean = |v: &[&CurvePoint], f: fn(&CurvePoint) -> f64| v.iter().map(|p| f(p)).sum::<f64>() / v.len() as f64;
+        let mean = |v: &[&CurvePoint], f: fn(&CurvePoint) -> f64| {
+            v.iter().map(|p| f(p)).sum::<f64>() / v.len() as f64
+        };
         let ratio = mean(&with, metric) / mean(&without, metric);
-        assert!(ratio < max_ratio, "{env:?}: gradient error ratio {ratio} not below {max_ratio}");
+        assert!(
+            ratio < max_ratio,
+            "{env:?}: gradient error ratio {ratio} not below {max_ratio}"
+        );
         let pred = mean(&with, |p| p.pred_mse) / mean(&without, |p| p.pred_mse);
         // Comparable (or better): the loss must not buy gradients with predictions.
-        assert!(pred < 2.0, "{env:?}: prediction MSE ratio {pred}: the loss costs prediction accuracy");
+        assert!(
+            pred < 2.0,
+            "{env:?}: prediction MSE ratio {pred}: the loss costs prediction accuracy"
+        );
         assert_eq!(study.curves.len(), 2 * seeds * 30);
     }
 
@@ -507,12 +587,25 @@ mod tests {
 
     #[test]
     fn configs_and_names_are_checked() {
-        assert!(StudyEnv::from_name("hopper").unwrap_err().to_string().contains("pendulum, linear"));
-        let err = StudyConfig::from_toml_str("epochs = 0").unwrap_err().to_string();
+        assert!(
+            StudyEnv::from_name("hopper")
+                .unwrap_err()
+                .to_string()
+                .contains("pendulum, linear")
+        );
+        let err = StudyConfig::from_toml_str("epochs = 0")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("epochs"), "{err}");
         assert!(StudyConfig::from_toml_str("epoch = 3").is_err());
-        let cfg = StudyConfig::from_toml_str("epochs = 3\n[ensemble]\nhidden = 8\n[gradient]\nweight = 2.0").unwrap();
-        assert_eq!((cfg.epochs, cfg.ensemble.hidden, cfg.gradient.weight), (3, 8, 2.0));
+        let cfg = StudyConfig::from_toml_str(
+            "epochs = 3\n[ensemble]\nhidden = 8\n[gradient]\nweight = 2.0",
+        )
+        .unwrap();
+        assert_eq!(
+            (cfg.epochs, cfg.ensemble.hidden, cfg.gradient.weight),
+            (3, 8, 2.0)
+        );
         let bad = "[linear]\na = [[1.0]]\nb = [[1.0, 2.0]]\nq = [[1.0]]\nr = [[1.0]]";
         assert!(StudyConfig::from_toml_str(bad).is_err());
     }

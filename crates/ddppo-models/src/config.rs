@@ -62,7 +62,10 @@ impl Default for EnsembleConfig {
 }
 
 fn bad(field: &str, why: impl Into<String>) -> Error {
-    Error::Config { field: field.to_string(), reason: why.into() }
+    Error::Config {
+        field: field.to_string(),
+        reason: why.into(),
+    }
 }
 
 impl EnsembleConfig {
@@ -74,7 +77,10 @@ impl EnsembleConfig {
         if self.elites == 0 || self.elites > self.ensemble_size {
             return Err(bad(
                 "elites",
-                format!("must be in 1..={} (ensemble_size), got {}", self.ensemble_size, self.elites),
+                format!(
+                    "must be in 1..={} (ensemble_size), got {}",
+                    self.ensemble_size, self.elites
+                ),
             ));
         }
         if self.hidden == 0 {
@@ -94,13 +100,19 @@ impl EnsembleConfig {
             return Err(bad("weight_decay", "entries must be finite and >= 0"));
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
-            return Err(bad("lr", format!("must be finite and > 0, got {}", self.lr)));
+            return Err(bad(
+                "lr",
+                format!("must be finite and > 0, got {}", self.lr),
+            ));
         }
         if self.batch_size == 0 {
             return Err(bad("batch_size", "must be at least 1"));
         }
         if !(self.holdout_ratio > 0.0 && self.holdout_ratio < 1.0) {
-            return Err(bad("holdout_ratio", format!("must be in (0, 1), got {}", self.holdout_ratio)));
+            return Err(bad(
+                "holdout_ratio",
+                format!("must be in (0, 1), got {}", self.holdout_ratio),
+            ));
         }
         if self.max_holdout == 0 {
             return Err(bad("max_holdout", "must be at least 1"));
@@ -115,7 +127,10 @@ impl EnsembleConfig {
             && self.min_logvar_init.is_finite()
             && self.min_logvar_init < self.max_logvar_init)
         {
-            return Err(bad("min_logvar_init", "bounds must be finite with min < max"));
+            return Err(bad(
+                "min_logvar_init",
+                "bounds must be finite with min < max",
+            ));
         }
         if !(self.logvar_bound_penalty.is_finite() && self.logvar_bound_penalty >= 0.0) {
             return Err(bad("logvar_bound_penalty", "must be finite and >= 0"));
@@ -140,7 +155,12 @@ pub struct GradientLossConfig {
 
 impl Default for GradientLossConfig {
     fn default() -> Self {
-        Self { neighbours: 5, weight: 0.1, neighbour_set: 10_000, standardise_search: false }
+        Self {
+            neighbours: 5,
+            weight: 0.1,
+            neighbour_set: 10_000,
+            standardise_search: false,
+        }
     }
 }
 
@@ -151,10 +171,16 @@ impl GradientLossConfig {
             return Err(bad("neighbours", "n must be at least 1"));
         }
         if !(self.weight.is_finite() && self.weight >= 0.0) {
-            return Err(bad("weight", format!("w must be finite and >= 0, got {}", self.weight)));
+            return Err(bad(
+                "weight",
+                format!("w must be finite and >= 0, got {}", self.weight),
+            ));
         }
         if self.neighbour_set <= self.neighbours {
-            return Err(bad("neighbour_set", "must be larger than the number of neighbours"));
+            return Err(bad(
+                "neighbour_set",
+                "must be larger than the number of neighbours",
+            ));
         }
         Ok(())
     }

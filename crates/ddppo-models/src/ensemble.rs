@@ -82,10 +82,15 @@ impl ProbabilisticEnsemble {
     ) -> Result<Self> {
         cfg.validate()?;
         if obs_dim == 0 || act_dim == 0 {
-            return Err(Error::Data(format!("obs_dim and act_dim must be >= 1, got {obs_dim} and {act_dim}")));
+            return Err(Error::Data(format!(
+                "obs_dim and act_dim must be >= 1, got {obs_dim} and {act_dim}"
+            )));
         }
         if !matches!(dtype, DType::F32 | DType::F64) {
-            return Err(Error::Config { field: "dtype".into(), reason: format!("must be f32 or f64, got {dtype:?}") });
+            return Err(Error::Config {
+                field: "dtype".into(),
+                reason: format!("must be f32 or f64, got {dtype:?}"),
+            });
         }
         let in_dim = obs_dim + act_dim;
         let out_dim = 1 + obs_dim;
@@ -95,8 +100,19 @@ impl ProbabilisticEnsemble {
         let mut layers = Vec::with_capacity(cfg.hidden_layers + 1);
         let mut fan_in = in_dim;
         for l in 0..=cfg.hidden_layers {
-            let fan_out = if l == cfg.hidden_layers { 2 * out_dim } else { cfg.hidden };
-            layers.push(EnsembleLinear::new(&vb.pp(format!("layer{l}")), &varmap, e, fan_in, fan_out, rng)?);
+            let fan_out = if l == cfg.hidden_layers {
+                2 * out_dim
+            } else {
+                cfg.hidden
+            };
+            layers.push(EnsembleLinear::new(
+                &vb.pp(format!("layer{l}")),
+                &varmap,
+                e,
+                fan_in,
+                fan_out,
+                rng,
+            )?);
             fan_in = fan_out;
         }
         let maxv = Tensor::full(cfg.max_logvar_init, (1, out_dim), device)?.to_dtype(dtype)?;
@@ -175,11 +191,18 @@ impl ProbabilisticEnsemble {
     /// Sets the input scaler; a std below 1e-12 becomes 1 (constant inputs).
     pub fn set_scaler(&mut self, mean: Vec<f64>, std: Vec<f64>) -> Result<()> {
         if mean.len() != self.in_dim() || std.len() != self.in_dim() {
-            return Err(Error::Data(format!("scaler needs {} entries", self.in_dim())));
+            return Err(Error::Data(format!(
+                "scaler needs {} entries",
+                self.in_dim()
+            )));
         }
-        let std: Vec<f64> = std.into_iter().map(|s| if s.is_finite() && s >= 1e-12 { s } else { 1.0 }).collect();
+        let std: Vec<f64> = std
+            .into_iter()
+            .map(|s| if s.is_finite() && s >= 1e-12 { s } else { 1.0 })
+            .collect();
         let inv: Vec<f64> = std.iter().map(|s| 1.0 / s).collect();
-        self.scaler_mean_t = host_tensor(mean.clone(), &[1, self.in_dim()], self.dtype, &self.device)?;
+        self.scaler_mean_t =
+            host_tensor(mean.clone(), &[1, self.in_dim()], self.dtype, &self.device)?;
         self.scaler_inv_std_t = host_tensor(inv, &[1, self.in_dim()], self.dtype, &self.device)?;
         self.scaler_mean = mean;
         self.scaler_std = std;
@@ -188,7 +211,8 @@ impl ProbabilisticEnsemble {
 
     /// `(x - mean) / std` for raw `x` of shape `B x in` (differentiable).
     pub fn standardise(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.broadcast_sub(&self.scaler_mean_t)?.broadcast_mul(&self.scaler_inv_std_t)?)
+        Ok(x.broadcast_sub(&self.scaler_mean_t)?
+            .broadcast_mul(&self.scaler_inv_std_t)?)
     }
 
     /// The log-variance bounds of section 2: `lv = max - softplus(max - raw)`,
@@ -222,12 +246,24 @@ impl ProbabilisticEnsemble {
 
     /// CPU path: base and tangent rows stacked, one matmul per layer, the fused
     /// [`SiluTangent`] kernel for bias + activation + tangent scaling.
-    fn forward_fused(&self, x: &Tensor, member: Option<usize>, tangent: Option<(&Tensor, usize, usize)>) -> Result<TangentOutput> {
+    fn forward_fused(
+        &self,
+        x: &Tensor,
+        member: Option<usize>,
+        tangent: Option<(&Tensor, usize, usize)>,
+    ) -> Result<TangentOutput> {
         let od = self.out_dim();
         let (ep, base, _) = x.dims3()?;
         let (mut h, op) = match tangent {
             Some((t0, start, k)) => (Tensor::cat(&[x, t0], 1)?, SiluTangent { base, start, k }),
-            None => (x.clone(), SiluTangent { base, start: 0, k: 1 }),
+            None => (
+                x.clone(),
+                SiluTangent {
+                    base,
+                    start: 0,
+                    k: 1,
+                },
+            ),
         };
         let last = self.layers.len() - 1;
         for layer in &self.layers[..last] {
@@ -241,18 +277,30 @@ impl ProbabilisticEnsemble {
         let ones = Tensor::ones((ep, base, 1), self.dtype, &self.device)?;
         let out = (y.narrow(1, 0, base)? + ones.matmul(&b)?)?;
         let t = match tangent {
-            Some(_) => Some(y.narrow(1, base, y.dim(1)? - base)?.narrow(D::Minus1, 0, od)?),
+            Some(_) => Some(
+                y.narrow(1, base, y.dim(1)? - base)?
+                    .narrow(D::Minus1, 0, od)?,
+            ),
             None => None,
         };
         let mean = out.narrow(D::Minus1, 0, od)?;
         let raw = out.narrow(D::Minus1, od, od)?;
         let logvar = self.bound_logvar(&raw)?;
-        Ok(TangentOutput { mean, logvar, tangent: t })
+        Ok(TangentOutput {
+            mean,
+            logvar,
+            tangent: t,
+        })
     }
 
     /// Device-independent path written with candle's ops (used off-CPU, and in tests
     /// as an independent check of the fused kernel).
-    fn forward_plain(&self, x: &Tensor, member: Option<usize>, tangent: Option<(&Tensor, usize, usize)>) -> Result<TangentOutput> {
+    fn forward_plain(
+        &self,
+        x: &Tensor,
+        member: Option<usize>,
+        tangent: Option<(&Tensor, usize, usize)>,
+    ) -> Result<TangentOutput> {
         let od = self.out_dim();
         let last = self.layers.len() - 1;
         let mut h = x.clone();
@@ -280,7 +328,10 @@ impl ProbabilisticEnsemble {
                 let d = ((&s_t + &a_t)? - (&a_t * &s_t)?)?;
                 let wt = tt.matmul(&w)?;
                 let o = wt.dim(D::Minus1)?;
-                let nt = wt.reshape((ep, bt, k, o))?.broadcast_mul(&d.unsqueeze(2)?)?.reshape((ep, bt * k, o))?;
+                let nt = wt
+                    .reshape((ep, bt, k, o))?
+                    .broadcast_mul(&d.unsqueeze(2)?)?
+                    .reshape((ep, bt * k, o))?;
                 t = Some(nt);
             }
             h = a;
@@ -288,7 +339,11 @@ impl ProbabilisticEnsemble {
         let mean = h.narrow(D::Minus1, 0, od)?;
         let raw = h.narrow(D::Minus1, od, od)?;
         let logvar = self.bound_logvar(&raw)?;
-        Ok(TangentOutput { mean, logvar, tangent: t })
+        Ok(TangentOutput {
+            mean,
+            logvar,
+            tangent: t,
+        })
     }
 
     /// Chooses the fused CPU kernel (default on CPU) or the plain candle-op path.
@@ -300,12 +355,18 @@ impl ProbabilisticEnsemble {
     /// One elite per row, uniformly (ALGORITHM.md section 2, rollout step).
     pub fn draw_elites(&self, rows: usize, rng: &mut impl Rng) -> Vec<usize> {
         let k = self.elites.len();
-        (0..rows).map(|_| self.elites[rng.random_range(0..k)]).collect()
+        (0..rows)
+            .map(|_| self.elites[rng.random_range(0..k)])
+            .collect()
     }
 
     fn check_rows(&self, obs: &Tensor, act: &Tensor, members: &[usize]) -> Result<usize> {
-        let (b, od) = obs.dims2().map_err(|_| Error::Data(format!("obs must be B x {}", self.obs_dim)))?;
-        let (b2, ad) = act.dims2().map_err(|_| Error::Data(format!("act must be B x {}", self.act_dim)))?;
+        let (b, od) = obs
+            .dims2()
+            .map_err(|_| Error::Data(format!("obs must be B x {}", self.obs_dim)))?;
+        let (b2, ad) = act
+            .dims2()
+            .map_err(|_| Error::Data(format!("act must be B x {}", self.act_dim)))?;
         if od != self.obs_dim || ad != self.act_dim || b != b2 {
             return Err(Error::Data(format!(
                 "obs {b} x {od} and act {b2} x {ad} do not match the model's {} + {}",
@@ -313,10 +374,16 @@ impl ProbabilisticEnsemble {
             )));
         }
         if members.len() != b {
-            return Err(Error::Data(format!("{} members given for {b} rows", members.len())));
+            return Err(Error::Data(format!(
+                "{} members given for {b} rows",
+                members.len()
+            )));
         }
         if let Some(m) = members.iter().find(|&&m| m >= self.cfg.ensemble_size) {
-            return Err(Error::Data(format!("member {m} out of range 0..{}", self.cfg.ensemble_size)));
+            return Err(Error::Data(format!(
+                "member {m} out of range 0..{}",
+                self.cfg.ensemble_size
+            )));
         }
         Ok(b)
     }
@@ -324,14 +391,21 @@ impl ProbabilisticEnsemble {
     /// Mean and log-variance of `(r, ds)` of the given member for each row; only the
     /// members actually used run, each on its own rows (grouped with `index_select`,
     /// scattered back), never every member on every row.
-    fn member_rows(&self, obs: &Tensor, act: &Tensor, members: &[usize]) -> Result<(Tensor, Tensor)> {
+    fn member_rows(
+        &self,
+        obs: &Tensor,
+        act: &Tensor,
+        members: &[usize],
+    ) -> Result<(Tensor, Tensor)> {
         let b = self.check_rows(obs, act, members)?;
         let x = self.standardise(&Tensor::cat(&[obs, act], 1)?)?;
         let mut groups: Vec<Vec<u32>> = vec![Vec::new(); self.cfg.ensemble_size];
         for (row, &m) in members.iter().enumerate() {
             groups[m].push(row as u32);
         }
-        let used: Vec<usize> = (0..groups.len()).filter(|&m| !groups[m].is_empty()).collect();
+        let used: Vec<usize> = (0..groups.len())
+            .filter(|&m| !groups[m].is_empty())
+            .collect();
         if used.len() == 1 {
             let out = self.forward_std(&x.unsqueeze(0)?, Some(used[0]), None)?;
             return Ok((out.mean.squeeze(0)?, out.logvar.squeeze(0)?));
@@ -393,7 +467,9 @@ impl ProbabilisticEnsemble {
         let b = self.check_rows(obs, act, &vec![member; obs.dim(0).unwrap_or(0)])?;
         let ind = self.in_dim();
         let od = self.out_dim();
-        let x = self.standardise(&Tensor::cat(&[obs, act], 1)?)?.unsqueeze(0)?;
+        let x = self
+            .standardise(&Tensor::cat(&[obs, act], 1)?)?
+            .unsqueeze(0)?;
         // Unit direction e_i in raw x is e_i / std_i in standardised units.
         let mut t0 = vec![0.0; b * ind * ind];
         for r in 0..b {
@@ -403,14 +479,19 @@ impl ProbabilisticEnsemble {
         }
         let t0 = host_tensor(t0, &[1, b * ind, ind], self.dtype, &self.device)?;
         let out = self.forward_std(&x, Some(member), Some((&t0, 0, ind)))?;
-        let t = out.tangent.ok_or_else(|| Error::Internal("no tangent".into()))?;
+        let t = out
+            .tangent
+            .ok_or_else(|| Error::Internal("no tangent".into()))?;
         // s' = s + ds, so d s'/d s gains the identity.
         let mut eye = vec![0.0; od * ind];
         for i in 0..self.obs_dim {
             eye[(1 + i) * ind + i] = 1.0;
         }
         let eye = host_tensor(eye, &[1, od, ind], self.dtype, &self.device)?;
-        Ok(t.reshape((b, ind, od))?.transpose(1, 2)?.broadcast_add(&eye)?.contiguous()?)
+        Ok(t.reshape((b, ind, od))?
+            .transpose(1, 2)?
+            .broadcast_add(&eye)?
+            .contiguous()?)
     }
 
     /// Directional derivatives `J_g(x) · v` of every member's mean `g(x) = (r, s + ds)`
@@ -419,7 +500,13 @@ impl ProbabilisticEnsemble {
     pub fn jvp(&self, x: &Tensor, v: &Tensor, k: usize) -> Result<Tensor> {
         let (e, b, ind) = x.dims3()?;
         let (e2, bk, ind2) = v.dims3()?;
-        if e != self.cfg.ensemble_size || e2 != e || ind != self.in_dim() || ind2 != ind || k == 0 || bk != b * k {
+        if e != self.cfg.ensemble_size
+            || e2 != e
+            || ind != self.in_dim()
+            || ind2 != ind
+            || k == 0
+            || bk != b * k
+        {
             return Err(Error::Data(format!(
                 "jvp needs x E x B x {} and v E x (B * k) x {} with E = {}",
                 self.in_dim(),
@@ -430,7 +517,9 @@ impl ProbabilisticEnsemble {
         let xs = self.standardise(x)?;
         let t0 = v.broadcast_mul(&self.scaler_inv_std_t)?;
         let out = self.forward_std(&xs, None, Some((&t0, 0, k)))?;
-        let t = out.tangent.ok_or_else(|| Error::Internal("no tangent".into()))?;
+        let t = out
+            .tangent
+            .ok_or_else(|| Error::Internal("no tangent".into()))?;
         // g = (r, s + ds): the s part adds v_s itself.
         let zeros = Tensor::zeros((e, bk, 1), self.dtype, &self.device)?;
         let vs = Tensor::cat(&[&zeros, &v.narrow(2, 0, self.obs_dim)?], 2)?;
@@ -442,9 +531,16 @@ impl ProbabilisticEnsemble {
     pub(crate) fn member_mse(&self, x_std: &Tensor, y: &Tensor) -> Result<Vec<f64>> {
         let (h, ind) = x_std.dims2()?;
         let e = self.cfg.ensemble_size;
-        let xb = x_std.unsqueeze(0)?.broadcast_as((e, h, ind))?.contiguous()?;
+        let xb = x_std
+            .unsqueeze(0)?
+            .broadcast_as((e, h, ind))?
+            .contiguous()?;
         let out = self.forward_std(&xb.detach(), None, None)?;
-        let err = out.mean.broadcast_sub(&y.unsqueeze(0)?)?.sqr()?.mean((1, 2))?;
+        let err = out
+            .mean
+            .broadcast_sub(&y.unsqueeze(0)?)?
+            .sqr()?
+            .mean((1, 2))?;
         Ok(err.to_dtype(DType::F64)?.to_vec1::<f64>()?)
     }
 
@@ -452,30 +548,59 @@ impl ProbabilisticEnsemble {
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let mut map: HashMap<String, Tensor> = HashMap::new();
-        for (name, var) in self.varmap.data().lock().map_err(|_| Error::Internal("lock".into()))?.iter() {
+        for (name, var) in self
+            .varmap
+            .data()
+            .lock()
+            .map_err(|_| Error::Internal("lock".into()))?
+            .iter()
+        {
             map.insert(name.clone(), var.as_tensor().clone());
         }
-        map.insert("scaler.mean".into(), Tensor::from_slice(&self.scaler_mean, self.in_dim(), &Device::Cpu)?);
-        map.insert("scaler.std".into(), Tensor::from_slice(&self.scaler_std, self.in_dim(), &Device::Cpu)?);
+        map.insert(
+            "scaler.mean".into(),
+            Tensor::from_slice(&self.scaler_mean, self.in_dim(), &Device::Cpu)?,
+        );
+        map.insert(
+            "scaler.std".into(),
+            Tensor::from_slice(&self.scaler_std, self.in_dim(), &Device::Cpu)?,
+        );
         let elites: Vec<u32> = self.elites.iter().map(|&e| e as u32).collect();
-        map.insert("elites".into(), Tensor::from_vec(elites, self.elites.len(), &Device::Cpu)?);
-        let meta = Metadata { format: FORMAT.into(), obs_dim: self.obs_dim, act_dim: self.act_dim, config: self.cfg.clone() };
+        map.insert(
+            "elites".into(),
+            Tensor::from_vec(elites, self.elites.len(), &Device::Cpu)?,
+        );
+        let meta = Metadata {
+            format: FORMAT.into(),
+            obs_dim: self.obs_dim,
+            act_dim: self.act_dim,
+            config: self.cfg.clone(),
+        };
         let json = serde_json::to_vec(&meta).map_err(|e| Error::Internal(e.to_string()))?;
         let n = json.len();
         map.insert("meta.json".into(), Tensor::from_vec(json, n, &Device::Cpu)?);
-        candle_core::safetensors::save(&map, path)
-            .map_err(|e| Error::Checkpoint { path: path.display().to_string(), reason: e.to_string() })
+        candle_core::safetensors::save(&map, path).map_err(|e| Error::Checkpoint {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })
     }
 
     /// Loads a file written by [`save`](Self::save) into this ensemble; the file must
     /// have the same dims and sizes (else a clear error and nothing is changed).
     pub fn load(&mut self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        let ck = |reason: String| Error::Checkpoint { path: path.display().to_string(), reason };
-        let map = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| ck(e.to_string()))?;
-        let meta = map.get("meta.json").ok_or_else(|| ck("not a ddppo ensemble file (no metadata)".into()))?;
+        let ck = |reason: String| Error::Checkpoint {
+            path: path.display().to_string(),
+            reason,
+        };
+        let map =
+            candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| ck(e.to_string()))?;
+        let meta = map
+            .get("meta.json")
+            .ok_or_else(|| ck("not a ddppo ensemble file (no metadata)".into()))?;
         let bytes = meta.to_vec1::<u8>().map_err(|e| ck(e.to_string()))?;
-        let meta: Metadata = serde_json::from_slice(&bytes).map_err(|e| ck(format!("bad metadata: {e}")))?;
+        let meta: Metadata =
+            serde_json::from_slice(&bytes).map_err(|e| ck(format!("bad metadata: {e}")))?;
         if meta.format != FORMAT {
             return Err(ck(format!("format {} is not {FORMAT}", meta.format)));
         }
@@ -486,10 +611,17 @@ impl ProbabilisticEnsemble {
             )));
         }
         let (c, m) = (&meta.config, &self.cfg);
-        if (c.ensemble_size, c.hidden, c.hidden_layers) != (m.ensemble_size, m.hidden, m.hidden_layers) {
+        if (c.ensemble_size, c.hidden, c.hidden_layers)
+            != (m.ensemble_size, m.hidden, m.hidden_layers)
+        {
             return Err(ck(format!(
                 "file has ensemble_size {} hidden {} x {}, model has {} hidden {} x {}",
-                c.ensemble_size, c.hidden_layers, c.hidden, m.ensemble_size, m.hidden_layers, m.hidden
+                c.ensemble_size,
+                c.hidden_layers,
+                c.hidden,
+                m.ensemble_size,
+                m.hidden_layers,
+                m.hidden
             )));
         }
         // Check everything before changing anything.
@@ -502,14 +634,25 @@ impl ProbabilisticEnsemble {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         for (name, var) in &vars {
-            let t = map.get(name).ok_or_else(|| ck(format!("missing tensor {name}")))?;
+            let t = map
+                .get(name)
+                .ok_or_else(|| ck(format!("missing tensor {name}")))?;
             if t.dims() != var.dims() {
-                return Err(ck(format!("tensor {name} has shape {:?}, expected {:?}", t.dims(), var.dims())));
+                return Err(ck(format!(
+                    "tensor {name} has shape {:?}, expected {:?}",
+                    t.dims(),
+                    var.dims()
+                )));
             }
         }
         let get_f64 = |name: &str, n: usize| -> Result<Vec<f64>> {
-            let t = map.get(name).ok_or_else(|| ck(format!("missing tensor {name}")))?;
-            let v = t.to_dtype(DType::F64).and_then(|t| t.to_vec1::<f64>()).map_err(|e| ck(e.to_string()))?;
+            let t = map
+                .get(name)
+                .ok_or_else(|| ck(format!("missing tensor {name}")))?;
+            let v = t
+                .to_dtype(DType::F64)
+                .and_then(|t| t.to_vec1::<f64>())
+                .map_err(|e| ck(e.to_string()))?;
             if v.len() != n {
                 return Err(ck(format!("{name} has {} entries, expected {n}", v.len())));
             }
@@ -554,11 +697,20 @@ mod tests {
     fn fused_kernel_matches_plain_ops() {
         for (dtype, tol) in [(DType::F64, 1e-11), (DType::F32, 2e-4)] {
             let mut rng = ChaCha8Rng::seed_from_u64(5);
-            let cfg = EnsembleConfig { ensemble_size: 3, elites: 2, hidden: 9, hidden_layers: 3, weight_decay: vec![1e-4; 4], ..Default::default() };
-            let mut ens = ProbabilisticEnsemble::new(2, 2, &cfg, &Device::Cpu, dtype, &mut rng).unwrap();
+            let cfg = EnsembleConfig {
+                ensemble_size: 3,
+                elites: 2,
+                hidden: 9,
+                hidden_layers: 3,
+                weight_decay: vec![1e-4; 4],
+                ..Default::default()
+            };
+            let mut ens =
+                ProbabilisticEnsemble::new(2, 2, &cfg, &Device::Cpu, dtype, &mut rng).unwrap();
             for v in ens.vars() {
                 let noise = randt(&mut rng, v.dims(), dtype);
-                v.set(&(v.as_tensor() + (noise * 0.2).unwrap()).unwrap()).unwrap();
+                v.set(&(v.as_tensor() + (noise * 0.2).unwrap()).unwrap())
+                    .unwrap();
             }
             let (e, b, bg, k) = (3, 6, 4, 3);
             let batch = LossBatch {
@@ -574,10 +726,24 @@ mod tests {
             let run = |ens: &ProbabilisticEnsemble| {
                 let terms = ens.loss(&batch, 0.9).unwrap();
                 let grads = terms.total.backward().unwrap();
-                let mut all = vec![terms.total.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()];
+                let mut all = vec![
+                    terms
+                        .total
+                        .to_dtype(DType::F64)
+                        .unwrap()
+                        .to_scalar::<f64>()
+                        .unwrap(),
+                ];
                 for v in ens.vars() {
                     let g = grads.get(v.as_tensor()).unwrap();
-                    all.extend(g.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap());
+                    all.extend(
+                        g.flatten_all()
+                            .unwrap()
+                            .to_dtype(DType::F64)
+                            .unwrap()
+                            .to_vec1::<f64>()
+                            .unwrap(),
+                    );
                 }
                 all
             };
@@ -587,7 +753,10 @@ mod tests {
             let plain = run(&ens);
             assert_eq!(fused.len(), plain.len());
             for (i, (a, b)) in fused.iter().zip(&plain).enumerate() {
-                assert!((a - b).abs() <= tol * (1.0 + b.abs()), "{dtype:?} entry {i}: fused {a} plain {b}");
+                assert!(
+                    (a - b).abs() <= tol * (1.0 + b.abs()),
+                    "{dtype:?} entry {i}: fused {a} plain {b}"
+                );
             }
         }
     }

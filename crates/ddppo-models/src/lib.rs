@@ -49,8 +49,8 @@ pub use config::{EnsembleConfig, GradientLossConfig};
 pub use ensemble::{ModelStep, ProbabilisticEnsemble, softplus};
 pub use layer::EnsembleLinear;
 pub use train::{
-    EpochStats, GradBatch, ModelOptimizer, GradientEnsemble, LossBatch, LossTerms, PredictionEnsemble, TrainReport,
-    TransitionData,
+    EpochStats, GradBatch, GradientEnsemble, LossBatch, LossTerms, ModelOptimizer,
+    PredictionEnsemble, TrainReport, TransitionData,
 };
 
 /// Errors of this crate.

@@ -22,7 +22,10 @@ impl TransitionData<'_> {
     /// Number of rows, after checking that the columns agree and are finite.
     pub fn rows(&self, obs_dim: usize, act_dim: usize) -> Result<usize> {
         let n = self.rew.len();
-        if self.obs.len() != n * obs_dim || self.next_obs.len() != n * obs_dim || self.act.len() != n * act_dim {
+        if self.obs.len() != n * obs_dim
+            || self.next_obs.len() != n * obs_dim
+            || self.act.len() != n * act_dim
+        {
             return Err(Error::Data(format!(
                 "columns disagree: {n} rewards, {} obs, {} act, {} next_obs values for obs_dim {obs_dim}, act_dim {act_dim}",
                 self.obs.len(),
@@ -103,7 +106,9 @@ impl ProbabilisticEnsemble {
         let mean = out.mean.narrow(1, 0, b)?;
         let lv = out.logvar.narrow(1, 0, b)?;
         // Gaussian NLL per member: mean((mu - y)^2 exp(-lv)) + mean(lv).
-        let nll = ((mean - &batch.y)?.sqr()? * lv.neg()?.exp()?)?.add(&lv)?.mean((1, 2))?;
+        let nll = ((mean - &batch.y)?.sqr()? * lv.neg()?.exp()?)?
+            .add(&lv)?
+            .mean((1, 2))?;
         let mut total = nll.sum_all()?;
         let mut grad = None;
         if let (Some(g), Some(t)) = (&batch.grad, out.tangent) {
@@ -113,7 +118,9 @@ impl ProbabilisticEnsemble {
             grad = Some(r);
         }
         let c = self.cfg.logvar_bound_penalty;
-        let penalty = ((self.max_logvar.as_tensor().sum_all()? - self.min_logvar.as_tensor().sum_all()?)? * c)?;
+        let penalty = ((self.max_logvar.as_tensor().sum_all()?
+            - self.min_logvar.as_tensor().sum_all()?)?
+            * c)?;
         total = (total + penalty)?;
         for (layer, &d) in self.layers.iter().zip(&self.cfg.weight_decay) {
             if d > 0.0 {
@@ -132,8 +139,14 @@ pub struct ModelOptimizer {
 
 impl ModelOptimizer {
     pub fn new(ens: &ProbabilisticEnsemble) -> Result<Self> {
-        let params = ParamsAdamW { lr: ens.cfg.lr, weight_decay: 0.0, ..Default::default() };
-        Ok(Self { adam: AdamW::new(ens.vars(), params)? })
+        let params = ParamsAdamW {
+            lr: ens.cfg.lr,
+            weight_decay: 0.0,
+            ..Default::default()
+        };
+        Ok(Self {
+            adam: AdamW::new(ens.vars(), params)?,
+        })
     }
     /// Back-propagates `total` and updates the parameters; returns the loss value.
     pub fn apply(&mut self, total: &Tensor) -> Result<f64> {
@@ -156,7 +169,12 @@ impl Snapshot {
     fn take(vars: &[Var]) -> Result<Self> {
         let mut v = Vec::with_capacity(vars.len());
         for var in vars {
-            v.push(var.as_tensor().flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?);
+            v.push(
+                var.as_tensor()
+                    .flatten_all()?
+                    .to_dtype(DType::F64)?
+                    .to_vec1::<f64>()?,
+            );
         }
         Ok(Self(v))
     }
@@ -165,10 +183,19 @@ impl Snapshot {
         for (buf, var) in self.0.iter_mut().zip(vars) {
             if var.dims()[0] == members && members > 1 {
                 let chunk = buf.len() / members;
-                let cur = var.as_tensor().narrow(0, m, 1)?.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                let cur = var
+                    .as_tensor()
+                    .narrow(0, m, 1)?
+                    .flatten_all()?
+                    .to_dtype(DType::F64)?
+                    .to_vec1::<f64>()?;
                 buf[m * chunk..(m + 1) * chunk].copy_from_slice(&cur);
             } else if members == 1 || var.dims()[0] != members {
-                *buf = var.as_tensor().flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                *buf = var
+                    .as_tensor()
+                    .flatten_all()?
+                    .to_dtype(DType::F64)?
+                    .to_vec1::<f64>()?;
             }
         }
         Ok(())
@@ -177,7 +204,11 @@ impl Snapshot {
     fn update_shared(&mut self, vars: &[Var], members: usize) -> Result<()> {
         for (buf, var) in self.0.iter_mut().zip(vars) {
             if var.dims()[0] != members {
-                *buf = var.as_tensor().flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                *buf = var
+                    .as_tensor()
+                    .flatten_all()?
+                    .to_dtype(DType::F64)?
+                    .to_vec1::<f64>()?;
             }
         }
         Ok(())
@@ -214,7 +245,9 @@ pub(crate) fn train_core(
     let (ind, od, e) = (ens.in_dim(), ens.out_dim(), cfg.ensemble_size);
     let n_hold = ((n as f64 * cfg.holdout_ratio).round() as usize).clamp(1, cfg.max_holdout);
     if n < 2 || n_hold >= n {
-        return Err(Error::Data(format!("need at least 2 rows with one left for training, got {n}")));
+        return Err(Error::Data(format!(
+            "need at least 2 rows with one left for training, got {n}"
+        )));
     }
     // Host columns: raw x = (s, a) and targets (r, s' - s).
     let mut xr = vec![0.0f64; n * ind];
@@ -222,7 +255,8 @@ pub(crate) fn train_core(
     for r in 0..n {
         for j in 0..obs_dim {
             xr[r * ind + j] = data.obs[r * obs_dim + j] as f64;
-            yd[r * od + 1 + j] = data.next_obs[r * obs_dim + j] as f64 - data.obs[r * obs_dim + j] as f64;
+            yd[r * od + 1 + j] =
+                data.next_obs[r * obs_dim + j] as f64 - data.obs[r * obs_dim + j] as f64;
         }
         for j in 0..act_dim {
             xr[r * ind + obs_dim + j] = data.act[r * act_dim + j] as f64;
@@ -247,10 +281,15 @@ pub(crate) fn train_core(
             sd[j] += (xr[r * ind + j] - mu[j]).powi(2);
         }
     }
-    sd.iter_mut().for_each(|s| *s = (*s / train.len() as f64).sqrt());
+    sd.iter_mut()
+        .for_each(|s| *s = (*s / train.len() as f64).sqrt());
     ens.set_scaler(mu, sd)?;
     let (mu, sd) = (ens.scaler_mean.clone(), ens.scaler_std.clone());
-    let xs: Vec<f64> = xr.iter().enumerate().map(|(i, v)| (v - mu[i % ind]) / sd[i % ind]).collect();
+    let xs: Vec<f64> = xr
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v - mu[i % ind]) / sd[i % ind])
+        .collect();
 
     let (dtype, device) = (ens.dtype, ens.device.clone());
     let gather = |rows: &[usize], src: &[f64], width: usize| -> Vec<f64> {
@@ -368,12 +407,16 @@ pub(crate) fn train_core(
             };
             if !total.is_finite() {
                 let nll = terms.nll.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-                let member = (0..e).find(|&m| !nll[m].is_finite() || rvals.as_ref().is_some_and(|r| !r[m].is_finite()));
+                let member = (0..e).find(|&m| {
+                    !nll[m].is_finite() || rvals.as_ref().is_some_and(|r| !r[m].is_finite())
+                });
                 before.restore(&vars, dtype, &device)?;
                 *opt = None;
                 return Err(Error::NonFinite { member, epoch });
             }
-            opt.as_mut().ok_or_else(|| Error::Internal("optimiser missing".into()))?.apply(&terms.total)?;
+            opt.as_mut()
+                .ok_or_else(|| Error::Internal("optimiser missing".into()))?
+                .apply(&terms.total)?;
             loss_sum += total;
             if let Some(r) = rvals {
                 grad_sum += r.iter().sum::<f64>() / e as f64;
@@ -390,12 +433,24 @@ pub(crate) fn train_core(
             *opt = None;
             return Err(Error::NonFinite { member, epoch });
         }
-        on_epoch(ens, &EpochStats { epoch, holdout_mse: mse.clone(), train_loss: last_loss, grad_loss: last_grad })?;
+        on_epoch(
+            ens,
+            &EpochStats {
+                epoch,
+                holdout_mse: mse.clone(),
+                train_loss: last_loss,
+                grad_loss: last_grad,
+            },
+        )?;
         // MBPO's early stopping: a member improves when its holdout loss drops by more
         // than `improvement` relative to its best; its weights are snapshotted then.
         let mut improved = false;
         for m in 0..e {
-            let gain = if best_mse[m].is_finite() { (best_mse[m] - mse[m]) / best_mse[m] } else { f64::INFINITY };
+            let gain = if best_mse[m].is_finite() {
+                (best_mse[m] - mse[m]) / best_mse[m]
+            } else {
+                f64::INFINITY
+            };
             if gain > cfg.improvement {
                 best_mse[m] = mse[m];
                 best.update_member(&vars, e, m)?;
@@ -416,7 +471,12 @@ pub(crate) fn train_core(
     let mut order: Vec<usize> = (0..e).collect();
     order.sort_by(|&a, &b| best_mse[a].total_cmp(&best_mse[b]));
     ens.elites = order[..cfg.elites].to_vec();
-    Ok(TrainReport { epochs: epoch, holdout_mse: best_mse, train_loss: last_loss, grad_loss: last_grad })
+    Ok(TrainReport {
+        epochs: epoch,
+        holdout_mse: best_mse,
+        train_loss: last_loss,
+        grad_loss: last_grad,
+    })
 }
 
 /// The prediction model: the ensemble trained by Gaussian NLL (section 2).
@@ -434,11 +494,21 @@ impl PredictionEnsemble {
         dtype: DType,
         rng: &mut impl Rng,
     ) -> Result<Self> {
-        Ok(Self { core: ProbabilisticEnsemble::new(obs_dim, act_dim, cfg, device, dtype, rng)?, opt: None })
+        Ok(Self {
+            core: ProbabilisticEnsemble::new(obs_dim, act_dim, cfg, device, dtype, rng)?,
+            opt: None,
+        })
     }
     /// Trains on all of `data` with early stopping; restores each member's best weights.
     pub fn train(&mut self, data: &TransitionData, rng: &mut impl Rng) -> Result<TrainReport> {
-        train_core(&mut self.core, &mut self.opt, data, None, rng, &mut |_, _| Ok(()))
+        train_core(
+            &mut self.core,
+            &mut self.opt,
+            data,
+            None,
+            rng,
+            &mut |_, _| Ok(()),
+        )
     }
     /// As [`train`](Self::train), calling `on_epoch` after every epoch's holdout evaluation.
     pub fn train_with(
@@ -486,7 +556,14 @@ impl GradientEnsemble {
     }
     /// Trains on all of `data`; neighbours from the newest `neighbour_set` rows.
     pub fn train(&mut self, data: &TransitionData, rng: &mut impl Rng) -> Result<TrainReport> {
-        train_core(&mut self.core, &mut self.opt, data, Some(&self.grad), rng, &mut |_, _| Ok(()))
+        train_core(
+            &mut self.core,
+            &mut self.opt,
+            data,
+            Some(&self.grad),
+            rng,
+            &mut |_, _| Ok(()),
+        )
     }
     /// As [`train`](Self::train), calling `on_epoch` after every epoch's holdout evaluation.
     pub fn train_with(
@@ -495,7 +572,14 @@ impl GradientEnsemble {
         rng: &mut impl Rng,
         on_epoch: &mut dyn FnMut(&ProbabilisticEnsemble, &EpochStats) -> Result<()>,
     ) -> Result<TrainReport> {
-        train_core(&mut self.core, &mut self.opt, data, Some(&self.grad), rng, on_epoch)
+        train_core(
+            &mut self.core,
+            &mut self.opt,
+            data,
+            Some(&self.grad),
+            rng,
+            on_epoch,
+        )
     }
     pub fn ensemble(&self) -> &ProbabilisticEnsemble {
         &self.core
