@@ -148,6 +148,28 @@ impl Adam {
         (&self.m, &self.v)
     }
 
+    /// Restores the state saved from [`Adam::moments`] and [`Adam::step`]
+    /// (checkpoint resume); shapes must match the variables.
+    pub fn restore(&mut self, step: u64, m: Vec<Tensor>, v: Vec<Tensor>) -> Result<()> {
+        if m.len() != self.vars.len() || v.len() != self.vars.len() {
+            return Err(crate::Error::Shape(format!(
+                "optimiser state has {} / {} moments for {} variables",
+                m.len(),
+                v.len(),
+                self.vars.len()
+            )));
+        }
+        for ((var, m), v) in self.vars.iter().zip(&m).zip(&v) {
+            if m.dims() != var.dims() || v.dims() != var.dims() {
+                return Err(crate::Error::Shape("optimiser moment shape differs from its variable".into()));
+            }
+        }
+        self.step = step;
+        self.m = m;
+        self.v = v;
+        Ok(())
+    }
+
     /// One step from the gradients of `loss`; variables without a gradient
     /// (not in the graph) are left alone.
     pub fn backward_step(&mut self, loss: &Tensor) -> Result<()> {
