@@ -1,7 +1,15 @@
-//! Replay buffers and the k-d tree neighbour index for DDPPO's gradient loss
-//! (ALGORITHM.md sections 1 and 3; paper section 4, the directional-derivative
-//! loss of equation 9 needs, for each input `x_j = (s_j, a_j)`, its `n`
-//! nearest neighbours `x_i` in the newest 10,000 transitions).
+//! Replay buffers and the neighbour index of DDPPO's gradient loss
+//! (paper section 4.3 and Algorithm 1; ALGORITHM.md sections 1, 3 and 5).
+//!
+//! - [`ReplayBuffer`]: `D_env` and `D_model`, a fixed-capacity ring of
+//!   `(s, a, r, s', mask, done)` in `f32` columns; seeded sampling into a
+//!   caller-owned [`Batch`], [`sample_mixed`] for the critic's
+//!   `real_ratio` mix, [`ReplayBuffer::resize`] for `D_model`, and a
+//!   checksummed file format ([`storage`]) for checkpoints.
+//! - [`NeighbourIndex`]: for each input `x = (s, a)` of the newest 10,000
+//!   transitions, its `n` nearest other inputs, the `x_i` of the gradient
+//!   loss R (equation 9). Built on kiddo's k-d tree, exact (identical to
+//!   [`brute_force_neighbours`], ties by the smaller index).
 //!
 //! ```
 //! use ddppo_buffer::{NeighbourIndex, NeighbourOptions};
