@@ -114,6 +114,9 @@ impl EnsembleConfig {
                 format!("must be in (0, 1), got {}", self.holdout_ratio),
             ));
         }
+        if self.patience == 0 {
+            return Err(bad("patience", "must be at least 1"));
+        }
         if self.max_holdout == 0 {
             return Err(bad("max_holdout", "must be at least 1"));
         }
