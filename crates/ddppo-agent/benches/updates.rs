@@ -6,8 +6,6 @@
 //!
 //! `cargo bench -p ddppo-agent --bench updates`
 
-use std::hint::black_box;
-
 use criterion::{Criterion, criterion_group, criterion_main};
 use ddppo_agent::{Agent, AgentConfig};
 use rand::{Rng, SeedableRng};
@@ -36,10 +34,10 @@ fn updates(c: &mut Criterion) {
     let mut g = c.benchmark_group("ant_dims_b256");
     g.sample_size(20);
     let mut a = agent("ant");
-    g.bench_function("critic_update", |b| b.iter(|| black_box(a.update_critic().expect("critic"))));
-    g.bench_function("policy_update_sac_baseline", |b| b.iter(|| black_box(a.update_policy_sac().expect("sac"))));
+    g.bench_function("critic_update", |b| b.iter(|| a.update_critic().expect("critic")));
+    g.bench_function("policy_update_sac_baseline", |b| b.iter(|| a.update_policy_sac().expect("sac")));
     g.bench_function("policy_update_ddppo_h3", |b| {
-        b.iter(|| black_box(a.update_policy_through_model().expect("ddppo")))
+        b.iter(|| a.update_policy_through_model().expect("ddppo"))
     });
     g.finish();
 }

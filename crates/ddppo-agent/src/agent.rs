@@ -369,7 +369,7 @@ impl Agent {
         // and roll the prediction model out into D_model.
         if self.models.is_some()
             && self.env_steps >= self.cfg.min_pool_size
-            && self.env_steps % self.cfg.model_train_freq == 0
+            && self.env_steps.is_multiple_of(self.cfg.model_train_freq)
         {
             let t = Instant::now();
             self.train_models()?;
@@ -402,7 +402,7 @@ impl Agent {
             self.times.policy += secs(t);
         }
 
-        if self.env_steps % self.cfg.eval_every == 0 {
+        if self.env_steps.is_multiple_of(self.cfg.eval_every) {
             return Ok(Some(self.evaluate()?));
         }
         Ok(None)

@@ -340,10 +340,8 @@ impl AgentConfig {
                 return Err(bad(format!("{name} must be positive and finite, got {v}")));
             }
         }
-        if let Some(t) = self.target_entropy {
-            if !t.is_finite() {
-                return Err(bad("target_entropy must be finite"));
-            }
+        if self.target_entropy.is_some_and(|t| !t.is_finite()) {
+            return Err(bad("target_entropy must be finite"));
         }
         if self.hidden.is_empty() || self.hidden.contains(&0) {
             return Err(bad("hidden must list at least one positive width"));

@@ -47,6 +47,7 @@ fn mask_tensor(alive: &[f64], dtype: DType, device: &Device) -> Result<Tensor> {
 /// `a_t = pi(s_t)` reparameterised, `(r_t, s_{t+1})` from `rollout.step`
 /// (prediction-model value, gradient-model derivative), `alive_t = 0` once
 /// any earlier step hit the termination function. Returns `J / B`.
+#[allow(clippy::too_many_arguments)]
 pub fn policy_objective(
     policy: &GaussianPolicy,
     critic: &SacCritic,

@@ -60,7 +60,7 @@ impl GaussianPolicy {
                 high.len()
             )));
         }
-        if low.iter().zip(high).any(|(l, h)| !(l < h) || !l.is_finite() || !h.is_finite()) {
+        if low.iter().zip(high).any(|(l, h)| l >= h || !l.is_finite() || !h.is_finite()) {
             return Err(Error::Shape("action bounds must be finite with low < high".into()));
         }
         let act_dim = low.len();

@@ -1,5 +1,7 @@
 //! The presets hold Table 1's values; bad configs fail with a clear error.
 
+#![allow(clippy::type_complexity, clippy::field_reassign_with_default)]
+
 use ddppo_agent::{AgentConfig, RolloutSchedule, Variant};
 
 #[test]
