@@ -254,6 +254,9 @@ struct Collected {
     test_jac: Vec<f64>,
 }
 
+/// One recorded step: `(s, a, r, s')`.
+type Transition = (Vec<f64>, Vec<f64>, f64, Vec<f64>);
+
 /// Random-policy rollouts: uniform actions within the bounds, episodes to the step limit.
 /// `wrap_first` marks Pendulum, whose angle is wrapped into `[-pi, pi)`: the stored
 /// next angle is unwrapped (`s + wrap(s' - s)`) so the data match the Jacobian, which
@@ -263,7 +266,7 @@ fn rollouts<E: Env + AnalyticDynamics>(
     rows: usize,
     seed: u64,
     wrap_first: bool,
-) -> StudyResult<Vec<(Vec<f64>, Vec<f64>, f64, Vec<f64>)>> {
+) -> StudyResult<Vec<Transition>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let (low, high) = (env.action_low().to_vec(), env.action_high().to_vec());
     let mut out = Vec::with_capacity(rows);
@@ -357,7 +360,7 @@ fn gradient_mse(ens: &ProbabilisticEnsemble, data: &Collected) -> StudyResult<(f
             .to_vec1::<f64>()?;
         for (i, (a, b)) in jac.iter().zip(&data.test_jac).enumerate() {
             let se = (a - b).powi(2);
-            if (i / cols) % rows == 0 {
+            if (i / cols).is_multiple_of(rows) {
                 reward += se;
             } else {
                 dynamics += se;

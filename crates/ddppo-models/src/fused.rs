@@ -33,6 +33,7 @@ trait Real:
     + std::ops::Add<Output = Self>
     + std::ops::Mul<Output = Self>
     + std::ops::Sub<Output = Self>
+    + std::ops::AddAssign
 {
     const ZERO: Self;
     const ONE: Self;
@@ -94,7 +95,7 @@ fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::R
 
 impl SiluTangent {
     fn check(&self, rows: usize) -> candle_core::Result<usize> {
-        if self.k == 0 || rows < self.base || (rows - self.base) % self.k != 0 {
+        if self.k == 0 || rows < self.base || !(rows - self.base).is_multiple_of(self.k) {
             candle_core::bail!(
                 "silu-tangent: {rows} rows do not split into {} base rows and k = {}",
                 self.base,
@@ -197,7 +198,7 @@ impl SiluTangent {
                         let gyt = &mut gym[tr * o..(tr + 1) * o];
                         for c in 0..o {
                             // t' = silu'(z) u: dL/du = g silu'(z), dL/dz += g u silu''(z).
-                            acc[c] = acc[c] + gt[c] * yt[c] * dd[c];
+                            acc[c] += gt[c] * yt[c] * dd[c];
                             gyt[c] = gt[c] * d[c];
                         }
                     }
