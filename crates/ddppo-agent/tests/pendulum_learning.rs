@@ -55,7 +55,24 @@ fn random_policy_return() -> f64 {
     eps.iter().map(|e| e.ret).sum::<f64>() / eps.len() as f64
 }
 
+/// candle's CPU matmul spreads over `RAYON_NUM_THREADS` threads (default: all
+/// cores); on a 2-core CI machine running other tests at the same time, the
+/// threads wait on each other and these runs take ~5x longer (measured 284 s
+/// against 56-69 s). One thread per matmul is the fast setting here.
+fn single_threaded_matmul() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            // SAFETY: called before this test binary does any tensor work, and
+            // every reader of the variable (candle) goes through std::env,
+            // which serialises access to the environment.
+            unsafe { std::env::set_var("RAYON_NUM_THREADS", "1") };
+        }
+    });
+}
+
 fn learns(variant: Variant) {
+    single_threaded_matmul();
     let random = random_policy_return();
     let mut agent = Agent::new(small(variant)).expect("agent");
     let records = agent.train(&mut NoObserver).expect("training");
