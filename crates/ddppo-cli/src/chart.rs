@@ -97,6 +97,9 @@ fn draw_panel(area: &DrawingArea<SVGBackend, plotters::coord::Shift>, panel: &Pa
             .x_desc(&panel.x_label)
             .y_desc(&panel.y_label)
             .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| format!("{y:.0e}"))
+            // A log axis gets a minor line per unit step; they blur into a band.
+            .light_line_style(TRANSPARENT)
             .draw()
             .map_err(draw_err)?;
         draw_series(&mut chart, panel, labels, &finite)?;
