@@ -8,8 +8,14 @@
 //!   checksummed file format ([`storage`]) for checkpoints.
 //! - [`NeighbourIndex`]: for each input `x = (s, a)` of the newest 10,000
 //!   transitions, its `n` nearest other inputs, the `x_i` of the gradient
-//!   loss R (equation 9). Built on kiddo's k-d tree, exact (identical to
-//!   [`brute_force_neighbours`], ties by the smaller index).
+//!   loss R (equation 9). Exact (identical to [`brute_force_neighbours`],
+//!   ties by the smaller index) by either of two searches, chosen per data
+//!   set from its [`effective_dimension`] ([`NeighbourMethod::Auto`]): a
+//!   PCA-rotated kiddo k-d tree for locally low-dimensional points (smooth
+//!   trajectories), or a blocked f32 GEMM (`gemm` crate) for points that fill
+//!   many dimensions (replay data with uniform random actions). Both re-rank
+//!   candidates in f64 and certify each row against a rigorous rounding
+//!   bound, recomputing uncertified rows by brute force.
 //!
 //! ```
 //! use ddppo_buffer::{NeighbourIndex, NeighbourOptions};
@@ -34,12 +40,14 @@
 //! # Ok::<(), ddppo_buffer::Error>(())
 //! ```
 
+mod gemm_search;
 mod neighbours;
 mod replay;
 pub mod storage;
 
 pub use neighbours::{
-    MAX_TREE_WIDTH, NeighbourIndex, NeighbourOptions, brute_force_neighbours, exact_sq_dist,
+    LID_SAMPLES, MAX_TREE_WIDTH, NeighbourIndex, NeighbourMethod, NeighbourOptions,
+    TREE_MAX_EFFECTIVE_DIM, brute_force_neighbours, effective_dimension, exact_sq_dist,
 };
 pub use replay::{Batch, Columns, ReplayBuffer, sample_mixed, try_sample_mixed};
 
@@ -66,10 +74,19 @@ pub enum Error {
     NonFinitePoint { row: usize, col: usize, value: f32 },
     /// A pushed column whose length is not `rows x width`.
     #[error("column {column}: expected {expected} values for {rows} rows, got {got}")]
-    RowWidth { column: &'static str, expected: usize, got: usize, rows: usize },
+    RowWidth {
+        column: &'static str,
+        expected: usize,
+        got: usize,
+        rows: usize,
+    },
     /// NaN or infinity in a pushed transition (the models must never see one).
     #[error("column {column}, row {row}: non-finite value {value}")]
-    NonFiniteValue { column: &'static str, row: usize, value: f32 },
+    NonFiniteValue {
+        column: &'static str,
+        row: usize,
+        value: f32,
+    },
     /// A push into a buffer of capacity 0.
     #[error("cannot push into a replay buffer of capacity 0")]
     ZeroCapacity,
@@ -81,19 +98,32 @@ pub enum Error {
     RealRatio(f64),
     /// Mixed sampling from buffers of different (obs, act) widths.
     #[error("env buffer has (obs, act) widths {env:?}, model buffer {model:?}")]
-    MixedWidths { env: (usize, usize), model: (usize, usize) },
+    MixedWidths {
+        env: (usize, usize),
+        model: (usize, usize),
+    },
     /// A file system error while saving or loading.
     #[error("{}: {source}", path.display())]
-    Io { path: std::path::PathBuf, source: std::io::Error },
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     /// A file that does not start with the replay-buffer magic bytes.
     #[error("{}: not a replay buffer file (wrong magic bytes)", path.display())]
     NotABuffer { path: std::path::PathBuf },
     /// A replay-buffer file of another format version.
     #[error("{}: replay buffer format version {found}, this build reads version {supported}", path.display())]
-    UnsupportedVersion { path: std::path::PathBuf, found: u32, supported: u32 },
+    UnsupportedVersion {
+        path: std::path::PathBuf,
+        found: u32,
+        supported: u32,
+    },
     /// A truncated, over-long or corrupted replay-buffer file.
     #[error("{}: corrupted replay buffer file: {reason}", path.display())]
-    Corrupt { path: std::path::PathBuf, reason: String },
+    Corrupt {
+        path: std::path::PathBuf,
+        reason: String,
+    },
 }
 
 /// This crate's result type.

@@ -35,6 +35,21 @@ pub struct NeighbourOptions {
     pub standardise: bool,
 }
 
+/// Which search [`NeighbourIndex::build_with`] runs. Every method returns the
+/// same, exact table; they differ only in speed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NeighbourMethod {
+    /// Choose from the data (see [`NeighbourIndex::build`]).
+    #[default]
+    Auto,
+    /// PCA-rotated kiddo k-d tree with exact re-rank; widths above
+    /// [`MAX_TREE_WIDTH`] use exhaustive search.
+    Tree,
+    /// Blocked f32 GEMM distances (`|q|^2 + |p|^2 - 2 q.p`) with exact
+    /// re-rank and a rigorous rounding bound.
+    Gemm,
+}
+
 /// Extra candidates fetched from the tree beyond `n + 1` (the point itself),
 /// so that the exactness check of the re-rank rarely fails. One suffices:
 /// the check only needs a gap above the rounding bound between the n-th and
@@ -49,6 +64,7 @@ pub struct NeighbourIndex {
     n: usize,
     table: Vec<u32>,
     exact_fallbacks: usize,
+    method: NeighbourMethod,
 }
 
 impl NeighbourIndex {
@@ -59,16 +75,67 @@ impl NeighbourIndex {
     /// `n >= N`, more than `u32::MAX` points, or a non-finite coordinate.
     /// Runs on the current rayon thread pool (all cores by default; wrap the
     /// call in `ThreadPool::install` to choose the thread count).
+    ///
+    /// The search method is chosen from the data ([`NeighbourMethod::Auto`]):
+    /// the k-d tree when the points are locally low-dimensional
+    /// ([`effective_dimension`] below [`TREE_MAX_EFFECTIVE_DIM`], e.g. smooth
+    /// trajectories), otherwise the blocked GEMM (e.g. replay data with
+    /// uniform random actions, where a tree scans most leaves); always the
+    /// GEMM above [`MAX_TREE_WIDTH`]. Both are exact.
     pub fn build(points: &[f32], dim: usize, n: usize, opts: &NeighbourOptions) -> Result<Self> {
+        Self::build_with(points, dim, n, opts, NeighbourMethod::Auto)
+    }
+
+    /// [`NeighbourIndex::build`] with a chosen search method (same table for
+    /// every method; for tests and benchmarks).
+    pub fn build_with(
+        points: &[f32],
+        dim: usize,
+        n: usize,
+        opts: &NeighbourOptions,
+        method: NeighbourMethod,
+    ) -> Result<Self> {
         let len = validate(points, dim, n)?;
         let coords = search_coords(points, dim, opts.standardise);
-        let (table, exact_fallbacks) = if dim <= MAX_TREE_WIDTH {
-            tree_neighbours(&coords, dim, len, n)
-        } else {
-            // No tree width covers this dimension: the exact brute-force path.
-            (brute_force_table(&coords, dim, len, n), 0)
+        let mean = column_mean(&coords, dim);
+        let (table, exact_fallbacks, method) = match method {
+            NeighbourMethod::Gemm => {
+                let (t, f) = crate::gemm_search::gemm_neighbours(&coords, &mean, dim, len, n);
+                (t, f, NeighbourMethod::Gemm)
+            }
+            NeighbourMethod::Tree => {
+                let (t, f) = tree_or_brute(&coords, &mean, dim, len, n, None);
+                (t, f, NeighbourMethod::Tree)
+            }
+            NeighbourMethod::Auto => {
+                if dim > MAX_TREE_WIDTH {
+                    let (t, f) = crate::gemm_search::gemm_neighbours(&coords, &mean, dim, len, n);
+                    (t, f, NeighbourMethod::Gemm)
+                } else {
+                    if local_intrinsic_dimension(&coords, dim, len) < TREE_MAX_EFFECTIVE_DIM {
+                        let (t, f) = tree_or_brute(&coords, &mean, dim, len, n, None);
+                        (t, f, NeighbourMethod::Tree)
+                    } else {
+                        let (t, f) =
+                            crate::gemm_search::gemm_neighbours(&coords, &mean, dim, len, n);
+                        (t, f, NeighbourMethod::Gemm)
+                    }
+                }
+            }
         };
-        Ok(Self { len, n, table, exact_fallbacks })
+        Ok(Self {
+            len,
+            n,
+            table,
+            exact_fallbacks,
+            method,
+        })
+    }
+
+    /// The method that computed the table ([`NeighbourMethod::Tree`] or
+    /// [`NeighbourMethod::Gemm`], never `Auto`).
+    pub fn method(&self) -> NeighbourMethod {
+        self.method
     }
 
     /// Number of points N.
@@ -97,8 +164,9 @@ impl NeighbourIndex {
         &self.table[i * self.n..(i + 1) * self.n]
     }
 
-    /// How many points the tree could not certify (near-ties at the candidate
-    /// boundary, e.g. many exact duplicates) and were recomputed by brute force.
+    /// How many points the tree or GEMM pass could not certify (near-ties at
+    /// the candidate boundary, e.g. many exact duplicates) and were
+    /// recomputed by brute force.
     pub fn exact_fallbacks(&self) -> usize {
         self.exact_fallbacks
     }
@@ -117,6 +185,51 @@ pub fn brute_force_neighbours(
     Ok(brute_force_table(&coords, dim, len, n))
 }
 
+/// The effective dimension that [`NeighbourMethod::Auto`] decides by: a
+/// local intrinsic dimension, the maximum-likelihood estimate
+/// `1 / mean_i( (1/(k-1)) sum_{j<k} ln(r_k(i) / r_j(i)) )` (Levina and
+/// Bickel 2004, aggregated as MacKay and Ghahramani) over
+/// [`LID_SAMPLES`] evenly spaced query points, `r_j(i)` the distance to the
+/// j-th nearest other point, `k = min(20, N - 1)`. About 1 along smooth
+/// trajectories, about `dim` for uniform noise. Same errors as
+/// [`NeighbourIndex::build`] with `n = 1`.
+pub fn effective_dimension(points: &[f32], dim: usize, opts: &NeighbourOptions) -> Result<f64> {
+    let len = validate(points, dim, 1)?;
+    let coords = search_coords(points, dim, opts.standardise);
+    Ok(local_intrinsic_dimension(&coords, dim, len))
+}
+
+/// Query points sampled by [`effective_dimension`].
+pub const LID_SAMPLES: usize = 32;
+
+fn local_intrinsic_dimension(coords: &[f64], dim: usize, len: usize) -> f64 {
+    let k = 20.min(len - 1);
+    let samples = LID_SAMPLES.min(len);
+    let inv: Vec<f64> = (0..samples)
+        .into_par_iter()
+        .filter_map(|s| {
+            let i = s * len / samples;
+            let q = &coords[i * dim..(i + 1) * dim];
+            let mut d: Vec<f64> = coords
+                .chunks_exact(dim)
+                .enumerate()
+                .filter(|&(j, _)| j != i)
+                .map(|(_, row)| exact_sq_dist(q, row))
+                .filter(|&v| v > 0.0)
+                .collect();
+            if d.len() < k || k < 2 {
+                return None;
+            }
+            d.select_nth_unstable_by(k - 1, f64::total_cmp);
+            let rk = d[k - 1];
+            let sum: f64 = d[..k - 1].iter().map(|&dj| 0.5 * (rk / dj).ln()).sum();
+            Some(sum / (k - 1) as f64)
+        })
+        .collect();
+    let mean_inv = inv.iter().sum::<f64>() / inv.len().max(1) as f64;
+    if mean_inv > 0.0 { 1.0 / mean_inv } else { 0.0 }
+}
+
 /// The metric that defines "nearest": squared Euclidean distance of two rows
 /// of search coordinates, summed in order in `f64`.
 #[inline]
@@ -129,7 +242,10 @@ fn validate(points: &[f32], dim: usize, n: usize) -> Result<usize> {
         return Err(Error::ZeroDim);
     }
     if !points.len().is_multiple_of(dim) {
-        return Err(Error::RaggedPoints { len: points.len(), dim });
+        return Err(Error::RaggedPoints {
+            len: points.len(),
+            dim,
+        });
     }
     let len = points.len() / dim;
     if n == 0 {
@@ -142,7 +258,11 @@ fn validate(points: &[f32], dim: usize, n: usize) -> Result<usize> {
         return Err(Error::TooManyPoints { points: len });
     }
     if let Some(pos) = points.iter().position(|v| !v.is_finite()) {
-        return Err(Error::NonFinitePoint { row: pos / dim, col: pos % dim, value: points[pos] });
+        return Err(Error::NonFinitePoint {
+            row: pos / dim,
+            col: pos % dim,
+            value: points[pos],
+        });
     }
     Ok(len)
 }
@@ -176,7 +296,7 @@ fn search_coords(points: &[f32], dim: usize, standardise: bool) -> Vec<f64> {
     c
 }
 
-fn column_mean(c: &[f64], dim: usize) -> Vec<f64> {
+pub(crate) fn column_mean(c: &[f64], dim: usize) -> Vec<f64> {
     let len = c.len() / dim;
     let mut mean = vec![0.0; dim];
     for row in c.chunks_exact(dim) {
@@ -191,7 +311,14 @@ fn column_mean(c: &[f64], dim: usize) -> Vec<f64> {
 }
 
 /// The `n` nearest of point `i` among all points, by (distance, index).
-fn brute_force_row(coords: &[f64], dim: usize, i: usize, n: usize, scratch: &mut Vec<(f64, u32)>, out: &mut [u32]) {
+pub(crate) fn brute_force_row(
+    coords: &[f64],
+    dim: usize,
+    i: usize,
+    n: usize,
+    scratch: &mut Vec<(f64, u32)>,
+    out: &mut [u32],
+) {
     let q = &coords[i * dim..(i + 1) * dim];
     scratch.clear();
     scratch.extend(
@@ -201,7 +328,8 @@ fn brute_force_row(coords: &[f64], dim: usize, i: usize, n: usize, scratch: &mut
             .filter(|&(j, _)| j != i)
             .map(|(j, row)| (exact_sq_dist(q, row), j as u32)),
     );
-    let by_dist_then_index = |a: &(f64, u32), b: &(f64, u32)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
+    let by_dist_then_index =
+        |a: &(f64, u32), b: &(f64, u32)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
     if scratch.len() > n {
         scratch.select_nth_unstable_by(n - 1, by_dist_then_index);
         scratch.truncate(n);
@@ -214,9 +342,12 @@ fn brute_force_row(coords: &[f64], dim: usize, i: usize, n: usize, scratch: &mut
 
 fn brute_force_table(coords: &[f64], dim: usize, len: usize, n: usize) -> Vec<u32> {
     let mut table = vec![0u32; len * n];
-    table.par_chunks_mut(n).enumerate().for_each_init(Vec::new, |scratch, (i, out)| {
-        brute_force_row(coords, dim, i, n, scratch, out)
-    });
+    table
+        .par_chunks_mut(n)
+        .enumerate()
+        .for_each_init(Vec::new, |scratch, (i, out)| {
+            brute_force_row(coords, dim, i, n, scratch, out)
+        });
     table
 }
 
@@ -264,6 +395,12 @@ fn principal_axes(coords: &[f64], dim: usize, mean: &[f64]) -> Vec<f64> {
     }
     sorted
 }
+
+/// [`NeighbourMethod::Auto`] takes the tree below this
+/// [`effective_dimension`] and the GEMM at or above it. Calibrated on the
+/// benchmark data (N = 10,000, one thread; see benches/neighbours.rs): the
+/// tree's cost grows steeply with the local dimension, the GEMM's does not.
+pub const TREE_MAX_EFFECTIVE_DIM: f64 = 4.0;
 
 /// Cyclic Jacobi eigen-decomposition of a symmetric matrix (row-major).
 /// Returns the eigenvalues and the eigenvectors as the columns of an
@@ -349,7 +486,12 @@ struct Candidates {
     last_dist: Vec<f64>,
 }
 
-fn tree_candidates<const K: usize>(rotated: &[f64], dim: usize, len: usize, kq: usize) -> Candidates {
+fn tree_candidates<const K: usize>(
+    rotated: &[f64],
+    dim: usize,
+    len: usize,
+    kq: usize,
+) -> Candidates {
     let padded: Vec<[f64; K]> = rotated
         .chunks_exact(dim)
         .map(|row| {
@@ -372,14 +514,22 @@ fn tree_candidates<const K: usize>(rotated: &[f64], dim: usize, len: usize, kq: 
         .zip(last_dist.par_iter_mut())
         .zip(padded.par_iter())
         .for_each(|(((out, cnt), last), q)| {
-            let found = tree.query(q).nearest_n::<SquaredEuclidean<f64>>(kq_nz).execute();
+            let found = tree
+                .query(q)
+                .nearest_n::<SquaredEuclidean<f64>>(kq_nz)
+                .execute();
             *cnt = found.len() as u32;
             *last = found.iter().map(|r| r.distance).fold(0.0, f64::max);
             for (o, r) in out.iter_mut().zip(&found) {
                 *o = r.item;
             }
         });
-    Candidates { kq, ids, count, last_dist }
+    Candidates {
+        kq,
+        ids,
+        count,
+        last_dist,
+    }
 }
 
 macro_rules! dispatch_tree {
@@ -396,10 +546,32 @@ macro_rules! dispatch_tree {
 }
 tree_widths!(dispatch_tree);
 
-fn tree_neighbours(coords: &[f64], dim: usize, len: usize, n: usize) -> (Vec<u32>, usize) {
+/// The tree path, or exhaustive search for widths without a tree.
+fn tree_or_brute(
+    coords: &[f64],
+    mean: &[f64],
+    dim: usize,
+    len: usize,
+    n: usize,
+    axes: Option<Vec<f64>>,
+) -> (Vec<u32>, usize) {
+    if dim <= MAX_TREE_WIDTH {
+        let axes = axes.unwrap_or_else(|| principal_axes(coords, dim, mean));
+        tree_neighbours(coords, mean, &axes, dim, len, n)
+    } else {
+        (brute_force_table(coords, dim, len, n), 0)
+    }
+}
+
+fn tree_neighbours(
+    coords: &[f64],
+    mean: &[f64],
+    axes: &[f64],
+    dim: usize,
+    len: usize,
+    n: usize,
+) -> (Vec<u32>, usize) {
     let eps = f64::EPSILON;
-    let mean = column_mean(coords, dim);
-    let axes = principal_axes(coords, dim, &mean);
 
     // y = V^T (c - mean), one row per point.
     let mut rotated = vec![0.0; len * dim];
@@ -409,7 +581,7 @@ fn tree_neighbours(coords: &[f64], dim: usize, len: usize, n: usize) -> (Vec<u32
         .map_init(
             || vec![0.0; dim],
             |w, (y, c)| {
-                for ((wk, x), m) in w.iter_mut().zip(c).zip(&mean) {
+                for ((wk, x), m) in w.iter_mut().zip(c).zip(mean) {
                     *wk = x - m;
                 }
                 y.fill(0.0);
@@ -435,7 +607,9 @@ fn tree_neighbours(coords: &[f64], dim: usize, len: usize, n: usize) -> (Vec<u32
     let mut orth = 0.0f64;
     for a in 0..dim {
         for b in 0..dim {
-            let dot: f64 = (0..dim).map(|r| axes[a * dim + r] * axes[b * dim + r]).sum();
+            let dot: f64 = (0..dim)
+                .map(|r| axes[a * dim + r] * axes[b * dim + r])
+                .sum();
             let target = if a == b { 1.0 } else { 0.0 };
             orth = orth.max((dot - target).abs());
         }
@@ -444,7 +618,8 @@ fn tree_neighbours(coords: &[f64], dim: usize, len: usize, n: usize) -> (Vec<u32
     let m = max_norm_sq.sqrt();
     let e = 2.0 * (d.powf(1.5) + 1.0) * eps * m;
     let v2 = 4.0 * max_norm_sq;
-    let slack = 8.0 * (d * orth * v2 + 2.0 * (2.0 * m) * e + e * e + 2.0 * d * eps * (2.0 * m + e).powi(2));
+    let slack =
+        8.0 * (d * orth * v2 + 2.0 * (2.0 * m) * e + e * e + 2.0 * d * eps * (2.0 * m + e).powi(2));
 
     let kq = (n + 1 + OVERFETCH).min(len);
     let cand = candidates_for_width(&rotated, dim, len, kq);
@@ -458,16 +633,17 @@ fn tree_neighbours(coords: &[f64], dim: usize, len: usize, n: usize) -> (Vec<u32
             let ids = &cand.ids[i * cand.kq..i * cand.kq + count];
             let q = &coords[i * dim..(i + 1) * dim];
             scratch.clear();
-            scratch.extend(
-                ids.iter()
-                    .filter(|&&j| j as usize != i)
-                    .map(|&j| (exact_sq_dist(q, &coords[j as usize * dim..(j as usize + 1) * dim]), j)),
-            );
+            scratch.extend(ids.iter().filter(|&&j| j as usize != i).map(|&j| {
+                (
+                    exact_sq_dist(q, &coords[j as usize * dim..(j as usize + 1) * dim]),
+                    j,
+                )
+            }));
             scratch.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
             // Every point is a candidate when the tree returned all N of them.
             let all_seen = count == len;
-            let certified = scratch.len() >= n
-                && (all_seen || scratch[n - 1].0 < cand.last_dist[i] - slack);
+            let certified =
+                scratch.len() >= n && (all_seen || scratch[n - 1].0 < cand.last_dist[i] - slack);
             if certified {
                 for (o, &(_, j)) in out.iter_mut().zip(scratch.iter()) {
                     *o = j;
@@ -490,7 +666,9 @@ mod tests {
     fn jacobi_diagonalises_and_stays_orthogonal() {
         let dim = 7;
         // A symmetric matrix with known structure: B^T B for a fixed B.
-        let b: Vec<f64> = (0..dim * dim).map(|k| ((k * 37 % 11) as f64 - 5.0) * 0.3).collect();
+        let b: Vec<f64> = (0..dim * dim)
+            .map(|k| ((k * 37 % 11) as f64 - 5.0) * 0.3)
+            .collect();
         let mut a = vec![0.0; dim * dim];
         for i in 0..dim {
             for j in 0..dim {
@@ -502,7 +680,10 @@ mod tests {
             // A v_c = lambda_c v_c
             for r in 0..dim {
                 let av: f64 = (0..dim).map(|k| a[r * dim + k] * v[k * dim + c]).sum();
-                assert!((av - vals[c] * v[r * dim + c]).abs() < 1e-9, "column {c} row {r}");
+                assert!(
+                    (av - vals[c] * v[r * dim + c]).abs() < 1e-9,
+                    "column {c} row {r}"
+                );
             }
             for c2 in 0..dim {
                 let dot: f64 = (0..dim).map(|r| v[r * dim + c] * v[r * dim + c2]).sum();
@@ -517,10 +698,16 @@ mod tests {
         // Small random sets in every width 1..=MAX_TREE_WIDTH + 2 against brute force.
         let len = 60;
         for dim in 1..=MAX_TREE_WIDTH + 2 {
-            let pts: Vec<f32> = (0..len * dim).map(|k| ((k * 7919 + dim * 31) % 1000) as f32 / 997.0).collect();
-            let idx = NeighbourIndex::build(&pts, dim, 4, &NeighbourOptions::default()).unwrap();
+            let pts: Vec<f32> = (0..len * dim)
+                .map(|k| ((k * 7919 + dim * 31) % 1000) as f32 / 997.0)
+                .collect();
             let bf = brute_force_neighbours(&pts, dim, 4, &NeighbourOptions::default()).unwrap();
-            assert_eq!(idx.table(), &bf[..], "dim {dim}");
+            for method in [NeighbourMethod::Tree, NeighbourMethod::Gemm] {
+                let idx =
+                    NeighbourIndex::build_with(&pts, dim, 4, &NeighbourOptions::default(), method)
+                        .unwrap();
+                assert_eq!(idx.table(), &bf[..], "dim {dim} {method:?}");
+            }
         }
     }
 }
