@@ -34,6 +34,14 @@ enum Command {
 }
 
 fn main() {
+    // candle's CPU matmuls and the neighbour queries run on rayon's pool; its
+    // workers spin-wait, and with the evaluation threads beside them that was
+    // up to 50x slower on 2 busy cores (ddppo-agent's and ddppo-models'
+    // benches). One thread unless the user asks for more.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // SAFETY: no other thread exists yet this early in main.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", "1") };
+    }
     let cli = Cli::parse();
     let result = match cli.cmd {
         Command::Train(args) => cmd_train::run(args),
