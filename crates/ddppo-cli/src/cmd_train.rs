@@ -67,6 +67,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
 /// Preset (or `--config` file), then `--variant`/`--seed`/`--env`, then every
 /// `--set`, then the agent's own validation (unknown keys, ranges).
 fn resolve_config(args: &TrainArgs) -> Result<AgentConfig> {
+    if let Some(env) = &args.env {
+        ddppo_env::Task::from_name(env)?;
+    }
     let base = match (&args.config, &args.env) {
         (Some(path), _) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
