@@ -53,9 +53,23 @@ fn main() {
     if let Err(e) = result {
         // One line: the cause chain, no backtrace (some causes, e.g. TOML
         // errors with a source excerpt, span several lines).
-        let msg = format!("{e:#}");
-        let one: Vec<&str> = msg.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-        eprintln!("error: {}", one.join(" "));
+        eprintln!("error: {}", one_line(&e));
         std::process::exit(1);
     }
+}
+
+/// The error's cause chain on one line. Library errors that wrap another
+/// crate's error already print it, so a cause whose text the previous message
+/// contains is not repeated; multi-line causes are folded.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if parts.last().is_some_and(|prev| prev.contains(&text)) {
+            continue;
+        }
+        parts.push(text);
+    }
+    let joined = parts.join(": ");
+    joined.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
 }

@@ -26,6 +26,8 @@ fn rejects(args: &[&str], out: &Path, expect: &str) {
     assert!(err.contains(expect), "{all:?}: expected '{expect}' in: {err}");
     assert_eq!(err.trim().lines().count(), 1, "{all:?}: not one line: {err}");
     assert!(!err.contains("panicked"), "{err}");
+    let body = err.trim().trim_start_matches("error: ");
+    assert!(!body.is_empty() && err.matches(expect).count() == 1, "{all:?}: cause repeated: {err}");
 }
 
 #[test]
