@@ -45,18 +45,20 @@
 //! # }
 //! ```
 
+mod adam;
 mod config;
 mod ensemble;
 mod fused;
 mod layer;
 mod train;
 
+pub use adam::{ModelOptimizer, OptimizerState};
 pub use config::{EnsembleConfig, GradientLossConfig};
 pub use ensemble::{ModelStep, ProbabilisticEnsemble, softplus};
 pub use layer::EnsembleLinear;
 pub use train::{
-    EpochStats, GradBatch, GradientEnsemble, LossBatch, LossTerms, ModelOptimizer,
-    PredictionEnsemble, TrainReport, TransitionData,
+    EpochStats, GradBatch, GradientEnsemble, LossBatch, LossTerms, PredictionEnsemble, TrainReport,
+    TransitionData,
 };
 
 /// Errors of this crate.
@@ -70,6 +72,8 @@ pub enum Error {
     NonFinite { member: Option<usize>, epoch: usize },
     #[error("model checkpoint {path}: {reason}")]
     Checkpoint { path: String, reason: String },
+    #[error("optimizer state: {0}")]
+    OptimizerState(String),
     #[error("tensor: {0}")]
     Candle(#[from] candle_core::Error),
     #[error("internal: {0}")]

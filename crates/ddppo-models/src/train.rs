@@ -1,10 +1,10 @@
 //! Training of the ensembles: MBPO's schedule (ALGORITHM.md section 2) and the
 //! directional-derivative loss of the gradient model (section 3, equations 9 and 10).
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use rand::Rng;
 use rand::seq::SliceRandom;
 
+use crate::adam::{ModelOptimizer, OptimizerState};
 use crate::ensemble::ProbabilisticEnsemble;
 use crate::layer::host_tensor;
 use crate::{EnsembleConfig, Error, GradientLossConfig, Result};
@@ -128,37 +128,6 @@ impl ProbabilisticEnsemble {
             }
         }
         Ok(LossTerms { total, nll, grad })
-    }
-}
-
-/// Adam over an ensemble's parameters (the L2 terms are in the loss, so no decoupled
-/// weight decay). One training step = loss, backward, update.
-pub struct ModelOptimizer {
-    adam: AdamW,
-}
-
-impl ModelOptimizer {
-    pub fn new(ens: &ProbabilisticEnsemble) -> Result<Self> {
-        let params = ParamsAdamW {
-            lr: ens.cfg.lr,
-            weight_decay: 0.0,
-            ..Default::default()
-        };
-        Ok(Self {
-            adam: AdamW::new(ens.vars(), params)?,
-        })
-    }
-    /// Back-propagates `total` and updates the parameters; returns the loss value.
-    pub fn apply(&mut self, total: &Tensor) -> Result<f64> {
-        let value = total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let grads = total.backward()?;
-        self.adam.step(&grads)?;
-        Ok(value)
-    }
-    /// One step on `batch` with gradient-loss weight `w`; returns the loss value.
-    pub fn step(&mut self, ens: &ProbabilisticEnsemble, batch: &LossBatch, w: f64) -> Result<f64> {
-        let terms = ens.loss(batch, w)?;
-        self.apply(&terms.total)
     }
 }
 
@@ -525,6 +494,23 @@ impl PredictionEnsemble {
     pub fn ensemble_mut(&mut self) -> &mut ProbabilisticEnsemble {
         &mut self.core
     }
+    /// The optimiser's state for a checkpoint; `None` before the first training call
+    /// (and after a training call stopped by a non-finite loss, which resets it).
+    /// Together with [`ProbabilisticEnsemble::save`] this is everything training
+    /// carries from one call to the next.
+    pub fn optimizer_state(&self) -> Option<OptimizerState> {
+        self.opt.as_ref().map(ModelOptimizer::state)
+    }
+    /// Restores a state read by [`optimizer_state`](Self::optimizer_state) (`None`:
+    /// the next training call starts Adam afresh). The moments must match this
+    /// model's parameters in number and shape; on a mismatch nothing is changed.
+    pub fn restore_optimizer_state(&mut self, state: Option<OptimizerState>) -> Result<()> {
+        self.opt = match state {
+            Some(s) => Some(ModelOptimizer::from_state(&self.core, &s)?),
+            None => None,
+        };
+        Ok(())
+    }
 }
 
 /// The gradient model: NLL plus `w * R`, the directional-derivative loss (equation 10).
@@ -586,5 +572,22 @@ impl GradientEnsemble {
     }
     pub fn ensemble_mut(&mut self) -> &mut ProbabilisticEnsemble {
         &mut self.core
+    }
+    /// The optimiser's state for a checkpoint; `None` before the first training call
+    /// (and after a training call stopped by a non-finite loss, which resets it).
+    /// Together with [`ProbabilisticEnsemble::save`] this is everything training
+    /// carries from one call to the next.
+    pub fn optimizer_state(&self) -> Option<OptimizerState> {
+        self.opt.as_ref().map(ModelOptimizer::state)
+    }
+    /// Restores a state read by [`optimizer_state`](Self::optimizer_state) (`None`:
+    /// the next training call starts Adam afresh). The moments must match this
+    /// model's parameters in number and shape; on a mismatch nothing is changed.
+    pub fn restore_optimizer_state(&mut self, state: Option<OptimizerState>) -> Result<()> {
+        self.opt = match state {
+            Some(s) => Some(ModelOptimizer::from_state(&self.core, &s)?),
+            None => None,
+        };
+        Ok(())
     }
 }
