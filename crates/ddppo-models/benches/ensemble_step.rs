@@ -2,7 +2,9 @@
 //! n = 5): NLL only, NLL + the tangent directional-derivative loss, and as the
 //! baseline in the same run the same loss through the full Jacobian (35 tangent
 //! directions, the reference's method expressed with tangents); plus a model
-//! rollout step of 100,000 rows. Compare with `shared/bench/torch_ensemble_step.py`.
+//! rollout step of 100,000 rows; and the policy update's forward and backward pass
+//! through the model's mean for 256 rows, on the ensemble and on its frozen view.
+//! Compare with `shared/bench/torch_ensemble_step.py`.
 use std::hint::black_box;
 
 use candle_core::{DType, Device, Tensor};
@@ -111,6 +113,27 @@ fn bench(c: &mut Criterion) {
             black_box(opt.apply(&total).unwrap())
         })
     });
+    g.finish();
+
+    // The policy update (equation 11) back-propagates through the gradient model's
+    // mean into (s, a) only: the ensemble itself, or its frozen view (no weight
+    // gradients formed). B = 256 rows spread over the elites.
+    let mut g = c.benchmark_group("policy_update_mean_fwd_bwd_B256");
+    g.sample_size(20);
+    let members = ens.draw_elites(B, &mut rng);
+    let s = candle_core::Var::from_tensor(&randn(&mut rng, &[B, OBS])).unwrap();
+    let a = candle_core::Var::from_tensor(&randn(&mut rng, &[B, ACT])).unwrap();
+    let frozen = ens.frozen();
+    for (name, model) in [("ensemble", &ens), ("frozen_view", &frozen)] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let m = model.mean(s.as_tensor(), a.as_tensor(), &members).unwrap();
+                let loss = (m.reward.sum_all().unwrap() + m.next_obs.sum_all().unwrap()).unwrap();
+                let grads = loss.backward().unwrap();
+                black_box(grads.get(a.as_tensor()).unwrap().dims().len())
+            })
+        });
+    }
     g.finish();
 
     let mut g = c.benchmark_group("rollout");

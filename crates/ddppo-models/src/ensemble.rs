@@ -68,6 +68,8 @@ pub struct ProbabilisticEnsemble {
     scaler_inv_std_t: Tensor,
     pub(crate) elites: Vec<usize>,
     fused: bool,
+    /// A view from [`frozen`](ProbabilisticEnsemble::frozen): parameters used detached.
+    frozen: bool,
 }
 
 impl ProbabilisticEnsemble {
@@ -135,6 +137,7 @@ impl ProbabilisticEnsemble {
             scaler_inv_std_t: Tensor::ones((1, in_dim), dtype, device)?,
             elites: (0..cfg.elites).collect(),
             fused: device.is_cpu(),
+            frozen: false,
         };
         ens.set_scaler(vec![0.0; in_dim], vec![1.0; in_dim])?;
         Ok(ens)
@@ -176,7 +179,62 @@ impl ProbabilisticEnsemble {
         (&self.scaler_mean, &self.scaler_std)
     }
 
-    /// All parameters in a fixed order: per layer weight and bias, then the log-variance bounds.
+    /// A view of this ensemble whose parameters are constants: `mean`, `sample`, `jvp`
+    /// and `jacobian` through it are differentiable in their inputs only, and a backward
+    /// pass forms no gradient for any parameter (for the policy update, equation 11,
+    /// which back-propagates through the gradient model into the policy alone).
+    ///
+    /// Cheap: the view shares the parameters' storage (no copy), so it sees later
+    /// updates of the weights; the input scaler and the elites are copied, so take a
+    /// fresh view after each training call (which refits the scaler). On CPU the
+    /// view's matmuls skip the weight gradients that candle's matmul backward would
+    /// otherwise compute and throw away.
+    pub fn frozen(&self) -> ProbabilisticEnsemble {
+        Self {
+            obs_dim: self.obs_dim,
+            act_dim: self.act_dim,
+            cfg: self.cfg.clone(),
+            device: self.device.clone(),
+            dtype: self.dtype,
+            varmap: self.varmap.clone(),
+            layers: self.layers.clone(),
+            max_logvar: self.max_logvar.clone(),
+            min_logvar: self.min_logvar.clone(),
+            scaler_mean: self.scaler_mean.clone(),
+            scaler_std: self.scaler_std.clone(),
+            scaler_mean_t: self.scaler_mean_t.clone(),
+            scaler_inv_std_t: self.scaler_inv_std_t.clone(),
+            elites: self.elites.clone(),
+            fused: self.fused,
+            frozen: true,
+        }
+    }
+
+    /// Whether this is a [`frozen`](Self::frozen) view.
+    pub fn is_frozen(&self) -> bool {
+        self.frozen
+    }
+
+    /// A parameter as used in the forward pass: itself, or detached in a frozen view.
+    pub(crate) fn param(&self, v: &Var) -> Tensor {
+        if self.frozen {
+            v.as_tensor().detach()
+        } else {
+            v.as_tensor().clone()
+        }
+    }
+
+    /// `h W` for a layer's weights: on CPU a frozen view skips the weight gradient.
+    fn layer_matmul(&self, h: &Tensor, w: &Tensor) -> Result<Tensor> {
+        if self.frozen && self.fused {
+            Ok(h.apply_op2(w, crate::fused::ConstWeightMatmul)?)
+        } else {
+            Ok(h.matmul(w)?)
+        }
+    }
+
+    /// All parameters in a fixed order: per layer weight and bias, then the log-variance
+    /// bounds (the order of [`crate::OptimizerState`]'s moments).
     pub(crate) fn vars(&self) -> Vec<Var> {
         let mut v = Vec::with_capacity(2 * self.layers.len() + 2);
         for l in &self.layers {
@@ -218,10 +276,10 @@ impl ProbabilisticEnsemble {
     /// The log-variance bounds of section 2: `lv = max - softplus(max - raw)`,
     /// then `lv = min + softplus(lv - min)`.
     fn bound_logvar(&self, raw: &Tensor) -> Result<Tensor> {
-        let maxv = self.max_logvar.as_tensor();
-        let minv = self.min_logvar.as_tensor();
+        let maxv = self.param(&self.max_logvar);
+        let minv = self.param(&self.min_logvar);
         let lv = maxv.broadcast_sub(&softplus(&maxv.broadcast_sub(raw)?)?)?;
-        Ok(minv.broadcast_add(&softplus(&lv.broadcast_sub(minv)?)?)?)
+        Ok(minv.broadcast_add(&softplus(&lv.broadcast_sub(&minv)?)?)?)
     }
 
     /// Forward pass on standardised inputs `E' x B x in` (`E'` = E, or 1 with `member`),
@@ -255,23 +313,32 @@ impl ProbabilisticEnsemble {
         let od = self.out_dim();
         let (ep, base, _) = x.dims3()?;
         let (mut h, op) = match tangent {
-            Some((t0, start, k)) => (Tensor::cat(&[x, t0], 1)?, SiluTangent { base, start, k }),
+            Some((t0, start, k)) => (
+                Tensor::cat(&[x, t0], 1)?,
+                SiluTangent {
+                    base,
+                    start,
+                    k,
+                    bias_grad: !self.frozen,
+                },
+            ),
             None => (
                 x.clone(),
                 SiluTangent {
                     base,
                     start: 0,
                     k: 1,
+                    bias_grad: !self.frozen,
                 },
             ),
         };
         let last = self.layers.len() - 1;
         for layer in &self.layers[..last] {
-            let (w, b) = layer.params(member)?;
-            h = h.matmul(&w)?.apply_op2(&b.contiguous()?, op)?;
+            let (w, b) = layer.params(member, self.frozen)?;
+            h = self.layer_matmul(&h, &w)?.apply_op2(&b.contiguous()?, op)?;
         }
-        let (w, b) = self.layers[last].params(member)?;
-        let y = h.matmul(&w)?;
+        let (w, b) = self.layers[last].params(member, self.frozen)?;
+        let y = self.layer_matmul(&h, &w)?;
         // Bias through a ones-column matmul: its gradient is then a matmul too, not a
         // reduction over the batch axis.
         let ones = Tensor::ones((ep, base, 1), self.dtype, &self.device)?;
@@ -306,7 +373,7 @@ impl ProbabilisticEnsemble {
         let mut h = x.clone();
         let mut t = tangent.map(|(t0, _, _)| t0.clone());
         for (l, layer) in self.layers.iter().enumerate() {
-            let (w, b) = layer.params(member)?;
+            let (w, b) = layer.params(member, self.frozen)?;
             let z = h.matmul(&w)?.broadcast_add(&b)?;
             if l == last {
                 if let Some(tt) = t.take() {

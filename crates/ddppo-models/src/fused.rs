@@ -11,6 +11,7 @@
 //! step makes about ten full-size temporaries and a broadcast-reduce in the
 //! backward pass (slow on CPU); here the backward pass is one more loop and the
 //! bias gradient a ones-row matmul.
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
 
 /// Row structure of the stacked matrix `E x (base + nt * k) x o`.
@@ -22,6 +23,8 @@ pub(crate) struct SiluTangent {
     pub start: usize,
     /// Directions per tangent point.
     pub k: usize,
+    /// Whether the backward pass returns the bias gradient (not for a frozen view).
+    pub bias_grad: bool,
 }
 
 /// Element type of the kernel. `f32` uses a branch-free exponential that the
@@ -359,6 +362,9 @@ impl CustomOp2 for SiluTangent {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let g = g.contiguous()?;
         let gy = y.apply_op3_no_bwd(b, &g, &SiluTangentBwd(*self))?;
+        if !self.bias_grad {
+            return Ok((Some(gy), None));
+        }
         // The bias gradient is the column sum over the base rows, as a ones-row matmul
         // (a reduction over the batch axis is far slower in candle on CPU).
         let (e, _, _) = gy.dims3()?;
@@ -405,6 +411,44 @@ impl CustomOp3 for SiluTangentBwd {
             _ => candle_core::bail!("silu-tangent-bwd: f32 or f64 inputs only"),
         };
         Ok((out, l1.shape().clone()))
+    }
+}
+
+/// `x W` for a constant `W` (a frozen view's weights): the same product as
+/// `Tensor::matmul`, but the backward pass returns only `d loss / d x`. candle's own
+/// matmul backward always forms the gradient of both operands, here the unused
+/// `x^T g`, as costly as the product itself.
+pub(crate) struct ConstWeightMatmul;
+
+impl CustomOp2 for ConstWeightMatmul {
+    fn name(&self) -> &'static str {
+        "const-weight-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (e, m, k) = dims3(l1)?;
+        let (e2, k2, n) = dims3(l2)?;
+        if e != e2 || k != k2 {
+            candle_core::bail!("const-weight-matmul: {:?} times {:?}", l1.dims(), l2.dims())
+        }
+        let out = s1.matmul(s2, (e, m, n, k), l1, l2)?;
+        Ok((out, Shape::from((e, m, n))))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(g.matmul(&w.t()?)?), None))
     }
 }
 

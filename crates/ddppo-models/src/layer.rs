@@ -112,23 +112,29 @@ impl EnsembleLinear {
         self.out_dim
     }
 
-    /// Weight and bias of all members, or of one member (leading axis of size 1).
-    pub(crate) fn params(&self, member: Option<usize>) -> Result<(Tensor, Tensor)> {
-        match member {
-            None => Ok((
+    /// Weight and bias of all members, or of one member (leading axis of size 1);
+    /// `frozen`: detached from the `Var`s (same storage, no gradient reaches them).
+    pub(crate) fn params(&self, member: Option<usize>, frozen: bool) -> Result<(Tensor, Tensor)> {
+        let (w, b) = if frozen {
+            (
+                self.weight.as_tensor().detach(),
+                self.bias.as_tensor().detach(),
+            )
+        } else {
+            (
                 self.weight.as_tensor().clone(),
                 self.bias.as_tensor().clone(),
-            )),
-            Some(m) => Ok((
-                self.weight.as_tensor().narrow(0, m, 1)?,
-                self.bias.as_tensor().narrow(0, m, 1)?,
-            )),
+            )
+        };
+        match member {
+            None => Ok((w, b)),
+            Some(m) => Ok((w.narrow(0, m, 1)?, b.narrow(0, m, 1)?)),
         }
     }
 
     /// `x`: `E' x B x in` with `E'` = members (or 1 for one member) -> `E' x B x out`.
     pub fn forward(&self, x: &Tensor, member: Option<usize>) -> Result<Tensor> {
-        let (w, b) = self.params(member)?;
+        let (w, b) = self.params(member, false)?;
         Ok(x.matmul(&w)?.broadcast_add(&b)?)
     }
 }

@@ -118,13 +118,13 @@ impl ProbabilisticEnsemble {
             grad = Some(r);
         }
         let c = self.cfg.logvar_bound_penalty;
-        let penalty = ((self.max_logvar.as_tensor().sum_all()?
-            - self.min_logvar.as_tensor().sum_all()?)?
+        let penalty = ((self.param(&self.max_logvar).sum_all()?
+            - self.param(&self.min_logvar).sum_all()?)?
             * c)?;
         total = (total + penalty)?;
         for (layer, &d) in self.layers.iter().zip(&self.cfg.weight_decay) {
             if d > 0.0 {
-                total = (total + (layer.weight.as_tensor().sqr()?.sum_all()? * (0.5 * d))?)?;
+                total = (total + (self.param(&layer.weight).sqr()?.sum_all()? * (0.5 * d))?)?;
             }
         }
         Ok(LossTerms { total, nll, grad })
