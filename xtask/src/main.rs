@@ -116,7 +116,11 @@ fn run() -> Result<()> {
                 }
             }
             println!("ablation: {} runs, {jobs} at a time, into {}", runs.len(), out.display());
-            run_parallel(&ddppo, &env, steps, &runs, jobs)?;
+            let epochs = match steps {
+                Some(n) => Some(epochs_for(&root, &env, n)?),
+                None => None,
+            };
+            run_parallel(&ddppo, &env, epochs, &runs, jobs)?;
             let dirs: Vec<&PathBuf> = runs.iter().map(|r| &r.2).collect();
             let plot = out.join("comparison.svg");
             let mut cmd = Command::new(&ddppo);
@@ -144,9 +148,7 @@ fn workspace_root() -> Result<PathBuf> {
 /// A `cargo` command that builds against the MuJoCo in `paths`.
 fn cargo(root: &Path, paths: &mujoco::MujocoPaths) -> Command {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.current_dir(root)
-        .env("MUJOCO_DYNAMIC_LINK_DIR", &paths.lib_dir)
-        .env("DDPPO_ASSETS_DIR", &paths.assets_dir);
+    cmd.current_dir(root).env("MUJOCO_DYNAMIC_LINK_DIR", &paths.lib_dir).env("DDPPO_ASSETS_DIR", &paths.assets_dir);
     cmd
 }
 
@@ -160,22 +162,57 @@ fn build_cli(root: &Path) -> Result<PathBuf> {
     Ok(target.join("release").join("ddppo"))
 }
 
+/// `--steps N` as whole epochs of the preset's `epoch_length` (rounded up):
+/// the rollout-length schedule counts epochs, so the epoch length stays.
+fn epochs_for(root: &Path, env: &str, steps: u64) -> Result<u64> {
+    if steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    let preset = root.join("configs").join(format!("{env}.toml"));
+    let text = std::fs::read_to_string(&preset)
+        .with_context(|| format!("unknown env '{env}': no preset {}", preset.display()))?;
+    let epoch_length = text
+        .lines()
+        .find_map(|l| l.strip_prefix("epoch_length"))
+        .and_then(|rest| rest.trim_start().strip_prefix('='))
+        .and_then(|v| v.split('#').next())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .with_context(|| format!("{} has no epoch_length", preset.display()))?;
+    Ok(steps.div_ceil(epoch_length).max(1))
+}
+
 /// Runs one `ddppo train` per entry of `runs`, `jobs` at a time; a run whose
-/// directory already holds a checkpoint is resumed rather than restarted.
-fn run_parallel(ddppo: &Path, env: &str, steps: Option<u64>, runs: &[(String, u64, PathBuf)], jobs: usize) -> Result<()> {
+/// directory already holds a checkpoint is resumed rather than restarted (a
+/// finished one is left as it is), and one that was stopped before its first
+/// checkpoint is moved aside to `<dir>.incomplete` and started again.
+fn run_parallel(
+    ddppo: &Path,
+    env: &str,
+    epochs: Option<u64>,
+    runs: &[(String, u64, PathBuf)],
+    jobs: usize,
+) -> Result<()> {
     let mut pending = runs.iter();
     let mut running: Vec<(std::process::Child, &PathBuf)> = Vec::new();
     let mut failed = Vec::new();
     loop {
         while running.len() < jobs {
-            let Some((variant, seed, dir)) = pending.next() else { break };
+            let Some((variant, seed, dir)) = pending.next() else {
+                break;
+            };
             let mut cmd = Command::new(ddppo);
-            if dir.join("checkpoints").is_dir() {
+            if has_checkpoint(dir) {
                 cmd.arg("train").arg("--resume").arg(dir);
             } else {
+                if dir.join("config.toml").exists() {
+                    let aside = dir.with_extension("incomplete");
+                    let _ = std::fs::remove_dir_all(&aside);
+                    std::fs::rename(dir, &aside)?;
+                    println!("{} stopped before its first checkpoint; moved to {}", dir.display(), aside.display());
+                }
                 cmd.args(["train", "--env", env, "--variant", variant, "--seed", &seed.to_string(), "--out"]).arg(dir);
-                if let Some(n) = steps {
-                    cmd.args(["--set", &format!("total_env_steps={n}")]);
+                if let Some(n) = epochs {
+                    cmd.args(["--set", &format!("epochs={n}")]);
                 }
             }
             std::fs::create_dir_all(dir)?;
@@ -207,6 +244,13 @@ fn run_parallel(ddppo: &Path, env: &str, steps: Option<u64>, runs: &[(String, u6
         bail!("{} run(s) failed: {}", failed.len(), failed.join(", "));
     }
     Ok(())
+}
+
+/// Whether `dir/checkpoints` holds a complete (renamed) checkpoint.
+fn has_checkpoint(dir: &Path) -> bool {
+    std::fs::read_dir(dir.join("checkpoints"))
+        .map(|r| r.flatten().any(|e| e.file_name().to_string_lossy().starts_with("step-")))
+        .unwrap_or(false)
 }
 
 fn status(mut cmd: Command, what: &str) -> Result<()> {

@@ -9,7 +9,8 @@ use candle_core::{DType, Device, Tensor};
 use ddppo_buffer::{Batch, ReplayBuffer};
 use ddppo_env::{Env, EnvFactory, Task, evaluate_episodes, is_terminal};
 use ddppo_models::{
-    EnsembleConfig, GradientEnsemble, GradientLossConfig, PredictionEnsemble, ProbabilisticEnsemble, TransitionData,
+    EnsembleConfig, GradientEnsemble, GradientLossConfig, OptimizerState, PredictionEnsemble, ProbabilisticEnsemble,
+    TransitionData,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -135,6 +136,27 @@ impl TrainedEnsemble {
             TrainedEnsemble::Gradient(e) => e.ensemble(),
         }
     }
+    /// The shared core, mutable (loading a checkpoint).
+    pub fn ensemble_mut(&mut self) -> &mut ProbabilisticEnsemble {
+        match self {
+            TrainedEnsemble::Prediction(e) => e.ensemble_mut(),
+            TrainedEnsemble::Gradient(e) => e.ensemble_mut(),
+        }
+    }
+    /// The optimiser's state (`None` before the first training).
+    pub fn optimizer_state(&self) -> Option<OptimizerState> {
+        match self {
+            TrainedEnsemble::Prediction(e) => e.optimizer_state(),
+            TrainedEnsemble::Gradient(e) => e.optimizer_state(),
+        }
+    }
+    /// Restores a state from [`TrainedEnsemble::optimizer_state`].
+    pub fn restore_optimizer_state(&mut self, state: Option<OptimizerState>) -> Result<()> {
+        Ok(match self {
+            TrainedEnsemble::Prediction(e) => e.restore_optimizer_state(state)?,
+            TrainedEnsemble::Gradient(e) => e.restore_optimizer_state(state)?,
+        })
+    }
     fn train(&mut self, data: &TransitionData, rng: &mut ChaCha8Rng) -> Result<ddppo_models::TrainReport> {
         Ok(match self {
             TrainedEnsemble::Prediction(e) => e.train(data, rng)?,
@@ -170,10 +192,9 @@ impl LearnedModels {
         };
         Ok(match variant {
             Variant::Sac => None,
-            Variant::Ddppo => Some(Self {
-                prediction: pred(&cfg.model, rng)?,
-                gradient: Some(grad(&cfg.model, &cfg.gradient, rng)?),
-            }),
+            Variant::Ddppo => {
+                Some(Self { prediction: pred(&cfg.model, rng)?, gradient: Some(grad(&cfg.model, &cfg.gradient, rng)?) })
+            }
             Variant::NoGradLoss | Variant::Mbpo => Some(Self { prediction: pred(&cfg.model, rng)?, gradient: None }),
             Variant::SingleModel => Some(Self { prediction: grad(&cfg.model, &cfg.gradient, rng)?, gradient: None }),
             Variant::DoubleParams => {
@@ -186,9 +207,9 @@ impl LearnedModels {
 }
 
 #[derive(Default)]
-struct Mean {
-    sum: f64,
-    n: usize,
+pub(crate) struct Mean {
+    pub(crate) sum: f64,
+    pub(crate) n: usize,
 }
 impl Mean {
     fn add(&mut self, v: f64) {
@@ -203,23 +224,23 @@ impl Mean {
 }
 
 #[derive(Clone, Copy, Default)]
-struct ModelStats {
-    loss: Option<f64>,
-    holdout: Option<f64>,
-    grad: Option<f64>,
+pub(crate) struct ModelStats {
+    pub(crate) loss: Option<f64>,
+    pub(crate) holdout: Option<f64>,
+    pub(crate) grad: Option<f64>,
 }
 
 /// A DDPPO (or baseline) agent with its env, buffers, networks, optimisers,
 /// random streams and counters: everything a run's state is made of.
 pub struct Agent {
-    cfg: AgentConfig,
-    task: Task,
-    device: Device,
-    factory: EnvFactory,
-    env: Box<dyn Env>,
-    obs: Vec<f64>,
-    episode_return: f64,
-    last_train_return: Option<f64>,
+    pub(crate) cfg: AgentConfig,
+    pub(crate) task: Task,
+    pub(crate) device: Device,
+    pub(crate) factory: EnvFactory,
+    pub(crate) env: Box<dyn Env>,
+    pub(crate) obs: Vec<f64>,
+    pub(crate) episode_return: f64,
+    pub(crate) last_train_return: Option<f64>,
     /// `D_env`.
     pub env_buffer: ReplayBuffer,
     /// `D_model`.
@@ -248,14 +269,14 @@ pub struct Agent {
     pub policy_updates: u64,
     /// Model trainings taken.
     pub model_trainings: u64,
-    rollout_length: usize,
-    snapshot: Option<PolicySnapshot>,
-    critic_loss: Mean,
-    policy_loss: Mean,
-    model_stats: ModelStats,
-    times: PhaseTimes,
-    started: Instant,
-    batch: Batch,
+    pub(crate) rollout_length: usize,
+    pub(crate) snapshot: Option<PolicySnapshot>,
+    pub(crate) critic_loss: Mean,
+    pub(crate) policy_loss: Mean,
+    pub(crate) model_stats: ModelStats,
+    pub(crate) times: PhaseTimes,
+    pub(crate) started: Instant,
+    pub(crate) batch: Batch,
 }
 
 fn secs(t: Instant) -> f64 {
@@ -282,8 +303,15 @@ impl Agent {
         let mut rngs = AgentRngs::new(cfg.seed);
         let mut init = ChaCha8Rng::seed_from_u64(cfg.seed);
         init.set_stream(0);
-        let policy =
-            GaussianPolicy::new(obs_dim, env.action_low(), env.action_high(), &cfg.hidden, DType::F32, &device, &mut init)?;
+        let policy = GaussianPolicy::new(
+            obs_dim,
+            env.action_low(),
+            env.action_high(),
+            &cfg.hidden,
+            DType::F32,
+            &device,
+            &mut init,
+        )?;
         let critic = SacCritic::new(obs_dim, act_dim, &cfg.hidden, DType::F32, &device, &mut init)?;
         let target_entropy = cfg.target_entropy.unwrap_or(-(act_dim as f64));
         let temperature = Temperature::new(cfg.init_alpha, target_entropy, DType::F32, &device)?;
@@ -445,17 +473,36 @@ impl Agent {
 
     /// Trains the ensembles on all of `D_env` (Algorithm 1 lines 5-6).
     pub fn train_models(&mut self) -> Result<()> {
-        let Some(models) = self.models.as_mut() else { return Ok(()) };
+        let Some(models) = self.models.as_mut() else {
+            return Ok(());
+        };
         let cols = self.env_buffer.newest(self.env_buffer.len());
         let data = TransitionData { obs: &cols.obs, act: &cols.act, rew: &cols.rew, next_obs: &cols.next_obs };
-        let report = models.prediction.train(&data, &mut self.rngs.model)?;
+        // The two ensembles are independent: train them on two threads, the
+        // gradient ensemble with its own generator seeded from the model stream.
+        let (report, grad_report) = match models.gradient.as_mut() {
+            Some(g) => {
+                let mut grad_rng = ChaCha8Rng::from_seed(self.rngs.model.random::<[u8; 32]>());
+                let prediction = &mut models.prediction;
+                let model_rng = &mut self.rngs.model;
+                std::thread::scope(|scope| {
+                    let handle = scope.spawn(|| g.train(&data, &mut grad_rng));
+                    let p = prediction.train(&data, model_rng);
+                    let g = handle
+                        .join()
+                        .unwrap_or_else(|_| Err(Error::Diverged("gradient-model training panicked".into())));
+                    (p, Some(g))
+                })
+            }
+            None => (models.prediction.train(&data, &mut self.rngs.model), None),
+        };
+        let report = report?;
         let elites = models.prediction.ensemble().elites().to_vec();
         let holdout = elites.iter().map(|&e| report.holdout_mse.get(e).copied().unwrap_or(f64::NAN)).sum::<f64>()
             / elites.len().max(1) as f64;
         let mut stats = ModelStats { loss: Some(report.train_loss), holdout: Some(holdout), grad: report.grad_loss };
-        if let Some(g) = models.gradient.as_mut() {
-            let gr = g.train(&data, &mut self.rngs.model)?;
-            stats.grad = gr.grad_loss;
+        if let Some(gr) = grad_report {
+            stats.grad = gr?.grad_loss;
         }
         self.model_stats = stats;
         self.model_trainings += 1;
@@ -466,7 +513,9 @@ impl Agent {
     /// of the current (stochastic) policy on the prediction model from
     /// `rollout_batch_size` states of `D_env`, dropping terminated rows.
     pub fn rollout_models(&mut self) -> Result<()> {
-        let Some(models) = self.models.as_ref() else { return Ok(()) };
+        let Some(models) = self.models.as_ref() else {
+            return Ok(());
+        };
         let epoch = self.env_steps / self.cfg.epoch_length;
         let k = self.cfg.rollout_schedule.length(epoch);
         self.rollout_length = k;
@@ -477,8 +526,9 @@ impl Agent {
         let (od, ad) = (self.env_buffer.obs_dim(), self.env_buffer.act_dim());
         let task = self.task;
         let terminal = move |s: &[f32]| is_terminal(task, s);
+        let prediction = models.prediction.ensemble().frozen();
         let rollout =
-            ModelRollout { prediction: models.prediction.ensemble(), gradient: None, share_members: false, terminal: &terminal };
+            ModelRollout { prediction: &prediction, gradient: None, share_members: false, terminal: &terminal };
         let mut remaining = self.cfg.rollout_batch_size;
         while remaining > 0 {
             let rows = remaining.min(ROLLOUT_CHUNK);
@@ -589,12 +639,20 @@ impl Agent {
         let start = upload(&self.batch.obs, b, od, DType::F32, &self.device)?;
         let task = self.task;
         let terminal = move |s: &[f32]| is_terminal(task, s);
-        let prediction = models.prediction.ensemble();
-        let (gradient, share) = match &models.gradient {
-            Some(g) => (g.ensemble(), false),
-            None => (prediction, true),
+        // Frozen views: the backward pass forms gradients for the policy only,
+        // none for the ensembles' weights.
+        let prediction = models.prediction.ensemble().frozen();
+        let gradient_view = models.gradient.as_ref().map(|g| g.ensemble().frozen());
+        let (gradient, share) = match &gradient_view {
+            Some(g) => (g, false),
+            None => (&prediction, true),
         };
-        let rollout = ModelRollout { prediction, gradient: Some(gradient), share_members: share, terminal: &terminal };
+        let rollout = ModelRollout {
+            prediction: &prediction,
+            gradient: Some(gradient),
+            share_members: share,
+            terminal: &terminal,
+        };
         let alpha = self.temperature.alpha()?;
         let out = policy_objective(
             &self.policy,
@@ -636,19 +694,13 @@ impl Agent {
     pub fn evaluate(&mut self) -> Result<EvalRecord> {
         let t = Instant::now();
         let snap = self.snapshot()?.clone();
-        let base_seed = self.cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1 << 40);
-        let policy = move |o: &[f64]| snap.mean_action(o);
-        let stats =
-            evaluate_episodes(&self.factory, &policy, self.cfg.eval_episodes, base_seed, self.cfg.eval_workers)?;
+        let summary = evaluate_policy(&self.factory, &self.cfg, snap, self.cfg.eval_episodes)?;
         self.times.eval += secs(t);
-        let n = stats.len().max(1) as f64;
-        let mean = stats.iter().map(|s| s.ret).sum::<f64>() / n;
-        let var = stats.iter().map(|s| (s.ret - mean).powi(2)).sum::<f64>() / n;
         Ok(EvalRecord {
             env_steps: self.env_steps,
-            return_mean: mean,
-            return_std: var.sqrt(),
-            episode_len_mean: stats.iter().map(|s| s.len as f64).sum::<f64>() / n,
+            return_mean: summary.return_mean,
+            return_std: summary.return_std,
+            episode_len_mean: summary.episode_len_mean,
             train_return: self.last_train_return,
             wall_s: secs(self.started),
             critic_loss: self.critic_loss.take(),
@@ -664,4 +716,41 @@ impl Agent {
             phase_s: self.times,
         })
     }
+}
+
+/// Returns of a set of deterministic evaluation episodes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EvalSummary {
+    /// Episodes run.
+    pub episodes: usize,
+    /// Mean return.
+    pub return_mean: f64,
+    /// Standard deviation (population) of the returns.
+    pub return_std: f64,
+    /// Mean episode length.
+    pub episode_len_mean: f64,
+}
+
+/// Runs `episodes` deterministic (mean-action) episodes of `policy` on envs
+/// seeded from the run's seed, on `cfg.eval_workers` threads. Episode `i`
+/// always gets the same env seed, so the first `cfg.eval_episodes` episodes
+/// are the ones of the run's own evaluations.
+pub fn evaluate_policy(
+    factory: &EnvFactory,
+    cfg: &AgentConfig,
+    policy: PolicySnapshot,
+    episodes: usize,
+) -> Result<EvalSummary> {
+    let base_seed = cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1 << 40);
+    let act = move |o: &[f64]| policy.mean_action(o);
+    let stats = evaluate_episodes(factory, &act, episodes, base_seed, cfg.eval_workers)?;
+    let n = stats.len().max(1) as f64;
+    let mean = stats.iter().map(|s| s.ret).sum::<f64>() / n;
+    let var = stats.iter().map(|s| (s.ret - mean).powi(2)).sum::<f64>() / n;
+    Ok(EvalSummary {
+        episodes: stats.len(),
+        return_mean: mean,
+        return_std: var.sqrt(),
+        episode_len_mean: stats.iter().map(|s| s.len as f64).sum::<f64>() / n,
+    })
 }

@@ -154,6 +154,9 @@ pub struct AgentConfig {
     pub eval_episodes: usize,
     /// Threads running the evaluation episodes.
     pub eval_workers: usize,
+    /// Env steps between checkpoints of `ddppo train` (0: only at the end of
+    /// the run; one is always written at the end).
+    pub checkpoint_every: usize,
     /// Hidden width of the single ensemble of `double-params` (`None`: chosen
     /// so the parameter count is about twice `model.hidden`'s).
     pub double_params_hidden: Option<usize>,
@@ -198,6 +201,7 @@ impl Default for AgentConfig {
             eval_every: 1000,
             eval_episodes: 10,
             eval_workers: 2,
+            checkpoint_every: 5000,
             double_params_hidden: None,
             model: EnsembleConfig::default(),
             gradient: GradientLossConfig::default(),
@@ -222,14 +226,16 @@ fn bad(msg: impl Into<String>) -> Error {
 impl AgentConfig {
     /// Parses TOML; unknown keys and wrong types are errors naming the key.
     pub fn from_toml_str(text: &str) -> Result<Self> {
-        let cfg: Self = toml::from_str(text).map_err(|source| Error::ConfigParse { path: "<string>".into(), source })?;
+        let cfg: Self =
+            toml::from_str(text).map_err(|source| Error::ConfigParse { path: "<string>".into(), source })?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     /// Reads and validates a TOML file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.display().to_string(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.display().to_string(), source })?;
         let cfg: Self =
             toml::from_str(&text).map_err(|source| Error::ConfigParse { path: path.display().to_string(), source })?;
         cfg.validate()?;

@@ -40,6 +40,14 @@ pub enum Error {
     #[error("model: {0}")]
     Model(#[from] ddppo_models::Error),
     /// Training diverged (non-finite loss).
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint {
+        /// The checkpoint directory or file.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     #[error("training diverged: {0}")]
     Diverged(String),
 }

@@ -37,6 +37,7 @@
 //! ```
 
 pub mod agent;
+pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod grad_error;
@@ -45,7 +46,8 @@ pub mod policy_update;
 pub mod rollout;
 pub mod sac;
 
-pub use agent::{Agent, EvalRecord, NoObserver, Observer, PhaseTimes};
+pub use agent::{Agent, EvalRecord, EvalSummary, NoObserver, Observer, PhaseTimes, evaluate_policy};
+pub use checkpoint::Checkpoints;
 pub use config::{AgentConfig, RolloutSchedule, Variant};
 pub use error::{Error, Result};
 pub use rollout::{DynamicsModel, ModelRollout};

@@ -4,7 +4,7 @@
 
 use crate::run_dir::{CONFIG_FILE, METRICS_FILE};
 use anyhow::{Context, Result, bail};
-use ddppo_agent::{Agent, AgentConfig, EvalRecord};
+use ddppo_agent::{Agent, AgentConfig, Checkpoints, EvalRecord};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -15,7 +15,7 @@ pub const CSV_FILE: &str = "metrics.csv";
 #[derive(clap::Args)]
 pub struct TrainArgs {
     /// Task (see `ddppo env list`); its preset in configs/ is the base config.
-    #[arg(long, required_unless_present_any = ["config", "resume"])]
+    #[arg(long, required_unless_present_any = ["config", "resume"], conflicts_with = "resume")]
     env: Option<String>,
     /// A TOML config file to start from instead of the preset.
     #[arg(long, conflicts_with = "resume")]
@@ -32,7 +32,7 @@ pub struct TrainArgs {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Run directory (created; must not hold another run).
-    #[arg(long, required_unless_present = "resume")]
+    #[arg(long, required_unless_present = "resume", conflicts_with = "resume")]
     out: Option<PathBuf>,
     /// Continue the run in this directory from its newest complete checkpoint.
     #[arg(long, value_name = "DIR")]
@@ -41,27 +41,123 @@ pub struct TrainArgs {
 
 pub fn run(args: TrainArgs) -> Result<()> {
     let device = crate::device::parse(&args.device)?;
-    if args.resume.is_some() {
-        bail!("--resume is not available yet: checkpoints are not written by this version");
-    }
-    let cfg = resolve_config(&args)?;
-    let out = args.out.as_deref().context("--out is required")?;
-    let resolved = cfg.to_toml()?;
-    prepare_run_dir(out, &resolved)?;
-    let mut agent = Agent::with_device(cfg, device)?;
-    let mut report = Reporter::new(out, agent.config().total_steps())?;
+    let (mut agent, out) = match &args.resume {
+        Some(dir) => match resume(dir, device)? {
+            Some(agent) => (agent, dir.clone()),
+            None => return Ok(()),
+        },
+        None => {
+            let cfg = resolve_config(&args)?;
+            let out = args.out.clone().context("--out is required")?;
+            let resolved = cfg.to_toml()?;
+            prepare_run_dir(&out, &resolved)?;
+            (Agent::with_device(cfg, device)?, out)
+        }
+    };
+    let checkpoints = Checkpoints::new(&out);
+    let total = agent.config().total_steps();
+    let every = agent.config().checkpoint_every;
+    let mut report = Reporter::new(&out, total, agent.env_steps)?;
     if agent.env_steps == 0 {
         report.eval(&agent.evaluate()?)?;
     }
-    while agent.env_steps < agent.config().total_steps() {
+    while agent.env_steps < total {
         if let Some(rec) = agent.step()? {
             report.eval(&rec)?;
         }
         report.step(agent.env_steps);
+        // After the step's metrics line, so a resumed run never misses one.
+        if every > 0 && agent.env_steps.is_multiple_of(every) && agent.env_steps < total {
+            let path = checkpoints.save(&agent)?;
+            report.note(&format!("checkpoint {}", path.display()));
+        }
+    }
+    if checkpoints.newest()?.map(|(s, _)| s) != Some(agent.env_steps) {
+        let path = checkpoints.save(&agent)?;
+        report.note(&format!("checkpoint {}", path.display()));
     }
     report.finish();
     eprintln!("run complete: {}", out.display());
     Ok(())
+}
+
+/// Loads the newest complete checkpoint of the run in `dir` and cuts its
+/// metrics back to that checkpoint's step (the resumed run writes the later
+/// lines again, identically on the CPU). `None` when the run is complete.
+fn resume(dir: &Path, device: candle_core::Device) -> Result<Option<Agent>> {
+    let config = dir.join(CONFIG_FILE);
+    if !config.is_file() {
+        bail!("{} is not a run directory (no {CONFIG_FILE}); nothing to resume", dir.display());
+    }
+    let cfg = AgentConfig::from_file(&config)?;
+    let checkpoints = Checkpoints::new(dir);
+    let Some((step, path)) = checkpoints.newest()? else {
+        bail!(
+            "{} has no complete checkpoint to resume from (a run writes one every checkpoint_every = {} env steps into {})",
+            dir.display(),
+            cfg.checkpoint_every,
+            checkpoints.root().display()
+        );
+    };
+    let total = cfg.total_steps();
+    let agent = Agent::from_checkpoint(cfg, device, &path)?;
+    if step >= total {
+        eprintln!("{} is complete ({step} of {total} env steps); nothing to resume", dir.display());
+        return Ok(None);
+    }
+    let dropped = truncate_metrics(dir, step)?;
+    eprintln!(
+        "resuming {} from {} ({step} of {total} env steps{})",
+        dir.display(),
+        path.display(),
+        if dropped > 0 { format!("; {dropped} later metrics lines will be written again") } else { String::new() }
+    );
+    Ok(Some(agent))
+}
+
+/// Keeps the `metrics.jsonl` lines up to `step` env steps and rewrites
+/// `metrics.csv` from them; returns how many lines were dropped.
+fn truncate_metrics(dir: &Path, step: usize) -> Result<usize> {
+    let path = dir.join(METRICS_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let mut keep = Vec::new();
+    let mut dropped = 0;
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not a metrics record", path.display(), i + 1))?;
+        let at = value
+            .get("env_steps")
+            .and_then(|v| v.as_u64())
+            .with_context(|| format!("{}:{}: no env_steps", path.display(), i + 1))?;
+        if at as usize <= step {
+            keep.push(value);
+        } else {
+            dropped += 1;
+        }
+    }
+    let mut jsonl = String::new();
+    let mut csv = String::new();
+    for (i, v) in keep.iter().enumerate() {
+        jsonl.push_str(&serde_json::to_string(v)?);
+        jsonl.push('\n');
+        let (header, row) = crate::run_dir::csv_row(v);
+        if i == 0 {
+            csv.push_str(&header);
+            csv.push('\n');
+        }
+        csv.push_str(&row);
+        csv.push('\n');
+    }
+    crate::run_dir::write_atomic(&path, jsonl.as_bytes())?;
+    crate::run_dir::write_atomic(&dir.join(CSV_FILE), csv.as_bytes())?;
+    Ok(dropped)
 }
 
 /// Preset (or `--config` file), then `--variant`/`--seed`/`--env`, then every
@@ -136,7 +232,11 @@ fn prepare_run_dir(out: &Path, resolved: &str) -> Result<()> {
         if config.exists() {
             let existing = std::fs::read_to_string(&config).unwrap_or_default();
             if existing == resolved {
-                bail!("{} already holds this run; continue it with `ddppo train --resume {}`", out.display(), out.display());
+                bail!(
+                    "{} already holds this run; continue it with `ddppo train --resume {}`",
+                    out.display(),
+                    out.display()
+                );
             }
             bail!("{} already holds a different run (its config.toml differs); choose another --out", out.display());
         }
@@ -162,7 +262,7 @@ struct Reporter {
 }
 
 impl Reporter {
-    fn new(dir: &Path, total: usize) -> Result<Self> {
+    fn new(dir: &Path, total: usize, start_steps: usize) -> Result<Self> {
         let open = |name: &str| {
             std::fs::OpenOptions::new()
                 .create(true)
@@ -186,7 +286,7 @@ impl Reporter {
             bar,
             total,
             started: Instant::now(),
-            start_steps: 0,
+            start_steps,
             last_return: None,
             last_line: Instant::now(),
         })
@@ -232,6 +332,13 @@ impl Reporter {
         }
         self.last_line = Instant::now();
         Ok(())
+    }
+
+    fn note(&self, line: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => eprintln!("{line}"),
+        }
     }
 
     fn finish(&self) {

@@ -3,6 +3,7 @@
 
 mod chart;
 mod cmd_env;
+mod cmd_eval;
 mod cmd_grad_error;
 mod cmd_plot;
 mod cmd_table;
@@ -23,6 +24,8 @@ struct Cli {
 enum Command {
     /// Train an agent (preset per task; --set overrides any key).
     Train(cmd_train::TrainArgs),
+    /// Evaluate a run's newest checkpoint (deterministic policy).
+    Eval(cmd_eval::EvalArgs),
     /// List the environments, or replay actions through one.
     Env(cmd_env::EnvArgs),
     /// The gradient-error study (paper Figure 2) on an analytic env.
@@ -45,6 +48,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Command::Train(args) => cmd_train::run(args),
+        Command::Eval(args) => cmd_eval::run(args),
         Command::Env(args) => cmd_env::run(args),
         Command::GradError(args) => cmd_grad_error::run(args),
         Command::Plot(args) => cmd_plot::run(args),

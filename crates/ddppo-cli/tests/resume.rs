@@ -1,0 +1,253 @@
+//! Checkpoints and `--resume`: a run killed and resumed writes the same
+//! metrics as an uninterrupted run with the same seed (CPU), and bad
+//! checkpoints are one-line errors that leave the run directory untouched.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn ddppo(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ddppo")).args(args).output().unwrap()
+}
+
+fn tempdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ddppo-resume-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A tiny DDPPO run on Pendulum through every phase of Algorithm 1: warm-up,
+/// three model trainings with rollouts, G1/G2 updates; an evaluation and a
+/// checkpoint every 150 steps.
+const TINY: &str = r#"
+task = "pendulum"
+variant = "ddppo"
+seed = 3
+epochs = 1
+epoch_length = 600
+start_steps = 300
+min_pool_size = 300
+model_train_freq = 150
+rollout_batch_size = 300
+policy_updates_per_step = 1
+critic_updates_per_step = 1
+batch_size = 32
+hidden = [32, 32]
+eval_every = 150
+eval_episodes = 2
+checkpoint_every = 150
+
+[model]
+ensemble_size = 3
+elites = 2
+hidden = 16
+hidden_layers = 2
+weight_decay = [2.5e-5, 5e-5, 1e-4]
+max_epochs = 3
+
+[gradient]
+neighbours = 3
+"#;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The metrics lines without their wall-clock fields.
+fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let o = v.as_object_mut().unwrap();
+            o.remove("wall_s");
+            o.remove("phase_s");
+            v
+        })
+        .collect()
+}
+
+fn one_line_error(o: &Output, expect: &str) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "expected exit 1 with '{expect}': {err}");
+    assert!(err.contains(expect), "expected '{expect}' in: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// Every file under `dir` with its bytes.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push((p.clone(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let p = e.path();
+        let q = to.join(e.file_name());
+        if p.is_dir() {
+            copy_dir(&p, &q);
+        } else {
+            std::fs::copy(&p, &q).unwrap();
+        }
+    }
+}
+
+fn checkpoint_steps(run: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
+        .map(|r| r.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn killed_and_resumed_run_matches_the_uninterrupted_one() {
+    let tmp = tempdir("kill");
+    let cfg = tmp.join("tiny.toml");
+    std::fs::write(&cfg, TINY).unwrap();
+
+    // The uninterrupted run.
+    let full = tmp.join("full");
+    let o = ddppo(&["train", "--config", s(&cfg), "--out", s(&full)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let expected = metrics(&full);
+    assert_eq!(expected.len(), 5, "evaluations at 0, 150, ..., 600");
+    assert!(expected[4]["policy_updates"].as_u64().unwrap() > 0 && !expected[4]["model_loss"].is_null());
+    // The newest two checkpoints are kept, the final one included.
+    assert_eq!(checkpoint_steps(&full), ["step-0000000450", "step-0000000600"]);
+
+    // The same run, killed (SIGKILL) right after its checkpoint at step 300,
+    // once the model-based phase has begun.
+    let cut = tmp.join("cut");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ddppo"))
+        .args(["train", "--config", s(&cfg), "--out", s(&cut)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let marker = cut.join("checkpoints").join("step-0000000300");
+    let started = Instant::now();
+    while !marker.exists() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the run ended ({status}) before its checkpoint at step 300");
+        }
+        assert!(started.elapsed() < Duration::from_secs(600), "no checkpoint at step 300 after 10 minutes");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let newest = checkpoint_steps(&cut).last().cloned().unwrap();
+    assert!(newest.as_str() < "step-0000000600", "the run was not interrupted: {newest}");
+    let before = metrics(&cut);
+    assert!(before.len() < expected.len(), "the run was not interrupted: {} lines", before.len());
+
+    // A copy of the killed run with its newest checkpoint damaged in
+    // various ways: one-line errors, and nothing in the run directory changes.
+    let damaged = |name: &str, damage: &dyn Fn(&Path), expect: &str| {
+        let dir = tmp.join(name);
+        copy_dir(&cut, &dir);
+        let ck = dir.join("checkpoints").join(&newest);
+        damage(&ck);
+        let files = snapshot(&dir);
+        one_line_error(&ddppo(&["train", "--resume", s(&dir)]), expect);
+        assert!(snapshot(&dir) == files, "{name}: --resume changed the run directory");
+    };
+    damaged(
+        "truncated",
+        &|ck| {
+            let f = ck.join("env_buffer.bin");
+            let len = std::fs::metadata(&f).unwrap().len();
+            std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len / 2).unwrap();
+        },
+        "env_buffer.bin: truncated",
+    );
+    damaged(
+        "flipped",
+        &|ck| {
+            let f = ck.join("networks.safetensors");
+            let mut b = std::fs::read(&f).unwrap();
+            let i = b.len() - 7;
+            b[i] ^= 0x20;
+            std::fs::write(&f, b).unwrap();
+        },
+        "networks.safetensors: corrupt",
+    );
+    damaged("no-manifest", &|ck| std::fs::remove_file(ck.join("MANIFEST.json")).unwrap(), "incomplete");
+    damaged(
+        "other-config",
+        &|ck| {
+            let f = ck.join("../../config.toml");
+            let text = std::fs::read_to_string(&f).unwrap().replace("seed = 3", "seed = 4");
+            std::fs::write(&f, text).unwrap();
+        },
+        "different config",
+    );
+
+    // Resumed: the metrics from the checkpoint on equal the uninterrupted run's.
+    let o = ddppo(&["train", "--resume", s(&cut)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("resuming"));
+    assert_eq!(metrics(&cut), expected, "the resumed run differs from the uninterrupted one");
+    let csv = std::fs::read_to_string(cut.join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + expected.len(), "metrics.csv: a header and one row per evaluation");
+
+    // A finished run has nothing to resume; its files stay as they are.
+    let files = snapshot(&cut);
+    let o = ddppo(&["train", "--resume", s(&cut)]);
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stderr).contains("nothing to resume"));
+    assert!(snapshot(&cut) == files);
+
+    // `ddppo eval` with the run's own episode seeds reproduces the last
+    // evaluation of the run.
+    let o = ddppo(&["eval", "--run", s(&full)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let line = String::from_utf8_lossy(&o.stdout).to_string();
+    let want = format!(
+        "return {:.1} ± {:.1} over 2 episodes",
+        expected[4]["return_mean"].as_f64().unwrap(),
+        expected[4]["return_std"].as_f64().unwrap()
+    );
+    assert!(line.contains(&want) && line.contains("at 600 env steps"), "{line} lacks {want}");
+    let o = ddppo(&["eval", "--run", s(&full), "--episodes", "3"]);
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("over 3 episodes"));
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+#[test]
+fn resume_and_eval_without_a_checkpoint_are_one_line_errors() {
+    let tmp = tempdir("none");
+    let empty = tmp.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    one_line_error(&ddppo(&["train", "--resume", s(&empty)]), "not a run directory");
+    one_line_error(&ddppo(&["eval", "--run", s(&empty)]), "not a run directory");
+    // A run directory whose run never reached a checkpoint.
+    let run = tmp.join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    let cfg = ddppo_agent::AgentConfig::preset("pendulum").unwrap().to_toml().unwrap();
+    std::fs::write(run.join("config.toml"), cfg).unwrap();
+    std::fs::write(run.join("metrics.jsonl"), "{\"env_steps\":0,\"return_mean\":-1200.0}\n").unwrap();
+    let files = snapshot(&run);
+    one_line_error(&ddppo(&["train", "--resume", s(&run)]), "no complete checkpoint");
+    one_line_error(&ddppo(&["eval", "--run", s(&run)]), "no complete checkpoint");
+    // An interrupted checkpoint write (temporary name) does not count.
+    std::fs::create_dir_all(run.join("checkpoints").join(".tmp-step-0000001000")).unwrap();
+    one_line_error(&ddppo(&["train", "--resume", s(&run)]), "no complete checkpoint");
+    std::fs::remove_dir_all(run.join("checkpoints")).unwrap();
+    assert!(snapshot(&run) == files);
+    let _ = std::fs::remove_dir_all(&tmp);
+}
