@@ -190,6 +190,7 @@ trait Real:
     + std::ops::Sub<Output = Self>
     + std::ops::Mul<Output = Self>
     + std::ops::Div<Output = Self>
+    + std::ops::SubAssign
 {
     fn sqrt(self) -> Self;
 }
@@ -271,7 +272,7 @@ impl AdamStep {
             T::from_f64(EPS),
         );
         for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
-            *p = *p - s * (m / (v.sqrt() / c + e));
+            *p -= s * (m / (v.sqrt() / c + e));
         }
     }
 }

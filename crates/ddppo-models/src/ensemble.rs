@@ -10,7 +10,7 @@ use rand::Rng;
 use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
 
-use crate::fused::SiluTangent;
+use crate::fused::{HiddenLayer, SiluTangent};
 use crate::layer::{EnsembleLinear, host_tensor, named_var};
 use crate::{EnsembleConfig, Error, Result};
 
@@ -313,29 +313,20 @@ impl ProbabilisticEnsemble {
         let od = self.out_dim();
         let (ep, base, _) = x.dims3()?;
         let (mut h, op) = match tangent {
-            Some((t0, start, k)) => (
-                Tensor::cat(&[x, t0], 1)?,
-                SiluTangent {
-                    base,
-                    start,
-                    k,
-                    bias_grad: !self.frozen,
-                },
-            ),
+            Some((t0, start, k)) => (Tensor::cat(&[x, t0], 1)?, SiluTangent { base, start, k }),
             None => (
                 x.clone(),
                 SiluTangent {
                     base,
                     start: 0,
                     k: 1,
-                    bias_grad: !self.frozen,
                 },
             ),
         };
         let last = self.layers.len() - 1;
         for layer in &self.layers[..last] {
             let (w, b) = layer.params(member, self.frozen)?;
-            h = self.layer_matmul(&h, &w)?.apply_op2(&b.contiguous()?, op)?;
+            h = h.apply_op3(&w, &b.contiguous()?, HiddenLayer::new(op))?;
         }
         let (w, b) = self.layers[last].params(member, self.frozen)?;
         let y = self.layer_matmul(&h, &w)?;
@@ -411,6 +402,51 @@ impl ProbabilisticEnsemble {
             logvar,
             tangent: t,
         })
+    }
+
+    /// Forward pass of all members with the directional derivatives `J · t0` of the
+    /// mean (standardised inputs; `t0`: `E x (Bt * k) x in`, `k` directions for each of
+    /// the base rows `start..start + Bt`, as in [`forward_std`](Self::forward_std)).
+    ///
+    /// `J · t0` is linear in `t0`, so when there are more directions than input
+    /// dimensions (`k > in`, e.g. InvertedPendulum: n = 10 > 5, Hopper: 25 > 14) the
+    /// `in` columns of `J` are propagated as unit tangents instead and contracted with
+    /// `t0` afterwards: the same `J · t0` (up to float rounding) from `in` instead of
+    /// `k` tangent rows per point, which are most of the cost of the gradient loss.
+    pub(crate) fn forward_jv(
+        &self,
+        x: &Tensor,
+        start: usize,
+        t0: &Tensor,
+        k: usize,
+    ) -> Result<TangentOutput> {
+        let (ind, od) = (self.in_dim(), self.out_dim());
+        if k <= ind {
+            return self.forward_std(x, None, Some((t0, start, k)));
+        }
+        let (e, rows, _) = t0.dims3()?;
+        let bt = rows / k;
+        let eye = Tensor::eye(ind, self.dtype, &self.device)?
+            .unsqueeze(0)?
+            .broadcast_as((e * bt, ind, ind))?
+            .reshape((e, bt * ind, ind))?;
+        let mut out = self.forward_std(x, None, Some((&eye, start, ind)))?;
+        let cols = out
+            .tangent
+            .take()
+            .ok_or_else(|| Error::Internal("no tangent".into()))?
+            .reshape((e * bt, ind, od))?;
+        let v = t0.reshape((e * bt, k, ind))?;
+        let jv = if self.fused {
+            v.contiguous()?.apply_op2(
+                &cols.contiguous()?,
+                crate::fused::SmallBatchedMatmul::Forward,
+            )?
+        } else {
+            v.matmul(&cols)?
+        };
+        out.tangent = Some(jv.reshape((e, bt * k, od))?);
+        Ok(out)
     }
 
     /// Chooses the fused CPU kernel (default on CPU) or the plain candle-op path.
@@ -583,7 +619,7 @@ impl ProbabilisticEnsemble {
         }
         let xs = self.standardise(x)?;
         let t0 = v.broadcast_mul(&self.scaler_inv_std_t)?;
-        let out = self.forward_std(&xs, None, Some((&t0, 0, k)))?;
+        let out = self.forward_jv(&xs, 0, &t0, k)?;
         let t = out
             .tangent
             .ok_or_else(|| Error::Internal("no tangent".into()))?;
@@ -756,6 +792,64 @@ mod tests {
         let n: usize = shape.iter().product();
         let v: Vec<f64> = (0..n).map(|_| rng.random_range(-1.5..1.5)).collect();
         host_tensor(v, shape, dtype, &Device::Cpu).unwrap()
+    }
+
+    /// With more directions than inputs, `forward_jv` contracts the Jacobian's columns
+    /// with the directions: the same `J · t0` and the same gradients (for every
+    /// parameter and for the directions) as propagating the `k` directions themselves.
+    #[test]
+    fn jacobian_columns_route_equals_direct_tangents() {
+        for fused in [true, false] {
+            let mut rng = ChaCha8Rng::seed_from_u64(9);
+            let cfg = EnsembleConfig {
+                ensemble_size: 3,
+                elites: 2,
+                hidden: 8,
+                hidden_layers: 3,
+                weight_decay: vec![1e-4; 4],
+                ..Default::default()
+            };
+            let mut ens =
+                ProbabilisticEnsemble::new(2, 2, &cfg, &Device::Cpu, DType::F64, &mut rng).unwrap();
+            for v in ens.vars() {
+                let noise = randt(&mut rng, v.dims(), DType::F64);
+                v.set(&(v.as_tensor() + (noise * 0.2).unwrap()).unwrap())
+                    .unwrap();
+            }
+            ens.set_fused_kernels(fused);
+            let (e, b, bg, k) = (3, 5, 4, 7);
+            assert!(k > ens.in_dim());
+            let x = randt(&mut rng, &[e, b + bg, 4], DType::F64);
+            let t0 = Var::from_tensor(&randt(&mut rng, &[e, bg * k, 4], DType::F64)).unwrap();
+            let run = |route: bool| {
+                let out = if route {
+                    ens.forward_jv(&x, b, t0.as_tensor(), k).unwrap()
+                } else {
+                    ens.forward_std(&x, None, Some((t0.as_tensor(), b, k)))
+                        .unwrap()
+                };
+                let t = out.tangent.unwrap();
+                let loss = (t.sin().unwrap().sum_all().unwrap()
+                    + out.mean.sqr().unwrap().sum_all().unwrap()
+                    + out.logvar.sum_all().unwrap())
+                .unwrap();
+                let grads = loss.backward().unwrap();
+                let mut all = t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                for v in ens.vars().iter().chain([&t0]) {
+                    let g = grads.get(v.as_tensor()).unwrap();
+                    all.extend(g.flatten_all().unwrap().to_vec1::<f64>().unwrap());
+                }
+                all
+            };
+            let (direct, route) = (run(false), run(true));
+            assert_eq!(direct.len(), route.len());
+            for (i, (a, b)) in route.iter().zip(&direct).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-11 * (1.0 + b.abs()),
+                    "fused {fused} entry {i}: route {a} direct {b}"
+                );
+            }
+        }
     }
 
     /// The fused CPU kernel and the plain candle-op path agree on the loss and on

@@ -1,16 +1,20 @@
-//! A fused CPU kernel for one hidden layer's activation with forward-mode
-//! tangents (ALGORITHM.md section 3), and its backward pass.
+//! Fused CPU kernels for the ensemble (ALGORITHM.md sections 2 and 3): one hidden
+//! layer with forward-mode tangents as a single autograd node, and the small
+//! batched products of the gradient loss.
 //!
-//! The layer's matmul is done once for the stacked rows `[h; t]` (base rows and
-//! tangent rows share `W`). This op then adds the bias to the base rows and maps
+//! [`HiddenLayer`]: the layer's matmul is done once for the stacked rows `[h; t]`
+//! (base rows and tangent rows share `W`); then [`SiluTangent`] adds the bias to the
+//! base rows and maps
 //!
 //! - base row `r`:          `a_r = silu(z_r)`, `z_r = y_r + b`
 //! - tangent row `(j, i)`:  `t'_{j,i} = silu'(z_{start+j}) * y_{j,i}`
 //!
 //! in one pass over memory. Written out with candle's elementwise ops the same
 //! step makes about ten full-size temporaries and a broadcast-reduce in the
-//! backward pass (slow on CPU); here the backward pass is one more loop and the
-//! bias gradient a ones-row matmul.
+//! backward pass (slow on CPU); here the backward pass is one more loop, three
+//! gemm products (only those needed) and a column sum for the bias.
+use std::mem::MaybeUninit;
+
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
 
@@ -23,8 +27,6 @@ pub(crate) struct SiluTangent {
     pub start: usize,
     /// Directions per tangent point.
     pub k: usize,
-    /// Whether the backward pass returns the bias gradient (not for a frozen view).
-    pub bias_grad: bool,
 }
 
 /// Element type of the kernel. `f32` uses a branch-free exponential that the
@@ -32,6 +34,7 @@ pub(crate) struct SiluTangent {
 /// `f64` uses the exact one (the exactness tests run in f64).
 trait Real:
     WithDType
+    + 'static
     + Copy
     + std::ops::Add<Output = Self>
     + std::ops::Mul<Output = Self>
@@ -127,37 +130,44 @@ impl SiluTangent {
         o: usize,
     ) -> candle_core::Result<Vec<T>> {
         let nt = self.check(rows)?;
-        let mut out = vec![T::ZERO; y.len()];
+        let mut out = Uninit::new(y.len());
+        let om_all = out.slots();
         let mut d = vec![T::ZERO; o];
         for m in 0..e {
             let ym = &y[m * rows * o..(m + 1) * rows * o];
             let bm = &b[m * o..(m + 1) * o];
-            let om = &mut out[m * rows * o..(m + 1) * rows * o];
+            let om = &mut om_all[m * rows * o..(m + 1) * rows * o];
             for r in 0..self.base {
-                let (yr, or) = (&ym[r * o..(r + 1) * o], &mut om[r * o..(r + 1) * o]);
+                let yr = &ym[r * o..(r + 1) * o];
+                if r < self.start || r >= self.start + nt {
+                    let or = &mut om[r * o..(r + 1) * o];
+                    for c in 0..o {
+                        let z = yr[c] + bm[c];
+                        or[c] = MaybeUninit::new(z * T::sigmoid(z));
+                    }
+                    continue;
+                }
+                // A point with tangents: silu and silu'(z) = s (1 + z (1 - s)) from one sigmoid.
+                let or = &mut om[r * o..(r + 1) * o];
                 for c in 0..o {
                     let z = yr[c] + bm[c];
-                    or[c] = z * T::sigmoid(z);
-                }
-            }
-            for j in 0..nt {
-                let r = self.start + j;
-                for c in 0..o {
-                    let z = ym[r * o + c] + bm[c];
                     let s = T::sigmoid(z);
-                    // silu'(z) = s (1 + z (1 - s))
+                    or[c] = MaybeUninit::new(z * s);
                     d[c] = s * (T::ONE + z * (T::ONE - s));
                 }
+                let j = r - self.start;
                 for i in 0..self.k {
                     let tr = self.base + j * self.k + i;
                     let (yt, ot) = (&ym[tr * o..(tr + 1) * o], &mut om[tr * o..(tr + 1) * o]);
                     for c in 0..o {
-                        ot[c] = d[c] * yt[c];
+                        ot[c] = MaybeUninit::new(d[c] * yt[c]);
                     }
                 }
             }
         }
-        Ok(out)
+        // SAFETY: `check` ensured rows = base + nt * k with the tangent points inside the
+        // base rows, so the loops above wrote every base row and every tangent row.
+        Ok(unsafe { out.assume_init() })
     }
 
     /// `d loss / d y` from `g = d loss / d out`.
@@ -172,44 +182,80 @@ impl SiluTangent {
         o: usize,
     ) -> candle_core::Result<Vec<T>> {
         let nt = self.check(rows)?;
-        let mut gy = vec![T::ZERO; y.len()];
+        let mut gy = Uninit::new(y.len());
+        let gy_all = gy.slots();
+        let mut d = vec![T::ZERO; o];
+        let mut dd = vec![T::ZERO; o];
+        let mut acc = vec![T::ZERO; o];
         for m in 0..e {
             let off = m * rows * o;
             let (ym, gm) = (&y[off..off + rows * o], &g[off..off + rows * o]);
             let bm = &b[m * o..(m + 1) * o];
-            let gym = &mut gy[off..off + rows * o];
-            let mut d = vec![T::ZERO; o];
-            let mut dd = vec![T::ZERO; o];
-            let mut acc = vec![T::ZERO; o];
+            let gym = &mut gy_all[off..off + rows * o];
             for r in 0..self.base {
                 let (yr, gr) = (&ym[r * o..(r + 1) * o], &gm[r * o..(r + 1) * o]);
+                if r < self.start || r >= self.start + nt {
+                    // No tangents from this row: only silu'.
+                    let gyr = &mut gym[r * o..(r + 1) * o];
+                    for c in 0..o {
+                        let z = yr[c] + bm[c];
+                        let s = T::sigmoid(z);
+                        gyr[c] = MaybeUninit::new(gr[c] * (s * (T::ONE + z * (T::ONE - s))));
+                    }
+                    continue;
+                }
                 for c in 0..o {
                     let z = yr[c] + bm[c];
                     let s = T::sigmoid(z);
                     d[c] = s * (T::ONE + z * (T::ONE - s));
                     // silu''(z) = s (1 - s) (2 + z (1 - 2 s))
                     dd[c] = s * (T::ONE - s) * (T::TWO + z * (T::ONE - T::TWO * s));
-                }
-                for c in 0..o {
                     acc[c] = gr[c] * d[c];
                 }
-                if nt > 0 && r >= self.start && r < self.start + nt {
-                    let j = r - self.start;
-                    for i in 0..self.k {
-                        let tr = self.base + j * self.k + i;
-                        let (yt, gt) = (&ym[tr * o..(tr + 1) * o], &gm[tr * o..(tr + 1) * o]);
-                        let gyt = &mut gym[tr * o..(tr + 1) * o];
-                        for c in 0..o {
-                            // t' = silu'(z) u: dL/du = g silu'(z), dL/dz += g u silu''(z).
-                            acc[c] += gt[c] * yt[c] * dd[c];
-                            gyt[c] = gt[c] * d[c];
-                        }
+                let j = r - self.start;
+                for i in 0..self.k {
+                    let tr = self.base + j * self.k + i;
+                    let (yt, gt) = (&ym[tr * o..(tr + 1) * o], &gm[tr * o..(tr + 1) * o]);
+                    let gyt = &mut gym[tr * o..(tr + 1) * o];
+                    for c in 0..o {
+                        // t' = silu'(z) u: dL/du = g silu'(z), dL/dz += g u silu''(z).
+                        acc[c] += gt[c] * yt[c] * dd[c];
+                        gyt[c] = MaybeUninit::new(gt[c] * d[c]);
                     }
                 }
-                gym[r * o..(r + 1) * o].copy_from_slice(&acc);
+                let gyr = &mut gym[r * o..(r + 1) * o];
+                for c in 0..o {
+                    gyr[c] = MaybeUninit::new(acc[c]);
+                }
             }
         }
-        Ok(gy)
+        // SAFETY: as in `fwd_impl`, every base row and every tangent row was written.
+        Ok(unsafe { gy.assume_init() })
+    }
+}
+
+/// An output buffer the kernels fill completely, so it is not zeroed first (a
+/// zeroing pass costs about as much as the activation itself).
+struct Uninit<T>(Vec<MaybeUninit<T>>);
+
+impl<T> Uninit<T> {
+    fn new(n: usize) -> Self {
+        let mut v = Vec::with_capacity(n);
+        // SAFETY: `MaybeUninit` needs no initialisation; the capacity is `n`.
+        unsafe { v.set_len(n) };
+        Self(v)
+    }
+    fn slots(&mut self) -> &mut [MaybeUninit<T>] {
+        &mut self.0
+    }
+    /// # Safety
+    /// Every slot must have been written.
+    unsafe fn assume_init(self) -> Vec<T> {
+        let mut v = std::mem::ManuallyDrop::new(self.0);
+        let (ptr, len, cap) = (v.as_mut_ptr(), v.len(), v.capacity());
+        // SAFETY: `MaybeUninit<T>` has the layout of `T`; the caller guarantees that
+        // every element is initialised; pointer, length and capacity come from a Vec.
+        unsafe { Vec::from_raw_parts(ptr.cast::<T>(), len, cap) }
     }
 }
 
@@ -316,69 +362,220 @@ impl SiluTangent {
     }
 }
 
-impl CustomOp2 for SiluTangent {
-    fn name(&self) -> &'static str {
-        "silu-tangent"
-    }
+/// One hidden layer on CPU as a single graph node: `y = h W` (one matmul for the
+/// stacked base and tangent rows), then the [`SiluTangent`] map with the bias.
+///
+/// The pre-activation `y` is kept inside the op for the backward pass instead of
+/// being a node of its own: candle gives every node's gradient a zero-filled buffer
+/// and an addition, two full passes over `rows x hidden` that cost about as much as
+/// the activation. The backward pass also forms only the gradients that are used:
+/// none for `h` when it is data (the first layer), none for `W` and `b` when they are
+/// constants (a frozen view).
+pub(crate) struct HiddenLayer {
+    op: SiluTangent,
+    y: std::sync::Mutex<Option<CpuStorage>>,
+}
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (e, rows, o) = dims3(l1)?;
-        let (e2, one, o2) = dims3(l2)?;
-        if e2 != e || one != 1 || o2 != o {
-            candle_core::bail!("silu-tangent: bias must be {e} x 1 x {o}")
+impl HiddenLayer {
+    pub(crate) fn new(op: SiluTangent) -> Self {
+        Self {
+            op,
+            y: std::sync::Mutex::new(None),
         }
-        let out = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(self.fwd::<f32>(
-                contiguous(s1, l1)?,
-                contiguous(s2, l2)?,
-                e,
-                rows,
-                o,
-            )?),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(self.fwd::<f64>(
-                contiguous(s1, l1)?,
-                contiguous(s2, l2)?,
-                e,
-                rows,
-                o,
-            )?),
-            _ => candle_core::bail!("silu-tangent: f32 or f64 inputs of one dtype"),
-        };
-        Ok((out, l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        y: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        g: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = g.contiguous()?;
-        let gy = y.apply_op3_no_bwd(b, &g, &SiluTangentBwd(*self))?;
-        if !self.bias_grad {
-            return Ok((Some(gy), None));
-        }
-        // The bias gradient is the column sum over the base rows, as a ones-row matmul
-        // (a reduction over the batch axis is far slower in candle on CPU).
-        let (e, _, _) = gy.dims3()?;
-        let ones = Tensor::ones((e, 1, self.base), gy.dtype(), gy.device())?;
-        let gb = ones.matmul(&gy.narrow(1, 0, self.base)?)?;
-        Ok((Some(gy), Some(gb)))
     }
 }
 
-struct SiluTangentBwd(SiluTangent);
+fn cpu_slice<'a, T: WithDType>(
+    s: &'a candle_core::Storage,
+    l: &Layout,
+) -> candle_core::Result<&'a [T]> {
+    match s {
+        candle_core::Storage::Cpu(c) => contiguous(c, l),
+        _ => candle_core::bail!("hidden-layer: CPU tensors only"),
+    }
+}
 
-impl CustomOp3 for SiluTangentBwd {
+/// One operand of [`batched_gemm`]: the data of `e` matrices `skip` apart, and the
+/// strides between columns and rows of each.
+struct Operand<'a, T> {
+    data: &'a [T],
+    skip: usize,
+    cs: usize,
+    rs: usize,
+}
+
+impl<T> Operand<'_, T> {
+    /// The highest element index `e` matrices of `rows x cols` read, plus one.
+    fn extent(&self, e: usize, rows: usize, cols: usize) -> usize {
+        (e - 1) * self.skip + (rows - 1) * self.rs + (cols - 1) * self.cs + 1
+    }
+}
+
+/// `e` products `(m x k) (k x n)` with gemm (candle's own matmul kernel), written
+/// straight into a fresh buffer: candle zero-fills its product buffer first, a full
+/// extra pass over memory for each of the three products of a layer.
+fn batched_gemm<T: Real>(
+    e: usize,
+    (m, n, k): (usize, usize, usize),
+    lhs: Operand<T>,
+    rhs: Operand<T>,
+) -> candle_core::Result<Vec<T>> {
+    if e == 0 || m == 0 || n == 0 || k == 0 {
+        return Ok(vec![T::ZERO; e * m * n]);
+    }
+    if lhs.data.len() < lhs.extent(e, m, k) || rhs.data.len() < rhs.extent(e, k, n) {
+        candle_core::bail!("batched-gemm: operand smaller than {e} x ({m} x {k}) ({k} x {n})")
+    }
+    let parallelism = match candle_core::utils::get_num_threads() {
+        t if t > 1 => gemm::Parallelism::Rayon(t),
+        _ => gemm::Parallelism::None,
+    };
+    let mut out = Uninit::new(e * m * n);
+    let dst = out.slots().as_mut_ptr().cast::<T>();
+    for step in 0..e {
+        // SAFETY: the extents checked above keep every read inside `lhs` and `rhs`;
+        // the destination block `step` lies inside `out` (e * m * n elements) and
+        // gemm with `read_dst = false` only writes it, each element once.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.add(step * m * n),
+                1,
+                n as isize,
+                false,
+                lhs.data.as_ptr().add(step * lhs.skip),
+                lhs.cs as isize,
+                lhs.rs as isize,
+                rhs.data.as_ptr().add(step * rhs.skip),
+                rhs.cs as isize,
+                rhs.rs as isize,
+                T::ZERO,
+                T::ONE,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+    }
+    // SAFETY: the `e` products wrote every element.
+    Ok(unsafe { out.assume_init() })
+}
+
+impl HiddenLayer {
+    fn fwd_t<T: Real>(
+        &self,
+        h: &[T],
+        w: &[T],
+        b: &[T],
+        (e, rows, k, o): (usize, usize, usize, usize),
+    ) -> candle_core::Result<(Vec<T>, Vec<T>)> {
+        let lhs = Operand {
+            data: h,
+            skip: rows * k,
+            cs: 1,
+            rs: k,
+        };
+        let rhs = Operand {
+            data: w,
+            skip: k * o,
+            cs: 1,
+            rs: o,
+        };
+        let y = batched_gemm(e, (rows, o, k), lhs, rhs)?;
+        let out = self.op.fwd(&y, b, e, rows, o)?;
+        Ok((y, out))
+    }
+
+    /// `(dL/dh, dL/dW, dL/db)`, each only when `want` says so.
+    #[allow(clippy::type_complexity)]
+    fn bwd_t<T: Real>(
+        &self,
+        [h, w, b, y, g]: [&[T]; 5],
+        (e, rows, k, o): (usize, usize, usize, usize),
+        want: [bool; 3],
+    ) -> candle_core::Result<(Option<Vec<T>>, Option<Vec<T>>, Option<Vec<T>>)> {
+        let gy = self.op.bwd(y, b, g, e, rows, o)?;
+        let gh = if want[0] {
+            // gy W^T: W^T's element (j, c) is W[c * o + j].
+            let lhs = Operand {
+                data: &gy,
+                skip: rows * o,
+                cs: 1,
+                rs: o,
+            };
+            let rhs = Operand {
+                data: w,
+                skip: k * o,
+                cs: o,
+                rs: 1,
+            };
+            Some(batched_gemm(e, (rows, k, o), lhs, rhs)?)
+        } else {
+            None
+        };
+        let gw = if want[1] {
+            // h^T gy: h^T's element (c, r) is h[r * k + c].
+            let lhs = Operand {
+                data: h,
+                skip: rows * k,
+                cs: k,
+                rs: 1,
+            };
+            let rhs = Operand {
+                data: &gy,
+                skip: rows * o,
+                cs: 1,
+                rs: o,
+            };
+            Some(batched_gemm(e, (k, o, rows), lhs, rhs)?)
+        } else {
+            None
+        };
+        // The bias gradient: column sums of gy over the base rows.
+        let gb = if want[2] {
+            let mut gb = vec![T::ZERO; e * o];
+            for m in 0..e {
+                let acc = &mut gb[m * o..(m + 1) * o];
+                for r in 0..self.op.base {
+                    let row = &gy[(m * rows + r) * o..(m * rows + r + 1) * o];
+                    for (a, &v) in acc.iter_mut().zip(row) {
+                        *a += v;
+                    }
+                }
+            }
+            Some(gb)
+        } else {
+            None
+        };
+        Ok((gh, gw, gb))
+    }
+}
+
+fn hidden_dims(
+    l1: &Layout,
+    l2: &Layout,
+    l3: &Layout,
+) -> candle_core::Result<(usize, usize, usize, usize)> {
+    let (e, rows, k) = dims3(l1)?;
+    let (e2, k2, o) = dims3(l2)?;
+    let (e3, one, o3) = dims3(l3)?;
+    if e2 != e || k2 != k || e3 != e || one != 1 || o3 != o {
+        candle_core::bail!(
+            "hidden-layer: h {:?}, W {:?}, b {:?}",
+            l1.dims(),
+            l2.dims(),
+            l3.dims()
+        )
+    }
+    Ok((e, rows, k, o))
+}
+
+impl CustomOp3 for HiddenLayer {
     fn name(&self) -> &'static str {
-        "silu-tangent-bwd"
+        "hidden-layer"
     }
 
     fn cpu_fwd(
@@ -390,27 +587,95 @@ impl CustomOp3 for SiluTangentBwd {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (e, rows, o) = dims3(l1)?;
-        let out = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(self.0.bwd::<f32>(
-                contiguous(s1, l1)?,
-                contiguous(s2, l2)?,
-                contiguous(s3, l3)?,
-                e,
-                rows,
-                o,
-            )?),
-            CpuStorage::F64(_) => CpuStorage::F64(self.0.bwd::<f64>(
-                contiguous(s1, l1)?,
-                contiguous(s2, l2)?,
-                contiguous(s3, l3)?,
-                e,
-                rows,
-                o,
-            )?),
-            _ => candle_core::bail!("silu-tangent-bwd: f32 or f64 inputs only"),
+        let dims = hidden_dims(l1, l2, l3)?;
+        let (y, out) = match (s1, s2, s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                let (y, out) = self.fwd_t::<f32>(
+                    contiguous(s1, l1)?,
+                    contiguous(s2, l2)?,
+                    contiguous(s3, l3)?,
+                    dims,
+                )?;
+                (CpuStorage::F32(y), CpuStorage::F32(out))
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                let (y, out) = self.fwd_t::<f64>(
+                    contiguous(s1, l1)?,
+                    contiguous(s2, l2)?,
+                    contiguous(s3, l3)?,
+                    dims,
+                )?;
+                (CpuStorage::F64(y), CpuStorage::F64(out))
+            }
+            _ => candle_core::bail!("hidden-layer: f32 or f64 inputs of one dtype"),
         };
-        Ok((out, l1.shape().clone()))
+        *self
+            .y
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("hidden-layer: lock poisoned".into()))? = Some(y);
+        let (e, rows, _, o) = dims;
+        Ok((out, Shape::from((e, rows, o))))
+    }
+
+    fn bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let want = [h.track_op(), w.track_op(), b.track_op()];
+        let (h, w, b, g) = (
+            h.contiguous()?,
+            w.contiguous()?,
+            b.contiguous()?,
+            g.contiguous()?,
+        );
+        let dims = hidden_dims(h.layout(), w.layout(), b.layout())?;
+        let saved = self
+            .y
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("hidden-layer: lock poisoned".into()))?;
+        let y = saved
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("hidden-layer: no forward pass".into()))?;
+        let ((hs, hl), (ws, wl), (bs, bl), (gs, gl)) = (
+            h.storage_and_layout(),
+            w.storage_and_layout(),
+            b.storage_and_layout(),
+            g.storage_and_layout(),
+        );
+        let (e, rows, k, o) = dims;
+        let dev = h.device();
+        macro_rules! grads {
+            ($t:ty, $y:expr) => {{
+                let (gh, gw, gb) = self.bwd_t::<$t>(
+                    [
+                        cpu_slice(&hs, hl)?,
+                        cpu_slice(&ws, wl)?,
+                        cpu_slice(&bs, bl)?,
+                        $y,
+                        cpu_slice(&gs, gl)?,
+                    ],
+                    dims,
+                    want,
+                )?;
+                (
+                    gh.map(|v| Tensor::from_vec(v, (e, rows, k), dev))
+                        .transpose()?,
+                    gw.map(|v| Tensor::from_vec(v, (e, k, o), dev))
+                        .transpose()?,
+                    gb.map(|v| Tensor::from_vec(v, (e, 1, o), dev))
+                        .transpose()?,
+                )
+            }};
+        }
+        Ok(match y {
+            CpuStorage::F32(y) => grads!(f32, y),
+            CpuStorage::F64(y) => grads!(f64, y),
+            _ => candle_core::bail!("hidden-layer: f32 or f64 only"),
+        })
     }
 }
 
@@ -449,6 +714,149 @@ impl CustomOp2 for ConstWeightMatmul {
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         Ok((Some(g.matmul(&w.t()?)?), None))
+    }
+}
+
+/// Many small products at once: `out_p = V_p J_p` for `V`: `P x k x in` and `J`:
+/// `P x in x out` (the contraction of the Jacobian columns with the directions in
+/// [`crate::ProbabilisticEnsemble`]'s gradient loss). candle's batched matmul makes
+/// one gemm call per product, whose fixed cost dominates at these sizes (a few
+/// dozen multiply-adds each, thousands of products per minibatch).
+#[derive(Clone, Copy)]
+pub(crate) enum SmallBatchedMatmul {
+    /// `(V, J) -> V J`
+    Forward,
+    /// `(G, J) -> G J^T`, the gradient for `V`.
+    GradLhs,
+    /// `(V, G) -> V^T G`, the gradient for `J`.
+    GradRhs,
+}
+
+impl SmallBatchedMatmul {
+    fn run<T: Real>(self, a: &[T], b: &[T], p: usize, k: usize, ind: usize, od: usize) -> Vec<T> {
+        match self {
+            SmallBatchedMatmul::Forward => {
+                let mut out = vec![T::ZERO; p * k * od];
+                for q in 0..p {
+                    let j = &b[q * ind * od..(q + 1) * ind * od];
+                    for i in 0..k {
+                        let o = &mut out[(q * k + i) * od..(q * k + i + 1) * od];
+                        let v = &a[(q * k + i) * ind..(q * k + i + 1) * ind];
+                        for c in 0..ind {
+                            let (s, jc) = (v[c], &j[c * od..(c + 1) * od]);
+                            for (oo, &jj) in o.iter_mut().zip(jc) {
+                                *oo += s * jj;
+                            }
+                        }
+                    }
+                }
+                out
+            }
+            SmallBatchedMatmul::GradLhs => {
+                let mut out = vec![T::ZERO; p * k * ind];
+                for q in 0..p {
+                    let j = &b[q * ind * od..(q + 1) * ind * od];
+                    for i in 0..k {
+                        let g = &a[(q * k + i) * od..(q * k + i + 1) * od];
+                        let o = &mut out[(q * k + i) * ind..(q * k + i + 1) * ind];
+                        for c in 0..ind {
+                            let mut acc = T::ZERO;
+                            for (&gg, &jj) in g.iter().zip(&j[c * od..(c + 1) * od]) {
+                                acc += gg * jj;
+                            }
+                            o[c] = acc;
+                        }
+                    }
+                }
+                out
+            }
+            SmallBatchedMatmul::GradRhs => {
+                let mut out = vec![T::ZERO; p * ind * od];
+                for q in 0..p {
+                    let o = &mut out[q * ind * od..(q + 1) * ind * od];
+                    for i in 0..k {
+                        let v = &a[(q * k + i) * ind..(q * k + i + 1) * ind];
+                        let g = &b[(q * k + i) * od..(q * k + i + 1) * od];
+                        for c in 0..ind {
+                            let s = v[c];
+                            for (oo, &gg) in o[c * od..(c + 1) * od].iter_mut().zip(g) {
+                                *oo += s * gg;
+                            }
+                        }
+                    }
+                }
+                out
+            }
+        }
+    }
+}
+
+impl CustomOp2 for SmallBatchedMatmul {
+    fn name(&self) -> &'static str {
+        "small-batched-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (p, a1, a2) = dims3(l1)?;
+        let (p2, b1, b2) = dims3(l2)?;
+        // (P, k, in, out) and the output shape for each kind.
+        let (k, ind, od, shape) = match self {
+            SmallBatchedMatmul::Forward if a2 == b1 => (a1, a2, b2, (p, a1, b2)),
+            SmallBatchedMatmul::GradLhs if a2 == b2 => (a1, b1, b2, (p, a1, b1)),
+            SmallBatchedMatmul::GradRhs if a1 == b1 => (a1, a2, b2, (p, a2, b2)),
+            _ => candle_core::bail!("small-batched-matmul: {:?} and {:?}", l1.dims(), l2.dims()),
+        };
+        if p != p2 {
+            candle_core::bail!("small-batched-matmul: {:?} and {:?}", l1.dims(), l2.dims())
+        }
+        let out = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(self.run::<f32>(
+                contiguous(s1, l1)?,
+                contiguous(s2, l2)?,
+                p,
+                k,
+                ind,
+                od,
+            )),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(self.run::<f64>(
+                contiguous(s1, l1)?,
+                contiguous(s2, l2)?,
+                p,
+                k,
+                ind,
+                od,
+            )),
+            _ => candle_core::bail!("small-batched-matmul: f32 or f64 inputs of one dtype"),
+        };
+        Ok((out, Shape::from(shape)))
+    }
+
+    fn bwd(
+        &self,
+        v: &Tensor,
+        j: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        // The directions are data in training; their gradient only when asked for.
+        let gv = if v.track_op() {
+            Some(g.apply_op2_no_bwd(j, &SmallBatchedMatmul::GradLhs)?)
+        } else {
+            None
+        };
+        let gj = if j.track_op() {
+            Some(v.apply_op2_no_bwd(&g, &SmallBatchedMatmul::GradRhs)?)
+        } else {
+            None
+        };
+        Ok((gv, gj))
     }
 }
 

@@ -8,11 +8,15 @@
 //! first-order autograd is needed. The rollout API picks one elite per row and
 //! runs only that member on it (ALGORITHM.md sections 2 and 3).
 //!
-//! CPU speed: on CPU the hidden layers run a fused kernel (bias, SiLU and the
-//! tangent scaling in one pass, vectorised for AVX-512/AVX2). Binaries should
-//! call [`tune_allocator`] at start-up; on a small or shared machine also set
+//! CPU speed: on CPU each hidden layer is one fused autograd node (matmul, then
+//! bias, SiLU and the tangent scaling in one pass, vectorised for AVX-512/AVX2).
+//! With more neighbours than input dimensions the gradient loss propagates the
+//! Jacobian's columns and contracts them with the neighbour directions, which is
+//! cheaper than propagating the directions. Binaries should call
+//! [`tune_allocator`] at start-up; on a small or shared machine also set
 //! `RAYON_NUM_THREADS=1`, since candle's CPU thread pool spin-waits. The
-//! criterion bench `ensemble_step` measures a training step at MBPO size.
+//! criterion bench `ensemble_step` measures a training step at MBPO size; the
+//! example `train_timing` whole training calls at the shapes of real runs.
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};

@@ -98,11 +98,10 @@ impl ProbabilisticEnsemble {
     /// The training loss on one minibatch. `w` weighs `R` (mean over members).
     pub fn loss(&self, batch: &LossBatch, w: f64) -> Result<LossTerms> {
         let b = batch.x.dim(1)?;
-        let (x, tangent) = match &batch.grad {
-            Some(g) => (Tensor::cat(&[&batch.x, &g.xg], 1)?, Some((&g.t0, b, g.k))),
-            None => (batch.x.clone(), None),
+        let out = match &batch.grad {
+            Some(g) => self.forward_jv(&Tensor::cat(&[&batch.x, &g.xg], 1)?, b, &g.t0, g.k)?,
+            None => self.forward_std(&batch.x, None, None)?,
         };
-        let out = self.forward_std(&x, None, tangent)?;
         let mean = out.mean.narrow(1, 0, b)?;
         let lv = out.logvar.narrow(1, 0, b)?;
         // Gaussian NLL per member: mean((mu - y)^2 exp(-lv)) + mean(lv).
@@ -197,6 +196,89 @@ fn neighbour_table(points: &[f32], dim: usize, n: usize, standardise: bool) -> R
     let index = ddppo_buffer::NeighbourIndex::build(points, dim, n, &opts)
         .map_err(|e| Error::Data(format!("neighbour search failed: {e}")))?;
     Ok(index.table().to_vec())
+}
+
+/// The rows minibatches are drawn from: standardised inputs `xs` (`N x ind`) and
+/// targets `yd` (`N x od`), host-side in f64.
+struct BatchRows<'a> {
+    xs: &'a [f64],
+    yd: &'a [f64],
+    ind: usize,
+    od: usize,
+}
+
+impl BatchRows<'_> {
+    /// One minibatch (section 2: rows `lo..hi` of each member's own shuffle `idx`;
+    /// section 3: with `nb = (k, first, ns, table)` as many points from each member's
+    /// own shuffle of the neighbour set, with their `k` neighbours), written straight
+    /// into the model's element type (the same rounding as converting afterwards).
+    #[allow(clippy::too_many_arguments)]
+    fn minibatch<T: candle_core::WithDType>(
+        &self,
+        idx: &[Vec<usize>],
+        lo: usize,
+        hi: usize,
+        nb: Option<(usize, usize, usize, &[u32])>,
+        gperm: &mut Vec<Vec<usize>>,
+        gpos: &mut [usize],
+        rng: &mut impl Rng,
+        device: &Device,
+    ) -> Result<LossBatch> {
+        let (xs, yd, ind, od) = (self.xs, self.yd, self.ind, self.od);
+        let (e, b) = (idx.len(), hi - lo);
+        let cast = |v: &[f64], out: &mut Vec<T>| out.extend(v.iter().map(|&x| T::from_f64(x)));
+        let mut x = Vec::with_capacity(e * b * ind);
+        let mut y = Vec::with_capacity(e * b * od);
+        for p in idx {
+            for &r in &p[lo..hi] {
+                cast(&xs[r * ind..(r + 1) * ind], &mut x);
+                cast(&yd[r * od..(r + 1) * od], &mut y);
+            }
+        }
+        let grad = match nb {
+            Some((k, first, ns, table)) => {
+                let mut xg = Vec::with_capacity(e * b * ind);
+                let mut t0 = Vec::with_capacity(e * b * k * ind);
+                let mut dy = Vec::with_capacity(e * b * k * od);
+                if gperm.len() != e {
+                    *gperm = vec![(0..ns).collect(); e];
+                }
+                for m in 0..e {
+                    for _ in 0..b {
+                        // An independent shuffle of the neighbour set per member.
+                        if gpos[m] >= ns {
+                            gperm[m].shuffle(rng);
+                            gpos[m] = 0;
+                        }
+                        let j = gperm[m][gpos[m]];
+                        gpos[m] += 1;
+                        let rj = first + j;
+                        let (xj, yj) = (&xs[rj * ind..(rj + 1) * ind], &yd[rj * od..(rj + 1) * od]);
+                        cast(xj, &mut xg);
+                        for &i in &table[j * k..(j + 1) * k] {
+                            let ri = first + i as usize;
+                            let (xi, yi) =
+                                (&xs[ri * ind..(ri + 1) * ind], &yd[ri * od..(ri + 1) * od]);
+                            t0.extend(xi.iter().zip(xj).map(|(a, c)| T::from_f64(a - c)));
+                            dy.extend(yi.iter().zip(yj).map(|(a, c)| T::from_f64(a - c)));
+                        }
+                    }
+                }
+                Some(GradBatch {
+                    xg: Tensor::from_vec(xg, (e, b, ind), device)?,
+                    t0: Tensor::from_vec(t0, (e, b * k, ind), device)?,
+                    dy: Tensor::from_vec(dy, (e, b * k, od), device)?,
+                    k,
+                })
+            }
+            None => None,
+        };
+        Ok(LossBatch {
+            x: Tensor::from_vec(x, (e, b, ind), device)?,
+            y: Tensor::from_vec(y, (e, b, od), device)?,
+            grad,
+        })
+    }
 }
 
 /// The training loop shared by both ensembles.
@@ -315,57 +397,23 @@ pub(crate) fn train_core(
         let mut lo = 0;
         while lo < train.len() {
             let hi = (lo + bs).min(train.len());
-            let b = hi - lo;
-            let mut x = Vec::with_capacity(e * b * ind);
-            let mut y = Vec::with_capacity(e * b * od);
-            for p in &idx {
-                x.extend(gather(&p[lo..hi], &xs, ind));
-                y.extend(gather(&p[lo..hi], &yd, od));
-            }
-            let gb = match &grad {
-                Some((g, first, ns, table)) => {
-                    let k = g.neighbours;
-                    let mut xg = Vec::with_capacity(e * b * ind);
-                    let mut t0 = Vec::with_capacity(e * b * k * ind);
-                    let mut dy = Vec::with_capacity(e * b * k * od);
-                    if gperm.len() != e {
-                        gperm = vec![(0..*ns).collect(); e];
-                    }
-                    for m in 0..e {
-                        for _ in 0..b {
-                            // An independent shuffle of the neighbour set per member.
-                            if gpos[m] >= *ns {
-                                gperm[m].shuffle(rng);
-                                gpos[m] = 0;
-                            }
-                            let j = gperm[m][gpos[m]];
-                            gpos[m] += 1;
-                            let rj = first + j;
-                            xg.extend_from_slice(&xs[rj * ind..(rj + 1) * ind]);
-                            for &i in &table[j * k..(j + 1) * k] {
-                                let ri = first + i as usize;
-                                for c in 0..ind {
-                                    t0.push(xs[ri * ind + c] - xs[rj * ind + c]);
-                                }
-                                for c in 0..od {
-                                    dy.push(yd[ri * od + c] - yd[rj * od + c]);
-                                }
-                            }
-                        }
-                    }
-                    Some(GradBatch {
-                        xg: host_tensor(xg, &[e, b, ind], dtype, &device)?,
-                        t0: host_tensor(t0, &[e, b * k, ind], dtype, &device)?,
-                        dy: host_tensor(dy, &[e, b * k, od], dtype, &device)?,
-                        k,
-                    })
-                }
-                None => None,
+            let src = BatchRows {
+                xs: &xs,
+                yd: &yd,
+                ind,
+                od,
             };
-            let batch = LossBatch {
-                x: host_tensor(x, &[e, b, ind], dtype, &device)?,
-                y: host_tensor(y, &[e, b, od], dtype, &device)?,
-                grad: gb,
+            let nb = grad
+                .as_ref()
+                .map(|(g, first, ns, table)| (g.neighbours, *first, *ns, table.as_slice()));
+            let batch = match dtype {
+                DType::F32 => {
+                    src.minibatch::<f32>(&idx, lo, hi, nb, &mut gperm, &mut gpos, rng, &device)?
+                }
+                DType::F64 => {
+                    src.minibatch::<f64>(&idx, lo, hi, nb, &mut gperm, &mut gpos, rng, &device)?
+                }
+                d => return Err(Error::Internal(format!("dtype {d:?}"))),
             };
             let w = grad.as_ref().map_or(0.0, |g| g.0.weight);
             let terms = ens.loss(&batch, w)?;

@@ -68,9 +68,17 @@ fn g(ens: &ProbabilisticEnsemble, x: &[f64], m: usize) -> Vec<f64> {
 
 #[test]
 fn tangent_jvp_equals_finite_differences_and_full_jacobian() {
+    // k < in: the directions are propagated; k > in: the Jacobian's columns are,
+    // then contracted with the directions.
+    for k in [3, 7] {
+        jvp_matches(k);
+    }
+}
+
+fn jvp_matches(k: usize) {
     let ens = model(1);
     let mut rng = ChaCha8Rng::seed_from_u64(2);
-    let (e, b, k) = (3, 4, 3);
+    let (e, b) = (3, 4);
     let x = rand_vec(&mut rng, e * b * IN, 1.5);
     let v = rand_vec(&mut rng, e * b * k * IN, 0.7);
     let jv = ens
@@ -135,9 +143,16 @@ fn tangent_jvp_equals_finite_differences_and_full_jacobian() {
 
 #[test]
 fn loss_gradients_match_finite_differences_for_every_tensor() {
+    // Both ways of forming J · v (k < in and k > in).
+    for k in [2, 7] {
+        loss_gradients_match(k);
+    }
+}
+
+fn loss_gradients_match(k: usize) {
     let ens = model(3);
     let mut rng = ChaCha8Rng::seed_from_u64(4);
-    let (e, b, bg, k) = (3, 5, 4, 2);
+    let (e, b, bg) = (3, 5, 4);
     let batch = LossBatch {
         x: t3(rand_vec(&mut rng, e * b * IN, 1.5), e, b, IN),
         y: t3(rand_vec(&mut rng, e * b * OUT, 1.0), e, b, OUT),
