@@ -90,11 +90,17 @@ fn run() -> Result<()> {
         Task::Train { env, variant, seed, out, extra } => {
             let ddppo = build_cli(&root)?;
             let out = out.unwrap_or_else(|| root.join("runs").join(format!("{env}-{variant}-s{seed}")));
-            println!("training {env} ({variant}, seed {seed}); the run goes to {}", out.display());
             let mut cmd = Command::new(&ddppo);
-            cmd.args(["train", "--env", &env, "--variant", &variant, "--seed", &seed.to_string(), "--out"])
-                .arg(&out)
-                .args(&extra);
+            if has_checkpoint(&out) && extra.is_empty() {
+                // The same command again continues an interrupted run.
+                println!("continuing {env} ({variant}, seed {seed}) in {}", out.display());
+                cmd.arg("train").arg("--resume").arg(&out);
+            } else {
+                println!("training {env} ({variant}, seed {seed}); the run goes to {}", out.display());
+                cmd.args(["train", "--env", &env, "--variant", &variant, "--seed", &seed.to_string(), "--out"])
+                    .arg(&out)
+                    .args(&extra);
+            }
             status(cmd, "ddppo train")?;
             println!("run finished: {}", out.display());
         }
