@@ -117,9 +117,20 @@ fn checkpoint_steps(run: &Path) -> Vec<String> {
 
 #[test]
 fn killed_and_resumed_run_matches_the_uninterrupted_one() {
-    let tmp = tempdir("kill");
+    kill_and_resume("pendulum", TINY, true);
+}
+
+/// The same on a MuJoCo task with terminations (InvertedPendulum): the
+/// simulator state and the episode in progress are part of the checkpoint.
+#[test]
+fn killed_and_resumed_mujoco_run_matches_the_uninterrupted_one() {
+    kill_and_resume("inverted-pendulum", &TINY.replace("task = \"pendulum\"", "task = \"inverted-pendulum\""), false);
+}
+
+fn kill_and_resume(name: &str, toml: &str, damage: bool) {
+    let tmp = tempdir(&format!("kill-{name}"));
     let cfg = tmp.join("tiny.toml");
-    std::fs::write(&cfg, TINY).unwrap();
+    std::fs::write(&cfg, toml).unwrap();
 
     // The uninterrupted run.
     let full = tmp.join("full");
@@ -158,11 +169,14 @@ fn killed_and_resumed_run_matches_the_uninterrupted_one() {
 
     // A copy of the killed run with its newest checkpoint damaged in
     // various ways: one-line errors, and nothing in the run directory changes.
-    let damaged = |name: &str, damage: &dyn Fn(&Path), expect: &str| {
+    let damaged = |name: &str, damage_it: &dyn Fn(&Path), expect: &str| {
+        if !damage {
+            return;
+        }
         let dir = tmp.join(name);
         copy_dir(&cut, &dir);
         let ck = dir.join("checkpoints").join(&newest);
-        damage(&ck);
+        damage_it(&ck);
         let files = snapshot(&dir);
         one_line_error(&ddppo(&["train", "--resume", s(&dir)]), expect);
         assert!(snapshot(&dir) == files, "{name}: --resume changed the run directory");
