@@ -152,10 +152,11 @@ impl TrainedEnsemble {
     }
     /// Restores a state from [`TrainedEnsemble::optimizer_state`].
     pub fn restore_optimizer_state(&mut self, state: Option<OptimizerState>) -> Result<()> {
-        Ok(match self {
+        match self {
             TrainedEnsemble::Prediction(e) => e.restore_optimizer_state(state)?,
             TrainedEnsemble::Gradient(e) => e.restore_optimizer_state(state)?,
-        })
+        }
+        Ok(())
     }
     fn train(&mut self, data: &TransitionData, rng: &mut ChaCha8Rng) -> Result<ddppo_models::TrainReport> {
         Ok(match self {

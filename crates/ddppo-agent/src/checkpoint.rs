@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
-use ddppo_buffer::ReplayBuffer;
+use ddppo_buffer::{Fnv1a, ReplayBuffer};
 use ddppo_env::EnvFactory;
 use ddppo_models::OptimizerState;
 use rand::SeedableRng;
@@ -130,7 +130,7 @@ struct Manifest {
 /// FNV-1a 64 of a file, and its length.
 fn checksum(path: &Path) -> Result<(u64, u64)> {
     let mut r = BufReader::with_capacity(1 << 20, File::open(path).map_err(|e| io(path, e))?);
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut h = Fnv1a::new();
     let mut n = 0u64;
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -138,13 +138,10 @@ fn checksum(path: &Path) -> Result<(u64, u64)> {
         if k == 0 {
             break;
         }
-        for &b in &buf[..k] {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
+        h.update(&buf[..k]);
         n += k as u64;
     }
-    Ok((h, n))
+    Ok((h.value(), n))
 }
 
 fn sync_file(path: &Path) -> Result<()> {

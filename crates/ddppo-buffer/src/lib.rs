@@ -50,6 +50,7 @@ pub use neighbours::{
     TREE_MAX_EFFECTIVE_DIM, brute_force_neighbours, effective_dimension, exact_sq_dist,
 };
 pub use replay::{Batch, Columns, ReplayBuffer, sample_mixed, try_sample_mixed};
+pub use storage::Fnv1a;
 
 /// Everything that can go wrong in this crate.
 #[derive(Debug, thiserror::Error)]

@@ -29,15 +29,28 @@ const MAGIC: &[u8; 8] = b"DDPPORB\0";
 pub const FORMAT_VERSION: u32 = 1;
 const HEADER_LEN: usize = 48;
 
-/// FNV-1a, 64-bit (offset basis and prime from the FNV specification).
-#[derive(Clone, Copy)]
-struct Fnv1a(u64);
+/// FNV-1a, 64-bit (offset basis and prime from the FNV specification); also
+/// the checksum of the agent's checkpoint manifests.
+#[derive(Clone, Copy, Debug)]
+pub struct Fnv1a(u64);
+
+impl Default for Fnv1a {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl Fnv1a {
-    fn new() -> Self {
+    /// The hash of no bytes (the offset basis).
+    pub fn new() -> Self {
         Self(0xcbf2_9ce4_8422_2325)
     }
-    fn update(&mut self, bytes: &[u8]) {
+    /// The hash so far.
+    pub fn value(&self) -> u64 {
+        self.0
+    }
+    /// Hashes `bytes` after everything before.
+    pub fn update(&mut self, bytes: &[u8]) {
         let mut h = self.0;
         for &b in bytes {
             h ^= u64::from(b);

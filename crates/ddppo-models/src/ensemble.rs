@@ -794,6 +794,27 @@ mod tests {
         host_tensor(v, shape, dtype, &Device::Cpu).unwrap()
     }
 
+    /// A 3-member ensemble on 2 + 2 inputs with 3 hidden layers of `hidden`
+    /// units and every parameter perturbed (so biases and bounds are not at
+    /// their initial values).
+    fn perturbed_ensemble(rng: &mut ChaCha8Rng, hidden: usize, dtype: DType) -> ProbabilisticEnsemble {
+        let cfg = EnsembleConfig {
+            ensemble_size: 3,
+            elites: 2,
+            hidden,
+            hidden_layers: 3,
+            weight_decay: vec![1e-4; 4],
+            ..Default::default()
+        };
+        let ens = ProbabilisticEnsemble::new(2, 2, &cfg, &Device::Cpu, dtype, rng).unwrap();
+        for v in ens.vars() {
+            let noise = randt(rng, v.dims(), dtype);
+            v.set(&(v.as_tensor() + (noise * 0.2).unwrap()).unwrap())
+                .unwrap();
+        }
+        ens
+    }
+
     /// With more directions than inputs, `forward_jv` contracts the Jacobian's columns
     /// with the directions: the same `J · t0` and the same gradients (for every
     /// parameter and for the directions) as propagating the `k` directions themselves.
@@ -801,21 +822,7 @@ mod tests {
     fn jacobian_columns_route_equals_direct_tangents() {
         for fused in [true, false] {
             let mut rng = ChaCha8Rng::seed_from_u64(9);
-            let cfg = EnsembleConfig {
-                ensemble_size: 3,
-                elites: 2,
-                hidden: 8,
-                hidden_layers: 3,
-                weight_decay: vec![1e-4; 4],
-                ..Default::default()
-            };
-            let mut ens =
-                ProbabilisticEnsemble::new(2, 2, &cfg, &Device::Cpu, DType::F64, &mut rng).unwrap();
-            for v in ens.vars() {
-                let noise = randt(&mut rng, v.dims(), DType::F64);
-                v.set(&(v.as_tensor() + (noise * 0.2).unwrap()).unwrap())
-                    .unwrap();
-            }
+            let mut ens = perturbed_ensemble(&mut rng, 8, DType::F64);
             ens.set_fused_kernels(fused);
             let (e, b, bg, k) = (3, 5, 4, 7);
             assert!(k > ens.in_dim());
@@ -858,21 +865,7 @@ mod tests {
     fn fused_kernel_matches_plain_ops() {
         for (dtype, tol) in [(DType::F64, 1e-11), (DType::F32, 2e-4)] {
             let mut rng = ChaCha8Rng::seed_from_u64(5);
-            let cfg = EnsembleConfig {
-                ensemble_size: 3,
-                elites: 2,
-                hidden: 9,
-                hidden_layers: 3,
-                weight_decay: vec![1e-4; 4],
-                ..Default::default()
-            };
-            let mut ens =
-                ProbabilisticEnsemble::new(2, 2, &cfg, &Device::Cpu, dtype, &mut rng).unwrap();
-            for v in ens.vars() {
-                let noise = randt(&mut rng, v.dims(), dtype);
-                v.set(&(v.as_tensor() + (noise * 0.2).unwrap()).unwrap())
-                    .unwrap();
-            }
+            let mut ens = perturbed_ensemble(&mut rng, 9, dtype);
             let (e, b, bg, k) = (3, 6, 4, 3);
             let batch = LossBatch {
                 x: randt(&mut rng, &[e, b, 4], dtype),
