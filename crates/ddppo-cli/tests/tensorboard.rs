@@ -75,17 +75,24 @@ fn tensorboard_python() -> PathBuf {
     let started = Instant::now();
     let tmp = cache.join(format!("venv-tb.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&cache).unwrap_or_else(|e| panic!("cannot make .cache/venv-tb: cannot create .cache: {e}"));
     let run = |cmd: &mut Command, what: &str| match cmd.output() {
-        Ok(o) if o.status.success() => {}
-        Ok(o) => panic!("cannot make .cache/venv-tb: {what} failed: {}", last_line(&o.stderr)),
-        Err(e) => panic!("cannot make .cache/venv-tb: {what} did not start: {e}"),
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => Err(format!("{what} failed: {}", last_line(&o.stderr))),
+        Err(e) => Err(format!("{what} did not start: {e}")),
     };
-    run(Command::new("python3").args(["-m", "venv"]).arg(&tmp), "python3 -m venv");
-    run(
-        Command::new(tmp.join("bin/python")).args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", TENSORBOARD]),
-        &format!("pip install {TENSORBOARD}"),
-    );
+    let made = std::fs::create_dir_all(&cache)
+        .map_err(|e| format!("cannot create .cache: {e}"))
+        .and_then(|()| run(Command::new("python3").args(["-m", "venv"]).arg(&tmp), "python3 -m venv"))
+        .and_then(|()| {
+            run(
+                Command::new(tmp.join("bin/python")).args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", TENSORBOARD]),
+                &format!("pip install {TENSORBOARD}"),
+            )
+        });
+    if let Err(why) = made {
+        let _ = std::fs::remove_dir_all(&tmp);
+        panic!("cannot make .cache/venv-tb: {why}");
+    }
     let _ = std::fs::remove_dir_all(&venv);
     std::fs::rename(&tmp, &venv).unwrap_or_else(|e| panic!("cannot make .cache/venv-tb: cannot rename {}: {e}", tmp.display()));
     assert!(imports(&python), "cannot make .cache/venv-tb: tensorboard does not import after the install");
