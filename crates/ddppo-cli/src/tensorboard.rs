@@ -304,7 +304,8 @@ mod tests {
         let mut out = Vec::new();
         flatten("", &v, &mut out);
         out.sort_by(|a, b| a.0.cmp(&b.0));
-        let want = [("env_steps", 300.0), ("phase_s/collect", 2.0), ("phase_s/model/train", 0.25), ("return_mean", -1.5)];
+        let want =
+            [("env_steps", 300.0), ("phase_s/collect", 2.0), ("phase_s/model/train", 0.25), ("return_mean", -1.5)];
         assert_eq!(out, want.map(|(k, x)| (k.to_string(), x)));
     }
 

@@ -85,7 +85,14 @@ fn tensorboard_python() -> PathBuf {
         .and_then(|()| run(Command::new("python3").args(["-m", "venv"]).arg(&tmp), "python3 -m venv"))
         .and_then(|()| {
             run(
-                Command::new(tmp.join("bin/python")).args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", TENSORBOARD]),
+                Command::new(tmp.join("bin/python")).args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    TENSORBOARD,
+                ]),
                 &format!("pip install {TENSORBOARD}"),
             )
         });
@@ -94,7 +101,8 @@ fn tensorboard_python() -> PathBuf {
         panic!("cannot make .cache/venv-tb: {why}");
     }
     let _ = std::fs::remove_dir_all(&venv);
-    std::fs::rename(&tmp, &venv).unwrap_or_else(|e| panic!("cannot make .cache/venv-tb: cannot rename {}: {e}", tmp.display()));
+    std::fs::rename(&tmp, &venv)
+        .unwrap_or_else(|e| panic!("cannot make .cache/venv-tb: cannot rename {}: {e}", tmp.display()));
     assert!(imports(&python), "cannot make .cache/venv-tb: tensorboard does not import after the install");
     eprintln!("made .cache/venv-tb ({TENSORBOARD}) in {:.0} s", started.elapsed().as_secs_f64());
     python
@@ -104,7 +112,12 @@ fn tensorboard_python() -> PathBuf {
 fn read_tb(python: &Path, tb: &Path) -> Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/read_tensorboard.py");
     let o = Command::new(python).arg(script).arg(tb).output().unwrap();
-    assert!(o.status.success(), "TensorBoard's reader failed on {}: {}", tb.display(), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "TensorBoard's reader failed on {}: {}",
+        tb.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
@@ -141,7 +154,8 @@ fn events(read: &Value) -> Vec<(u64, BTreeMap<String, f64>)> {
     all[1..]
         .iter()
         .map(|e| {
-            let values = e["values"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_f64().unwrap())).collect();
+            let values =
+                e["values"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_f64().unwrap())).collect();
             (e["step"].as_u64().unwrap(), values)
         })
         .collect()
@@ -173,7 +187,8 @@ fn assert_tb_equals_metrics(read: &Value, metrics: &[Value]) {
         .unwrap()
         .iter()
         .map(|(tag, pts)| {
-            let pts = pts.as_array().unwrap().iter().map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap())).collect();
+            let pts =
+                pts.as_array().unwrap().iter().map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap())).collect();
             (tag.clone(), pts)
         })
         .collect();
@@ -220,7 +235,8 @@ fn killed_and_resumed_run_has_tensorboard_curves_equal_to_its_metrics() {
     // The killed run's events already hold step 450.
     assert_tb_equals_metrics(&read_tb(&python, &run.join("tb")), &before);
 
-    let o = Command::new(env!("CARGO_BIN_EXE_ddppo")).args(["train", "--resume", run.to_str().unwrap()]).output().unwrap();
+    let o =
+        Command::new(env!("CARGO_BIN_EXE_ddppo")).args(["train", "--resume", run.to_str().unwrap()]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let after = metrics(&run);
     let steps: Vec<u64> = after.iter().map(|m| m["env_steps"].as_u64().unwrap()).collect();
