@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const TENSORBOARD: &str = "tensorboard==2.21.0";
+/// The pinned tensorboard of `.cache/venv-tb`.
+const TENSORBOARD_VERSION: &str = "2.21.0";
 
 /// The tiny Pendulum run of `tests/resume.rs` (every phase of Algorithm 1),
 /// evaluated every 150 steps, with one checkpoint at 300 before the end.
@@ -55,16 +56,20 @@ fn last_line(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string()
 }
 
-/// `.cache/venv-tb/bin/python` with tensorboard importable, made on first
-/// use. The venv is built under a temporary name and renamed when complete,
-/// so an interrupted install is never taken for a finished one.
+/// `.cache/venv-tb/bin/python` with the pinned tensorboard, made on first
+/// use (or remade when it holds another version). The venv is built under a
+/// temporary name and renamed when complete, so an interrupted install is
+/// never taken for a finished one.
 fn tensorboard_python() -> PathBuf {
     let cache = workspace_root().join(".cache");
     let venv = cache.join("venv-tb");
     let python = venv.join("bin/python");
     let imports = |python: &Path| {
         Command::new(python)
-            .args(["-c", "import tensorboard"])
+            .args([
+                "-c",
+                &format!("import sys, tensorboard; sys.exit(tensorboard.__version__ != '{TENSORBOARD_VERSION}')"),
+            ])
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|s| s.success())
@@ -73,6 +78,7 @@ fn tensorboard_python() -> PathBuf {
         return python;
     }
     let started = Instant::now();
+    let pin = format!("tensorboard=={TENSORBOARD_VERSION}");
     let tmp = cache.join(format!("venv-tb.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     let run = |cmd: &mut Command, what: &str| match cmd.output() {
@@ -91,9 +97,9 @@ fn tensorboard_python() -> PathBuf {
                     "install",
                     "--quiet",
                     "--disable-pip-version-check",
-                    TENSORBOARD,
+                    &pin,
                 ]),
-                &format!("pip install {TENSORBOARD}"),
+                &format!("pip install {pin}"),
             )
         });
     if let Err(why) = made {
@@ -104,7 +110,7 @@ fn tensorboard_python() -> PathBuf {
     std::fs::rename(&tmp, &venv)
         .unwrap_or_else(|e| panic!("cannot make .cache/venv-tb: cannot rename {}: {e}", tmp.display()));
     assert!(imports(&python), "cannot make .cache/venv-tb: tensorboard does not import after the install");
-    eprintln!("made .cache/venv-tb ({TENSORBOARD}) in {:.0} s", started.elapsed().as_secs_f64());
+    eprintln!("made .cache/venv-tb ({pin}) in {:.0} s", started.elapsed().as_secs_f64());
     python
 }
 
