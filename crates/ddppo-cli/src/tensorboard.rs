@@ -44,21 +44,8 @@ impl EventWriter {
     /// Rebuilds `run/tb/` from the records of `run/metrics.jsonl` and opens
     /// the new event file for appending.
     pub fn open(run: &Path) -> Result<Self> {
-        let metrics = run.join(crate::run_dir::METRICS_FILE);
-        let text = match std::fs::read_to_string(&metrics) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(e).with_context(|| format!("cannot read {}", metrics.display())),
-        };
-        let mut records = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let value: Value = serde_json::from_str(line)
-                .with_context(|| format!("{}:{}: not a metrics record", metrics.display(), i + 1))?;
-            records.push(value);
-        }
+        // A torn last line has no event: resuming cuts it from metrics.jsonl.
+        let (records, _torn) = crate::run_dir::read_records(&run.join(crate::run_dir::METRICS_FILE))?;
         Self::rebuild(&run.join(TB_DIR), &records)
     }
 
@@ -76,12 +63,11 @@ impl EventWriter {
             bytes.extend(record(&event));
         }
         let tmp = tb.join(TMP_NAME);
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()
-        };
-        write().with_context(|| format!("cannot write {}", tmp.display()))?;
+        let written = std::fs::File::create(&tmp).and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e).with_context(|| format!("cannot write {}", tmp.display()));
+        }
         let entries = std::fs::read_dir(tb).with_context(|| format!("cannot list {}", tb.display()))?;
         for entry in entries {
             let path = entry?.path();
@@ -101,12 +87,15 @@ impl EventWriter {
     /// Appends the scalars of one metrics record (a `metrics.jsonl` object).
     pub fn write(&mut self, metrics: &Value) -> Result<()> {
         let event = scalars_event(metrics, self.origin, unix_now())?;
-        // One write per record: a reader never sees half of one unless the
-        // process dies inside the write, and the next start rebuilds then.
-        self.file
-            .write_all(&record(&event))
-            .and_then(|()| self.file.flush())
-            .with_context(|| format!("cannot write {}", self.path.display()))
+        let before = self.file.metadata().with_context(|| format!("cannot read {}", self.path.display()))?.len();
+        // One write per record; a failed one (a full disk) is cut back, and a
+        // process killed inside it leaves a torn record that the next start
+        // rebuilds away.
+        if let Err(e) = self.file.write_all(&record(&event)).and_then(|()| self.file.flush()) {
+            let _ = self.file.set_len(before);
+            return Err(e).with_context(|| format!("cannot write {}", self.path.display()));
+        }
+        Ok(())
     }
 }
 
