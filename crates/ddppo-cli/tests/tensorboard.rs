@@ -1,6 +1,7 @@
 //! TensorBoard event files, read back with TensorBoard's own Python reader:
-//! a run killed (SIGKILL) after a checkpoint and resumed has one curve per
-//! numeric field of `metrics.jsonl`, equal to it, each step once and in order.
+//! a run killed (SIGKILL) after a checkpoint, requeued, stopped (SIGTERM) and
+//! resumed has one curve per numeric field of `metrics.jsonl`, equal to it,
+//! each step once and in order.
 //!
 //! The reader runs in `.cache/venv-tb` (tensorboard pinned), which the test
 //! makes with `python3 -m venv` and pip when it is missing; where it cannot,
@@ -204,7 +205,7 @@ fn assert_tb_equals_metrics(read: &Value, metrics: &[Value]) {
 }
 
 #[test]
-fn killed_and_resumed_run_has_tensorboard_curves_equal_to_its_metrics() {
+fn interrupted_and_resumed_run_has_tensorboard_curves_equal_to_its_metrics() {
     let python = tensorboard_python();
     let tmp = std::env::temp_dir().join(format!("ddppo-tb-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
@@ -240,6 +241,30 @@ fn killed_and_resumed_run_has_tensorboard_curves_equal_to_its_metrics() {
     assert!(run.join("checkpoints/step-0000000300").is_dir());
     // The killed run's events already hold step 450.
     assert_tb_equals_metrics(&read_tb(&python, &run.join("tb")), &before);
+
+    // The same command again (a requeued job) continues from the checkpoint
+    // at 300. Stopped by SIGTERM as soon as it has cut metrics.jsonl back to
+    // there, it checkpoints where it is and exits 75.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ddppo"))
+        .args(["train", "--config", cfg.to_str().unwrap(), "--out", run.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = || std::fs::read_to_string(run.join("metrics.jsonl")).map_or(0, |t| t.lines().count());
+    while lines() != 3 {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the requeued run ended ({status}) before cutting its metrics back to step 300");
+        }
+        assert!(started.elapsed() < Duration::from_secs(600), "metrics not cut back after 10 minutes");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(child.wait().unwrap().code(), Some(75), "a run stopped by SIGTERM exits 75");
+    let mid = metrics(&run);
+    assert!(mid.len() >= 3 && mid[..3] == before[..3], "the requeued run kept the records to step 300");
+    assert_tb_equals_metrics(&read_tb(&python, &run.join("tb")), &mid);
 
     let o =
         Command::new(env!("CARGO_BIN_EXE_ddppo")).args(["train", "--resume", run.to_str().unwrap()]).output().unwrap();
