@@ -158,6 +158,8 @@ fn scalars(v: &Value) -> BTreeMap<String, f64> {
 fn events(read: &Value) -> Vec<(u64, BTreeMap<String, f64>)> {
     let all = read["events"].as_array().unwrap();
     assert_eq!(all[0]["file_version"], "brain.Event:2", "{}", all[0]);
+    let versions = all.iter().filter(|e| e.get("file_version").is_some()).count();
+    assert_eq!(versions, 1, "one file_version event (one file, written once): {}", read["files"]);
     all[1..]
         .iter()
         .map(|e| {
