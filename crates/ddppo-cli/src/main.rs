@@ -10,6 +10,7 @@ mod cmd_table;
 mod cmd_train;
 mod device;
 mod run_dir;
+mod tensorboard;
 
 use clap::{Parser, Subcommand};
 
