@@ -149,6 +149,7 @@ struct Cluster {
 
 impl Cluster {
     fn start(dir: &Path) -> Cluster {
+        let started = Instant::now();
         let dir = dir.join("slurm");
         for d in ["munge", "state", "spool", "log"] {
             std::fs::create_dir_all(dir.join(d)).unwrap();
@@ -259,7 +260,7 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(300));
         }
-        eprintln!("slurm up in {:.1} s", t.elapsed().as_secs_f64());
+        eprintln!("munged, slurmctld and slurmd up in {:.1} s", started.elapsed().as_secs_f64());
         cluster
     }
 
@@ -467,7 +468,9 @@ fn requeued_array_tasks_match_uninterrupted_runs() {
     assert!(o.status.success(), "scancel --signal=USR1: {}", String::from_utf8_lossy(&o.stderr));
 
     // Slurm holds a requeued job for two minutes (its BeginTime); let both
-    // start again at once.
+    // start again after 3 s instead. Not at once: slurmd refuses a launch
+    // whose credential dates from the second in which the job was killed
+    // ("Job credential revoked"), which fails the job.
     for i in 0..2 {
         wait_for(&format!("task {i} to be requeued"), started, &cluster, || {
             let j = cluster.job(&task(i));
@@ -477,6 +480,7 @@ fn requeued_array_tasks_match_uninterrupted_runs() {
             }
             state == "PENDING" && j.get("Restarts").is_some_and(|r| r != "0")
         });
+        std::thread::sleep(Duration::from_secs(3));
         let o = cluster.client("scontrol", &["update", &format!("jobid={}", task(i)), "StartTime=now"]);
         assert!(o.status.success(), "scontrol update: {}", String::from_utf8_lossy(&o.stderr));
     }
@@ -489,7 +493,7 @@ fn requeued_array_tasks_match_uninterrupted_runs() {
         let log = std::fs::read_to_string(sweep.join(format!("task-{i}.out"))).unwrap_or_default();
         let err = std::fs::read_to_string(sweep.join(format!("task-{i}.err"))).unwrap_or_default();
         assert_eq!(j["JobState"], "COMPLETED", "task {i}: {j:?}\n{log}\n{err}");
-        assert_eq!(j["Restarts"], "1", "task {i} ran once more after its interruption");
+        assert_eq!(j["Restarts"], "1", "task {i} ran once more after its interruption: {j:?}\n{log}\n{err}");
         // The first start was interrupted with a checkpoint (exit 75); the second finished.
         assert!(log.contains("start 1 on") && log.contains("start 2 on"), "task {i}:\n{log}");
         assert!(log.contains("ddppo train exited 75"), "task {i} was not interrupted mid-run:\n{log}\n{err}");
@@ -500,6 +504,7 @@ fn requeued_array_tasks_match_uninterrupted_runs() {
     let log0 = std::fs::read_to_string(sweep.join("task-0.out")).unwrap();
     assert!(!log0.contains("requeueing it"), "task 0 was requeued by Slurm, not by itself:\n{log0}");
     let slurm_s = started.elapsed().as_secs_f64();
+    eprintln!("--- task-0.out\n{log0}--- task-1.out\n{log1}");
 
     for ((dir, mut child), run) in reference.into_iter().zip(&runs) {
         let st = child.wait().unwrap();
@@ -508,7 +513,19 @@ fn requeued_array_tasks_match_uninterrupted_runs() {
         assert!(st.success(), "local run {}: {err}", dir.display());
         let expected = metrics(&dir);
         assert_eq!(expected.len(), 11, "evaluations at 0, 300, ..., 3000");
-        assert_eq!(metrics(run), expected, "{} differs from the uninterrupted local run", run.display());
+        let got = metrics(run);
+        assert_eq!(got.len(), expected.len(), "{}: metrics lines", run.display());
+        for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+            assert_eq!(g, e, "{} line {} differs from the uninterrupted local run", run.display(), i + 1);
+        }
+        let last = &expected[expected.len() - 1];
+        eprintln!(
+            "{}: {} metrics lines equal to the uninterrupted run's (last: env_steps {}, return_mean {})",
+            run.file_name().unwrap().to_string_lossy(),
+            expected.len(),
+            last["env_steps"],
+            last["return_mean"]
+        );
     }
     drop(cluster);
     eprintln!(
