@@ -498,6 +498,10 @@ fn requeued_array_tasks_match_uninterrupted_runs() {
         assert!(log.contains("start 1 on") && log.contains("start 2 on"), "task {i}:\n{log}");
         assert!(log.contains("ddppo train exited 75"), "task {i} was not interrupted mid-run:\n{log}\n{err}");
         assert!(log.contains("ddppo train exited 0"), "task {i}:\n{log}\n{err}");
+        // Continued from the checkpoint of the interruption, not started again
+        // (which would write the same metrics too).
+        let resumed = format!("resuming {} from {}", runs[i].display(), runs[i].join("checkpoints/step-").display());
+        assert!(err.contains(&resumed), "task {i} did not continue its run:\n{err}");
     }
     let log1 = std::fs::read_to_string(sweep.join("task-1.out")).unwrap();
     assert!(log1.contains("requeueing it"), "task 1 did not requeue itself after the warning:\n{log1}");
