@@ -484,7 +484,7 @@ fn requeued_array_tasks_match_uninterrupted_runs() {
         let o = cluster.client("scontrol", &["update", &format!("jobid={}", task(i)), "StartTime=now"]);
         assert!(o.status.success(), "scontrol update: {}", String::from_utf8_lossy(&o.stderr));
     }
-    for i in 0..2 {
+    for (i, run) in runs.iter().enumerate() {
         wait_for(&format!("task {i} to finish"), started, &cluster, || {
             let j = cluster.job(&task(i));
             matches!(j.get("JobState").map(String::as_str), Some("COMPLETED" | "FAILED" | "CANCELLED" | "TIMEOUT"))
@@ -500,7 +500,7 @@ fn requeued_array_tasks_match_uninterrupted_runs() {
         assert!(log.contains("ddppo train exited 0"), "task {i}:\n{log}\n{err}");
         // Continued from the checkpoint of the interruption, not started again
         // (which would write the same metrics too).
-        let resumed = format!("resuming {} from {}", runs[i].display(), runs[i].join("checkpoints/step-").display());
+        let resumed = format!("resuming {} from {}", run.display(), run.join("checkpoints/step-").display());
         assert!(err.contains(&resumed), "task {i} did not continue its run:\n{err}");
     }
     let log1 = std::fs::read_to_string(sweep.join("task-1.out")).unwrap();
