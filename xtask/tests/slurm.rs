@@ -458,6 +458,24 @@ fn requeued_array_tasks_match_uninterrupted_runs() {
     assert!(script.contains("#SBATCH --array=0-1") && script.contains(&ddppo.display().to_string()));
     let runs = [sweep.join("pendulum-ddppo-s0"), sweep.join(format!("pendulum-{OTHER}-s0"))];
     let task = |i: usize| format!("{job}_{i}");
+    // `--collect`: the comparison table of the runs as far as they are.
+    let collect = || -> String {
+        let o = Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .args(["ablate", OTHER, "--env", "pendulum", "--seeds", "1", "--collect", "--ddppo"])
+            .arg(&ddppo)
+            .arg("--out")
+            .arg(&sweep)
+            .env("CARGO_MANIFEST_DIR", env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "xtask ablate --collect: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(sweep.join("comparison.svg").is_file());
+        let table = std::fs::read_to_string(sweep.join("table.md")).unwrap();
+        for v in ["ddppo", OTHER] {
+            assert!(table.contains(&format!("| pendulum | {v} | 1 |")), "no row for {v}:\n{table}");
+        }
+        table
+    };
 
     // Mid-run: after each run's first checkpoint, before its end.
     wait_for("the first checkpoint of task 0", started, &cluster, || has_checkpoint(&runs[0]));
@@ -466,6 +484,8 @@ fn requeued_array_tasks_match_uninterrupted_runs() {
     wait_for("the first checkpoint of task 1", started, &cluster, || has_checkpoint(&runs[1]));
     let o = cluster.client("scancel", &["--batch", "--signal=USR1", &task(1)]);
     assert!(o.status.success(), "scancel --signal=USR1: {}", String::from_utf8_lossy(&o.stderr));
+    let partial = collect();
+    assert!(!partial.contains("3000 steps"), "the runs were not partial:\n{partial}");
 
     // Slurm holds a requeued job for two minutes (its BeginTime); let both
     // start again after 3 s instead. Not at once: slurmd refuses a launch
@@ -508,6 +528,8 @@ fn requeued_array_tasks_match_uninterrupted_runs() {
     let log0 = std::fs::read_to_string(sweep.join("task-0.out")).unwrap();
     assert!(!log0.contains("requeueing it"), "task 0 was requeued by Slurm, not by itself:\n{log0}");
     let slurm_s = started.elapsed().as_secs_f64();
+    let table = collect();
+    assert!(table.contains("3000 steps"), "{table}");
     eprintln!("--- task-0.out\n{log0}--- task-1.out\n{log1}");
 
     for ((dir, mut child), run) in reference.into_iter().zip(&runs) {
