@@ -138,7 +138,7 @@ fn kill_points(name: &str, toml: &str, seed: u64) {
                     std::hint::spin_loop();
                 }
             } else {
-                std::thread::sleep(took.mul_f64(points.next() * 0.3));
+                std::thread::sleep(took.mul_f64(points.next() * 0.15));
             }
             let _ = child.kill();
             let status = child.wait().unwrap();
