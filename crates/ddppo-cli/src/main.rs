@@ -2,7 +2,8 @@
 //! the algorithms live in the library crates.
 //!
 //! Exit codes: 0 success, 1 an error (one line `error: ...` on stderr), 2 a
-//! command-line usage error (one line ending in a pointer to `--help`).
+//! command-line usage error (one line ending in a pointer to `--help`), 75
+//! a training run stopped by a signal after a complete checkpoint.
 
 /// `println!` that ignores a closed stdout (`ddppo ... | head -1`) instead of
 /// panicking: the output is a courtesy, the work goes on.
@@ -75,6 +76,10 @@ fn main() {
         Command::Table(args) => cmd_table::run(args),
     };
     if let Err(e) = result {
+        if e.is::<cmd_train::Interrupted>() {
+            note!("{e}");
+            std::process::exit(cmd_train::EXIT_INTERRUPTED);
+        }
         // The reader of our output went away (`ddppo env list | head -1`):
         // nothing is wrong and nobody is left to tell.
         if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)) {
