@@ -60,5 +60,10 @@ fn twenty_thousand_temperature_updates_keep_memory_flat() {
     // The updates did run: alpha moved and the optimiser counted them.
     assert_ne!(agent.temperature.alpha().unwrap(), alpha0);
     assert_eq!(agent.alpha_opt.step, 22_000);
+    // The mechanism itself: no optimiser's moments hold a graph.
+    for opt in [&agent.alpha_opt, &agent.policy_opt, &agent.critic_opt] {
+        let (m, v) = opt.moments();
+        assert!(m.iter().chain(v).all(|t| !t.track_op()), "an Adam moment is still in the autograd graph");
+    }
     assert!(growth < 10_000_000, "RSS grew by {growth} bytes over 20,000 temperature updates");
 }
