@@ -365,6 +365,7 @@ struct Reporter {
     jsonl: std::fs::File,
     csv: std::fs::File,
     csv_header: bool,
+    tb: crate::tensorboard::EventWriter,
     bar: Option<ProgressBar>,
     total: usize,
     started: Instant,
@@ -396,6 +397,8 @@ impl Reporter {
             jsonl: open(METRICS_FILE)?,
             csv: open(CSV_FILE)?,
             csv_header,
+            // Rebuilt from the metrics kept so far (a resume has cut them back).
+            tb: crate::tensorboard::EventWriter::open(dir)?,
             bar,
             total,
             started: Instant::now(),
@@ -421,6 +424,8 @@ impl Reporter {
 
     fn eval(&mut self, rec: &EvalRecord) -> Result<()> {
         let value = serde_json::to_value(rec)?;
+        // Before metrics.jsonl, so every line there has its event already.
+        self.tb.write(&value)?;
         crate::run_dir::append_line(&mut self.jsonl, &self.dir.join(METRICS_FILE), &serde_json::to_string(&value)?)?;
         let (header, row) = crate::run_dir::csv_row(&value);
         let row = if self.csv_header { format!("{header}\n{row}") } else { row };

@@ -29,8 +29,10 @@ mod cmd_grad_error;
 mod cmd_plot;
 mod cmd_table;
 mod cmd_train;
+mod cmd_variant;
 mod device;
 mod run_dir;
+mod tensorboard;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
@@ -55,6 +57,8 @@ enum Command {
     Plot(cmd_plot::PlotArgs),
     /// A Markdown table of returns (mean ± std over seeds) at fixed step counts.
     Table(cmd_table::TableArgs),
+    /// List the algorithm variants (`--variant`).
+    Variant(cmd_variant::VariantArgs),
 }
 
 fn main() {
@@ -74,6 +78,7 @@ fn main() {
         Command::GradError(args) => cmd_grad_error::run(args),
         Command::Plot(args) => cmd_plot::run(args),
         Command::Table(args) => cmd_table::run(args),
+        Command::Variant(args) => cmd_variant::run(args),
     };
     if let Err(e) = result {
         if e.is::<cmd_train::Interrupted>() {

@@ -50,9 +50,9 @@ pub fn identity(dir: &Path) -> Result<RunIdentity> {
 }
 
 /// The records of a `metrics.jsonl` (one JSON object per line). A last line
-/// that does not parse or lacks its newline was torn by a crash or a full
-/// disk while it was appended: it is left out and reported as the second
-/// value (its 1-based line number). A bad line anywhere else is an error.
+/// without its newline was torn by a crash or a full disk while it was
+/// appended: it is left out and reported as the second value (its 1-based
+/// line number). A bad complete line is an error.
 pub fn read_records(path: &Path) -> Result<(Vec<serde_json::Value>, Option<usize>)> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
@@ -75,7 +75,9 @@ pub fn read_records(path: &Path) -> Result<(Vec<serde_json::Value>, Option<usize
         let parsed = serde_json::from_str::<serde_json::Value>(line).ok().filter(|v| v.is_object());
         match parsed {
             Some(v) if line.ends_with('\n') => out.push(v),
-            _ if last => return Ok((out, Some(i + 1))),
+            // Appends end in a newline, written in one call: a line without
+            // one was cut short; a complete line that does not parse is damage.
+            _ if last && !line.ends_with('\n') => return Ok((out, Some(i + 1))),
             _ => bail!("{}:{}: not a metrics record", path.display(), i + 1),
         }
     }
