@@ -66,6 +66,13 @@ pub struct EvalRecord {
     pub policy_updates: u64,
     /// Seconds spent per phase so far.
     pub phase_s: PhaseTimes,
+    /// Training episodes so far that the simulator ended by diverging
+    /// (MuJoCo's instability check): each was cut there as a truncation.
+    #[serde(default)]
+    pub diverged_episodes: u64,
+    /// Of this evaluation's episodes, those cut short by a diverging simulation.
+    #[serde(default)]
+    pub eval_diverged_episodes: usize,
 }
 
 /// Wall seconds per phase of the loop (for profiling).
@@ -91,6 +98,8 @@ pub trait Observer {
     fn on_step(&mut self, _env_steps: usize, _total_steps: usize) {}
     /// After every evaluation.
     fn on_eval(&mut self, _record: &EvalRecord) {}
+    /// When something went wrong that the run survives (a diverged simulation).
+    fn on_warning(&mut self, _message: &str) {}
 }
 
 /// An observer that ignores everything.
@@ -295,6 +304,10 @@ pub struct Agent {
     pub policy_updates: u64,
     /// Model trainings taken.
     pub model_trainings: u64,
+    /// Training episodes ended by a diverged simulation.
+    pub diverged_episodes: u64,
+    /// The last divergence not yet reported ([`Agent::take_warning`]).
+    pub(crate) warning: Option<String>,
     pub(crate) rollout_length: usize,
     pub(crate) snapshot: Option<PolicySnapshot>,
     pub(crate) critic_loss: Mean,
@@ -375,6 +388,8 @@ impl Agent {
             critic_updates: 0,
             policy_updates: 0,
             model_trainings: 0,
+            diverged_episodes: 0,
+            warning: None,
             rollout_length: k0,
             snapshot: None,
             critic_loss: Mean::default(),
@@ -412,6 +427,9 @@ impl Agent {
             if let Some(r) = self.step()? {
                 observer.on_eval(&r);
                 records.push(r);
+            }
+            if let Some(w) = self.take_warning() {
+                observer.on_warning(&w);
             }
             observer.on_step(self.env_steps, total);
         }
@@ -504,6 +522,19 @@ impl Agent {
         Ok(None)
     }
 
+    /// The training env (a test hook: puts it in a given state; the agent's
+    /// current observation is not updated).
+    #[doc(hidden)]
+    pub fn env_mut(&mut self) -> &mut dyn Env {
+        self.env.as_mut()
+    }
+
+    /// A line about the last diverged simulation since the previous call, if
+    /// any (for the caller to show; the count is in [`EvalRecord`]).
+    pub fn take_warning(&mut self) -> Option<String> {
+        self.warning.take()
+    }
+
     fn snapshot(&mut self) -> Result<&PolicySnapshot> {
         if self.snapshot.is_none() {
             self.snapshot = Some(self.policy.snapshot()?);
@@ -521,7 +552,24 @@ impl Agent {
             let snap = self.snapshot.as_ref().ok_or_else(|| Error::Config("no policy snapshot".into()))?;
             snap.sample_action(&obs, &mut self.rngs.act)
         };
-        let step = self.env.step(&action)?;
+        let step = match self.env.step(&action) {
+            Ok(step) => step,
+            // The simulator reset itself, so there is no next state to
+            // store: the step counts, the episode ends as a truncation (its
+            // transitions so far stay, bootstrapped), and a new one starts.
+            Err(e @ ddppo_env::Error::SimulationDiverged { .. }) => {
+                self.env_steps += 1;
+                self.diverged_episodes += 1;
+                self.warning = Some(format!(
+                    "env step {}: {e}; episode cut there as a truncation ({} so far)",
+                    self.env_steps, self.diverged_episodes
+                ));
+                self.episode_return = 0.0;
+                self.obs = self.env.reset(self.rngs.env.random());
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
         let f = |v: &[f64]| v.iter().map(|x| *x as f32).collect::<Vec<f32>>();
         // mask = 0 only on a true terminal; a time-limit truncation bootstraps.
         let mask = if step.terminated { 0.0 } else { 1.0 };
@@ -803,6 +851,8 @@ impl Agent {
             critic_updates: self.critic_updates,
             policy_updates: self.policy_updates,
             phase_s: self.times,
+            diverged_episodes: self.diverged_episodes,
+            eval_diverged_episodes: summary.diverged,
         })
     }
 }
@@ -818,6 +868,9 @@ pub struct EvalSummary {
     pub return_std: f64,
     /// Mean episode length.
     pub episode_len_mean: f64,
+    /// Episodes cut short by a diverged simulation (their returns count up
+    /// to that step).
+    pub diverged: usize,
 }
 
 /// Runs `episodes` deterministic (mean-action) episodes of `policy` on envs
@@ -841,5 +894,6 @@ pub fn evaluate_policy(
         return_mean: mean,
         return_std: var.sqrt(),
         episode_len_mean: stats.iter().map(|s| s.len as f64).sum::<f64>() / n,
+        diverged: stats.iter().filter(|s| s.diverged).count(),
     })
 }

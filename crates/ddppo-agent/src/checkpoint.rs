@@ -96,6 +96,8 @@ struct State {
     critic_updates: u64,
     policy_updates: u64,
     model_trainings: u64,
+    #[serde(default)]
+    diverged_episodes: u64,
     rollout_length: usize,
     obs: Vec<f64>,
     env_state: Vec<f64>,
@@ -229,6 +231,7 @@ impl Agent {
             critic_updates: self.critic_updates,
             policy_updates: self.policy_updates,
             model_trainings: self.model_trainings,
+            diverged_episodes: self.diverged_episodes,
             rollout_length: self.rollout_length,
             obs: self.obs.clone(),
             env_state: self.env.save_state(),
@@ -347,6 +350,7 @@ impl Agent {
         agent.critic_updates = state.critic_updates;
         agent.policy_updates = state.policy_updates;
         agent.model_trainings = state.model_trainings;
+        agent.diverged_episodes = state.diverged_episodes;
         agent.rollout_length = state.rollout_length;
         agent.critic_loss = Mean { sum: state.critic_loss.0, n: state.critic_loss.1 };
         agent.policy_loss = Mean { sum: state.policy_loss.0, n: state.policy_loss.1 };

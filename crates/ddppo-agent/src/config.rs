@@ -223,6 +223,36 @@ fn bad(msg: impl Into<String>) -> Error {
     Error::Config(msg.into())
 }
 
+/// Most env steps a run may take (`epochs x epoch_length`); also the bound
+/// of every other count of env steps.
+pub const MAX_TOTAL_STEPS: usize = 1_000_000_000;
+/// Most deterministic episodes per evaluation (`eval_episodes`, `ddppo eval --episodes`).
+pub const MAX_EVAL_EPISODES: usize = 10_000;
+/// Most evaluation threads.
+pub const MAX_EVAL_WORKERS: usize = 256;
+/// Most policy or critic updates per env step (`G1`, `G2`, the repeat cap).
+pub const MAX_UPDATES_PER_STEP: usize = 1_000;
+/// Longest policy-objective horizon `H` (the paper uses 1 to 3).
+pub const MAX_HORIZON: usize = 100;
+/// Largest update batch.
+pub const MAX_BATCH: usize = 65_536;
+/// Most hidden layers of the policy and Q networks.
+pub const MAX_LAYERS: usize = 16;
+/// Widest hidden layer (policy, Q networks, `double_params_hidden`).
+pub const MAX_WIDTH: usize = 16_384;
+/// Longest model rollout `k` (an episode is at most 1000 steps).
+pub const MAX_ROLLOUT_LENGTH: usize = 1_000;
+/// Most rows of `D_model` (and model rollouts per training).
+pub const MAX_MODEL_POOL: usize = 1_000_000_000;
+
+fn in_range(name: &str, v: usize, lo: usize, hi: usize) -> Result<()> {
+    if (lo..=hi).contains(&v) {
+        Ok(())
+    } else {
+        Err(bad(format!("{name} must be in {lo}..={hi}, got {v}")))
+    }
+}
+
 impl AgentConfig {
     /// Parses TOML; unknown keys and wrong types are errors naming the key.
     pub fn from_toml_str(text: &str) -> Result<Self> {
@@ -271,7 +301,8 @@ impl AgentConfig {
 
     /// Total env steps of the run.
     pub fn total_steps(&self) -> usize {
-        self.epochs * self.epoch_length
+        // Bounded by validation; saturating for a config that skipped it.
+        self.epochs.saturating_mul(self.epoch_length)
     }
 
     /// Capacity of `D_model` for rollout length `k`:
@@ -296,24 +327,44 @@ impl AgentConfig {
             .unwrap_or(self.model.hidden)
     }
 
-    /// Checks every value; the error names the first bad key.
+    /// Checks every value against the range the code can run, once, when the
+    /// config is resolved (before a run directory is written); the error
+    /// names the first bad key. The bounds are listed in the presets' comments.
     pub fn validate(&self) -> Result<()> {
         Task::from_name(&self.task)?;
-        let positive = [
-            ("epochs", self.epochs),
-            ("epoch_length", self.epoch_length),
-            ("replay_size", self.replay_size),
-            ("model_train_freq", self.model_train_freq),
-            ("rollout_batch_size", self.rollout_batch_size),
-            ("retain_epochs", self.retain_epochs),
-            ("horizon (H)", self.horizon),
-            ("batch_size", self.batch_size),
-            ("eval_every", self.eval_every),
-            ("eval_workers", self.eval_workers),
+        // The config is stored as TOML, whose integers are i64.
+        if i64::try_from(self.seed).is_err() {
+            return Err(bad(format!("seed must be at most {}, got {}", i64::MAX, self.seed)));
+        }
+        let steps = MAX_TOTAL_STEPS;
+        let counts = [
+            ("epochs", self.epochs, 1, steps),
+            ("epoch_length", self.epoch_length, 1, steps),
+            ("start_steps", self.start_steps, 0, steps),
+            ("replay_size", self.replay_size, 1, steps),
+            ("model_train_freq", self.model_train_freq, 1, steps),
+            ("rollout_batch_size", self.rollout_batch_size, 1, MAX_MODEL_POOL),
+            ("retain_epochs", self.retain_epochs, 1, steps),
+            ("policy_updates_per_step", self.policy_updates_per_step, 0, MAX_UPDATES_PER_STEP),
+            ("critic_updates_per_step", self.critic_updates_per_step, 0, MAX_UPDATES_PER_STEP),
+            ("max_train_repeat_per_step", self.max_train_repeat_per_step, 0, MAX_UPDATES_PER_STEP),
+            ("horizon (H)", self.horizon, 1, MAX_HORIZON),
+            ("batch_size", self.batch_size, 1, MAX_BATCH),
+            ("eval_every", self.eval_every, 1, steps),
+            ("eval_episodes", self.eval_episodes, 1, MAX_EVAL_EPISODES),
+            ("eval_workers", self.eval_workers, 1, MAX_EVAL_WORKERS),
+            ("checkpoint_every", self.checkpoint_every, 0, steps),
         ];
-        for (name, v) in positive {
-            if v == 0 {
-                return Err(bad(format!("{name} must be at least 1")));
+        for (name, v, lo, hi) in counts {
+            in_range(name, v, lo, hi)?;
+        }
+        match self.epochs.checked_mul(self.epoch_length) {
+            Some(total) if total <= steps => {}
+            _ => {
+                return Err(bad(format!(
+                    "epochs x epoch_length must be at most {steps} env steps, got {} x {}",
+                    self.epochs, self.epoch_length
+                )));
             }
         }
         if self.min_pool_size == 0 {
@@ -349,18 +400,22 @@ impl AgentConfig {
         if self.target_entropy.is_some_and(|t| !t.is_finite()) {
             return Err(bad("target_entropy must be finite"));
         }
-        if self.hidden.is_empty() || self.hidden.contains(&0) {
-            return Err(bad("hidden must list at least one positive width"));
+        if self.hidden.is_empty() || self.hidden.len() > MAX_LAYERS {
+            return Err(bad(format!("hidden must list 1 to {MAX_LAYERS} widths, got {}", self.hidden.len())));
+        }
+        for &h in &self.hidden {
+            in_range("hidden", h, 1, MAX_WIDTH)?;
         }
         let [e0, e1, l0, l1] = self.rollout_schedule.0;
         if e1 < e0 {
             return Err(bad(format!("rollout_schedule: max_epoch {e1} is before min_epoch {e0}")));
         }
-        if l0 == 0 || l1 == 0 {
-            return Err(bad("rollout_schedule: rollout lengths must be at least 1"));
+        in_range("rollout_schedule max_epoch", e1, 0, steps)?;
+        for l in [l0, l1] {
+            in_range("rollout_schedule rollout length", l, 1, MAX_ROLLOUT_LENGTH)?;
         }
-        if self.double_params_hidden == Some(0) {
-            return Err(bad("double_params_hidden must be positive"));
+        if let Some(h) = self.double_params_hidden {
+            in_range("double_params_hidden", h, 1, MAX_WIDTH)?;
         }
         if self.variant.uses_model() {
             self.model.validate()?;
@@ -370,9 +425,42 @@ impl AgentConfig {
                     self.model.ensemble_size, self.model.elites
                 )));
             }
+            // D_model's capacity at the longest rollout, without overflow.
+            let pool = self
+                .rollout_batch_size
+                .checked_mul(self.epoch_length)
+                .map(|r| r / self.model_train_freq)
+                .and_then(|r| r.checked_mul(self.retain_epochs))
+                .and_then(|r| r.checked_mul(l0.max(l1)));
+            if !pool.is_some_and(|p| (1..=MAX_MODEL_POOL).contains(&p)) {
+                return Err(bad(format!(
+                    "D_model must hold 1 to {MAX_MODEL_POOL} rows: retain_epochs x rollout_batch_size x \
+                     epoch_length / model_train_freq x the longest rollout_schedule length is {}",
+                    pool.map_or("beyond any count".to_string(), |p| p.to_string())
+                )));
+            }
+            // The first model training sees min_pool_size rows; it needs one
+            // left for training beside the holdout (ddppo-models' split).
+            let n = self.min_pool_size;
+            let hold = ((n as f64 * self.model.holdout_ratio).round() as usize).clamp(1, self.model.max_holdout);
+            if n < 2 || hold >= n {
+                return Err(bad(format!(
+                    "min_pool_size ({n}) leaves no rows to train the models on beside the {hold} held out \
+                     (model.holdout_ratio {})",
+                    self.model.holdout_ratio
+                )));
+            }
         }
         if matches!(self.variant, Variant::Ddppo | Variant::SingleModel) {
             self.gradient.validate()?;
+            // The first model training searches neighbours among min_pool_size rows.
+            if self.gradient.neighbours >= self.min_pool_size {
+                return Err(bad(format!(
+                    "gradient.neighbours ({}) must be below min_pool_size ({}): the first model training \
+                     searches neighbours among that many rows",
+                    self.gradient.neighbours, self.min_pool_size
+                )));
+            }
         }
         Ok(())
     }

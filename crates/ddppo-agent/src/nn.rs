@@ -184,7 +184,12 @@ impl Adam {
         let bc1 = 1.0 - self.beta1.powi(t);
         let bc2 = 1.0 - self.beta2.powi(t);
         for (i, var) in self.vars.iter().enumerate() {
-            let Some(g) = grad(var) else { continue };
+            // A variable's gradient can come out of the backward pass still
+            // in the graph (`exp`'s is `grad * exp(x)`, a tracked op): the
+            // moments built from it would then hold the previous moments, a
+            // chain that grows by one link per step and is never freed
+            // (temperature updates leaked ~4 KB each). Detaching changes no value.
+            let Some(g) = grad(var).map(|g| g.detach()) else { continue };
             let g = match self.clip {
                 Some(c) => g.clamp(-c, c)?,
                 None => g,

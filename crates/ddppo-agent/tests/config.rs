@@ -101,3 +101,79 @@ fn variants_by_name() {
     }
     assert!(Variant::from_name("ppo").unwrap_err().to_string().contains("no-grad-loss"));
 }
+
+/// Every numeric key is bounded to what the code can run: the edge value
+/// passes, one step beyond it is refused naming the key, and nothing
+/// overflows on the way (issue 14, item 5).
+#[test]
+fn numeric_keys_are_bounded_to_what_runs() {
+    // (TOML accepted at the edge, TOML just beyond it, the key the error names)
+    let cases: &[(&str, &str, &str)] = &[
+        ("eval_episodes = 10000", "eval_episodes = 0", "eval_episodes"),
+        ("eval_episodes = 1", "eval_episodes = 10001", "eval_episodes"),
+        ("eval_workers = 256", "eval_workers = 257", "eval_workers"),
+        ("epochs = 1000\nepoch_length = 1000000", "epochs = 1001\nepoch_length = 1000000", "epochs x epoch_length"),
+        ("epochs = 1", "epochs = 9223372036854775807", "epochs"),
+        ("epoch_length = 1000", "epoch_length = 9223372036854775807", "epoch_length"),
+        ("start_steps = 0", "start_steps = 1000000001", "start_steps"),
+        ("checkpoint_every = 0", "checkpoint_every = 1000000001", "checkpoint_every"),
+        ("replay_size = 1000000000", "replay_size = 1000000001", "replay_size"),
+        ("variant = \"sac\"\nmodel_train_freq = 1000000000", "model_train_freq = 0", "model_train_freq"),
+        // 100000 x 1000 / 10^8 = 1 row of D_model per epoch; 0 rows cannot run.
+        ("model_train_freq = 100000000", "model_train_freq = 100000001", "D_model"),
+        ("horizon = 100", "horizon = 101", "horizon"),
+        ("batch_size = 65536", "batch_size = 65537", "batch_size"),
+        ("policy_updates_per_step = 1000", "policy_updates_per_step = 1001", "policy_updates_per_step"),
+        ("critic_updates_per_step = 0", "critic_updates_per_step = 1001", "critic_updates_per_step"),
+        ("max_train_repeat_per_step = 1000", "max_train_repeat_per_step = 1001", "max_train_repeat_per_step"),
+        ("hidden = [16384]", "hidden = [16385]", "hidden"),
+        ("hidden = [4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4]", "hidden = [4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4]", "hidden"),
+        ("rollout_schedule = [1, 15, 1, 1000]", "rollout_schedule = [1, 15, 1, 1001]", "rollout_schedule"),
+        ("double_params_hidden = 16384", "double_params_hidden = 0", "double_params_hidden"),
+        // D_model: 1 x rollout_batch_size x 1000 / 250 x k rows, at most 10^9.
+        ("rollout_batch_size = 250000000", "rollout_batch_size = 250000001", "D_model"),
+        ("rollout_batch_size = 25000000\nrollout_schedule = [1, 15, 1, 10]", "rollout_batch_size = 25000001\nrollout_schedule = [1, 15, 1, 10]", "D_model"),
+        ("retain_epochs = 250\nrollout_batch_size = 1000000", "retain_epochs = 251\nrollout_batch_size = 1000000", "D_model"),
+        ("retain_epochs = 1000000000\nrollout_batch_size = 1\nmodel_train_freq = 1000", "retain_epochs = 9223372036854775807", "retain_epochs"),
+        // The first model training sees min_pool_size rows: n below that...
+        ("min_pool_size = 11\nstart_steps = 11\n[gradient]\nneighbours = 10", "min_pool_size = 10\n[gradient]\nneighbours = 10", "gradient.neighbours"),
+        ("[gradient]\nneighbours = 500", "[gradient]\nneighbours = 500\nneighbour_set = 500", "neighbour_set"),
+        ("[gradient]\nneighbours = 1000", "[gradient]\nneighbours = 1001", "neighbours"),
+        // ... and one row left for training beside the holdout.
+        ("min_pool_size = 2\n[gradient]\nneighbours = 1", "min_pool_size = 1\n[gradient]\nneighbours = 1", "min_pool_size"),
+        ("min_pool_size = 5\n[model]\nholdout_ratio = 0.8\n[gradient]\nneighbours = 1", "min_pool_size = 5\n[model]\nholdout_ratio = 0.9\n[gradient]\nneighbours = 1", "min_pool_size"),
+        ("[model]\nensemble_size = 100", "[model]\nensemble_size = 101", "ensemble_size"),
+        ("[model]\nhidden = 16384", "[model]\nhidden = 16385", "hidden"),
+        ("[model]\nhidden_layers = 1\nweight_decay = [0.0, 0.0]", "[model]\nhidden_layers = 0\nweight_decay = [0.0]", "hidden_layers"),
+        ("[model]\nbatch_size = 65536", "[model]\nbatch_size = 65537", "batch_size"),
+    ];
+    for (ok, bad, key) in cases {
+        let base = "task = \"pendulum\"\n";
+        if let Err(e) = AgentConfig::from_toml_str(&format!("{base}{ok}")) {
+            panic!("edge value refused: {ok:?}: {e}");
+        }
+        let e = err(bad);
+        assert!(e.contains(key), "{bad:?}: expected `{key}` in: {e}");
+        assert!(!e.contains('\n'), "{e}");
+    }
+    // TOML cannot hold a larger seed (the resolved config is written as TOML).
+    let mut c = AgentConfig::from_toml_str("task = \"pendulum\"\nseed = 9223372036854775807").unwrap();
+    c.seed = u64::MAX;
+    assert!(c.validate().unwrap_err().to_string().contains("seed"));
+    // The model keys only bind variants with a model; the gradient keys only
+    // those with the gradient loss.
+    let sac = "variant = \"sac\"\n[gradient]\nneighbours = 6000";
+    assert!(AgentConfig::from_toml_str(&format!("task = \"pendulum\"\n{sac}")).is_ok());
+    assert!(err("variant = \"no-grad-loss\"\nmin_pool_size = 1").contains("min_pool_size"));
+}
+
+#[test]
+fn every_preset_documents_the_bounds() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    for task in AgentConfig::preset_names() {
+        let text = std::fs::read_to_string(dir.join(format!("{task}.toml"))).unwrap();
+        for needle in ["1..=10000", "<= 10^9", "below min_pool_size", "1..=100]"] {
+            assert!(text.contains(needle), "configs/{task}.toml does not document `{needle}`");
+        }
+    }
+}

@@ -43,7 +43,7 @@ pub fn run(args: GradErrorArgs) -> Result<()> {
     let study = run_study(env, &cfg, args.seeds, &mut |p: &CurvePoint| {
         done += 1;
         if p.epoch == cfg.epochs {
-            eprintln!(
+            note!(
                 "[{done}/{total}] seed {} {}: pred_mse {:.3e} grad_mse {:.3e}",
                 p.seed, p.variant, p.pred_mse, p.grad_mse
             );
@@ -60,7 +60,7 @@ pub fn run(args: GradErrorArgs) -> Result<()> {
         cfg.epochs,
     )?;
     for v in &study.summary.variants {
-        println!(
+        say!(
             "{:<17} pred_mse {:.3e} ± {:.1e}   grad_mse {:.3e} ± {:.1e}   (reward row {:.3e}, dynamics rows {:.3e})",
             v.variant,
             v.pred_mse.mean,
@@ -71,11 +71,11 @@ pub fn run(args: GradErrorArgs) -> Result<()> {
             v.grad_mse_dynamics.mean
         );
     }
-    println!(
+    say!(
         "gradient MSE ratio (with / without the loss): {:.3}",
         study.summary.grad_mse_ratio
     );
-    println!(
+    say!(
         "wrote {}/{{curves.csv,summary.json,grad_error.svg}}",
         args.out.display()
     );

@@ -55,6 +55,6 @@ pub fn run(args: PlotArgs) -> Result<()> {
         })
         .collect();
     chart::write_svg(&args.out, &panels).with_context(|| format!("cannot plot into {}", args.out.display()))?;
-    eprintln!("wrote {}", args.out.display());
+    note!("wrote {}", args.out.display());
     Ok(())
 }

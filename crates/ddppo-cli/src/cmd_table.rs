@@ -30,7 +30,7 @@ pub fn run(args: TableArgs) -> Result<()> {
     if columns.is_empty() {
         bail!("the runs hold no evaluations yet");
     }
-    print!("{}", render(&groups, &columns));
+    std::io::Write::write_all(&mut std::io::stdout(), render(&groups, &columns).as_bytes())?;
     Ok(())
 }
 

@@ -111,6 +111,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
             Err(ddppo_agent::Error::Interrupted) => break,
             Err(e) => return Err(e.into()),
         }
+        if let Some(w) = agent.take_warning() {
+            report.note(&format!("warning: {w}"));
+        }
         report.step(agent.env_steps);
         // After the step's metrics line, so a resumed run never misses one.
         if every > 0 && agent.env_steps.is_multiple_of(every) && !agent.finished() {
@@ -134,7 +137,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         ));
         return Err(Interrupted.into());
     }
-    eprintln!("run complete: {}", dir.display());
+    note!("run complete: {}", dir.display());
     Ok(())
 }
 
@@ -191,7 +194,7 @@ fn open_run(dir: &Path, resolved: Option<AgentConfig>, device: candle_core::Devi
         match Agent::from_checkpoint(cfg.clone(), device.clone(), path) {
             Ok(a) => {
                 if let Some(e) = &first_error {
-                    eprintln!("warning: {e}; falling back to the older checkpoint {}", path.display());
+                    note!("warning: {e}; falling back to the older checkpoint {}", path.display());
                 }
                 agent = Some((*step, a));
                 break;
@@ -209,14 +212,14 @@ fn open_run(dir: &Path, resolved: Option<AgentConfig>, device: candle_core::Devi
     let opened = match agent {
         Some((step, agent)) => {
             if agent.finished() {
-                eprintln!("{} is complete ({step} of {total} env steps); nothing to resume", dir.display());
+                note!("{} is complete ({step} of {total} env steps); nothing to resume", dir.display());
                 return Ok(None);
             }
             // A checkpoint taken inside step N (an interrupted model
             // training) comes before that step's evaluation line.
             let keep = if agent.is_mid_step() { step.checked_sub(1) } else { Some(step) };
             let dropped = truncate_metrics(dir, keep)?;
-            eprintln!(
+            note!(
                 "resuming {} from {} ({step} of {total} env steps{})",
                 dir.display(),
                 checkpoints.root().join(format!("step-{step:010}")).display(),
@@ -227,7 +230,7 @@ fn open_run(dir: &Path, resolved: Option<AgentConfig>, device: candle_core::Devi
         }
         None => {
             truncate_metrics(dir, None)?;
-            eprintln!("{} has no checkpoint yet; starting its run again from step 0", dir.display());
+            note!("{} has no checkpoint yet; starting its run again from step 0", dir.display());
             (Agent::with_device(cfg, device)?, None)
         }
     };
@@ -257,7 +260,7 @@ fn truncate_metrics(dir: &Path, step: Option<usize>) -> Result<usize> {
     let path = dir.join(METRICS_FILE);
     let (records, torn) = crate::run_dir::read_records(&path)?;
     if let Some(line) = torn {
-        eprintln!("{}:{line}: cutting a torn last line (an interrupted write)", path.display());
+        note!("{}:{line}: cutting a torn last line (an interrupted write)", path.display());
     }
     let mut keep = Vec::new();
     let mut dropped = 0;
@@ -299,7 +302,12 @@ fn resolve_config(args: &TrainArgs) -> Result<AgentConfig> {
     let base = match (&args.config, &args.env) {
         (Some(path), _) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-            parse_table(&text).with_context(|| format!("{} is not valid TOML", path.display()))?
+            let table = parse_table(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
+            // An empty file would silently train the built-in defaults.
+            if table.is_empty() {
+                bail!("{} sets no key; a config file names at least its `task`", path.display());
+            }
+            table
         }
         (None, Some(env)) => parse_table(&AgentConfig::preset(env)?.to_toml()?)?,
         (None, None) => bail!("give --env NAME or --config FILE"),
@@ -434,7 +442,7 @@ impl Reporter {
         );
         match &self.bar {
             Some(bar) => bar.println(line),
-            None => eprintln!("{line}"),
+            None => note!("{line}"),
         }
         self.last_line = Instant::now();
         Ok(())
@@ -443,7 +451,7 @@ impl Reporter {
     fn note(&self, line: &str) {
         match &self.bar {
             Some(bar) => bar.println(line),
-            None => eprintln!("{line}"),
+            None => note!("{line}"),
         }
     }
 

@@ -1,5 +1,26 @@
 //! The `ddppo` command-line tool. It parses, validates, wires and reports;
 //! the algorithms live in the library crates.
+//!
+//! Exit codes: 0 success, 1 an error (one line `error: ...` on stderr), 2 a
+//! command-line usage error (one line ending in a pointer to `--help`), 75
+//! a training run stopped by a signal after a complete checkpoint.
+
+/// `println!` that ignores a closed stdout (`ddppo ... | head -1`) instead of
+/// panicking: the output is a courtesy, the work goes on.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `eprintln!` that ignores a closed stderr, as [`say!`].
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
 
 mod chart;
 mod cmd_env;
@@ -13,7 +34,7 @@ mod device;
 mod run_dir;
 mod tensorboard;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(name = "ddppo", version, about = "DDPPO: policy optimisation by back-propagating through a learned model")]
@@ -49,7 +70,7 @@ fn main() {
         // SAFETY: no other thread exists yet this early in main.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", "1") };
     }
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|e| usage_error(e));
     let result = match cli.cmd {
         Command::Train(args) => cmd_train::run(args),
         Command::Eval(args) => cmd_eval::run(args),
@@ -61,14 +82,66 @@ fn main() {
     };
     if let Err(e) = result {
         if e.is::<cmd_train::Interrupted>() {
-            eprintln!("{e}");
+            note!("{e}");
             std::process::exit(cmd_train::EXIT_INTERRUPTED);
+        }
+        // The reader of our output went away (`ddppo env list | head -1`):
+        // nothing is wrong and nobody is left to tell.
+        if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)) {
+            std::process::exit(0);
         }
         // One line: the cause chain, no backtrace (some causes, e.g. TOML
         // errors with a source excerpt, span several lines).
-        eprintln!("error: {}", one_line(&e));
+        note!("error: {}", one_line(&e));
         std::process::exit(1);
     }
+}
+
+/// Help and version print as clap has them (exit 0); a usage mistake is
+/// one line, clap's message and tip without the usage block, with a pointer
+/// to the right `--help` (exit 2).
+fn usage_error(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit();
+    }
+    note!("{}; see `{} --help`", usage_line(&e.render().to_string()), command_path());
+    std::process::exit(2);
+}
+
+/// The subcommand the arguments name (`ddppo env replay`), as far as they
+/// name one.
+fn command_path() -> String {
+    let mut cmd = Cli::command();
+    let mut path = vec![cmd.get_name().to_string()];
+    for arg in std::env::args().skip(1) {
+        let Some(sub) = cmd.find_subcommand(&arg).cloned() else { break };
+        path.push(sub.get_name().to_string());
+        cmd = sub;
+    }
+    path.join(" ")
+}
+
+/// Folds clap's rendered error (an `error: ...` paragraph, `tip:`
+/// paragraphs, then `Usage: ...` and `For more information, try '--help'.`,
+/// which are dropped) into one line.
+fn usage_line(rendered: &str) -> String {
+    let fold = |p: &str| p.split_whitespace().collect::<Vec<_>>().join(" ");
+    let mut message = String::new();
+    for paragraph in rendered.split("\n\n").map(str::trim).filter(|p| !p.is_empty()) {
+        if paragraph.starts_with("tip:") {
+            message.push_str(&format!(" ({})", fold(paragraph)));
+        } else if message.is_empty() {
+            message = fold(paragraph);
+        }
+    }
+    if !message.starts_with("error:") {
+        message = format!("error: {message}");
+    }
+    message.trim_end_matches('.').to_string()
 }
 
 /// The error's cause chain on one line. Library errors that wrap another

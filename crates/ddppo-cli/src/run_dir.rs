@@ -93,7 +93,7 @@ pub fn read_metrics(dir: &Path) -> Result<Vec<Metrics>> {
     }
     let (records, torn) = read_records(&path)?;
     if let Some(line) = torn {
-        eprintln!("warning: {}:{line}: skipping a torn last line", path.display());
+        note!("warning: {}:{line}: skipping a torn last line", path.display());
     }
     let mut out = Vec::new();
     for (i, v) in records.into_iter().enumerate() {
@@ -207,7 +207,7 @@ impl RunLock {
                 bail!("{} is in use by {holder} (lock file {}); waited {} s", dir.display(), path.display(), wait.as_secs());
             }
             if !said {
-                eprintln!("waiting up to {} s for {} (in use by {holder})", wait.as_secs(), dir.display());
+                note!("waiting up to {} s for {} (in use by {holder})", wait.as_secs(), dir.display());
                 said = true;
             }
             std::thread::sleep(std::time::Duration::from_millis(200));

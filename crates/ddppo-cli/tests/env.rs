@@ -118,3 +118,16 @@ fn mujoco_replay_errors_are_one_line() {
         assert_one_line_error(&ddppo(&["env", "replay", "--env", "hopper", "--input", path.to_str().unwrap()]), needle);
     }
 }
+
+#[cfg(feature = "mujoco")]
+#[test]
+fn a_diverged_simulation_is_an_error_not_a_silent_reset() {
+    // MuJoCo finds qpos = 1e308 too large, resets the state and warns; the
+    // replay must not print the reset pose as the step's result.
+    let input = tmp_file("diverge.json", r#"{"qpos": [1e308, 0.0], "qvel": [0.0, 0.0], "actions": [[0.0], [0.0]]}"#);
+    let out = ddppo(&["env", "replay", "--env", "inverted-pendulum", "--input", input.to_str().unwrap()]);
+    assert_one_line_error(&out, "diverged at step 1");
+    assert!(out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("qpos") && stderr.contains("action 0"), "{stderr}");
+}

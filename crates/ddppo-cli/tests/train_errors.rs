@@ -36,6 +36,8 @@ fn bad_values_are_one_line_errors_and_write_nothing() {
     let out = tmp.join("run");
     let bad_toml = tmp.join("bad.toml");
     std::fs::write(&bad_toml, "task = \"hopper\"\nepochs = [\n").unwrap();
+    let blank_toml = tmp.join("blank.toml");
+    std::fs::write(&blank_toml, "# only a comment\n\n").unwrap();
     let cases: &[(&[&str], &str)] = &[
         (&["--env", "cartpole"], "unknown env `cartpole`"),
         (&["--env", "hopper", "--variant", "ppo"], "unknown variant `ppo`"),
@@ -49,6 +51,17 @@ fn bad_values_are_one_line_errors_and_write_nothing() {
         (&["--env", "hopper", "--device", "tpu"], "unknown device `tpu`"),
         (&["--config", bad_toml.to_str().unwrap()], "not valid TOML"),
         (&["--config", "/nonexistent/ddppo.toml"], "cannot read"),
+        (&["--config", "/dev/null"], "/dev/null sets no key"),
+        (&["--config", blank_toml.to_str().unwrap()], "sets no key"),
+        // Values the code cannot run (issue 14): refused before anything is written.
+        (&["--env", "inverted-pendulum", "--set", "eval_episodes=0"], "eval_episodes"),
+        (&["--env", "inverted-pendulum", "--set", "eval_episodes=10001"], "eval_episodes"),
+        (&["--env", "inverted-pendulum", "--set", "gradient.neighbours=500"], "below min_pool_size"),
+        (&["--env", "inverted-pendulum", "--set", "epochs=9223372036854775807"], "epochs must be"),
+        (&["--env", "hopper", "--set", "epochs=1000001"], "epochs x epoch_length"),
+        (&["--env", "hopper", "--set", "hidden=[100000]"], "hidden"),
+        (&["--env", "hopper", "--set", "rollout_batch_size=1000000000"], "D_model"),
+        (&["--env", "hopper", "--set", "eval_workers=100000"], "eval_workers"),
     ];
     for (args, expect) in cases {
         rejects(args, &out, expect);

@@ -35,6 +35,14 @@ pub enum Error {
     Evaluation(String),
     #[error("saved {task} env state is invalid: {msg}")]
     SavedState { task: &'static str, msg: String },
+    /// MuJoCo met a NaN, infinite or huge (> 1e10) value in the state, its
+    /// acceleration or the control, and reset the simulation: the step's
+    /// result would be meaningless. The env must be reset before it steps again.
+    #[error(
+        "the {task} simulation diverged at step {step} of the episode: MuJoCo found a NaN, infinite or huge value \
+         in {quantity} (index {index}) and reset the state"
+    )]
+    SimulationDiverged { task: &'static str, step: usize, quantity: &'static str, index: i32 },
 }
 
 /// `Result` with this crate's [`Error`].

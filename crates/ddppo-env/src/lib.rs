@@ -73,7 +73,9 @@ pub trait Env: Send {
     /// A fresh episode; the same seed gives the same initial observation.
     fn reset(&mut self, seed: u64) -> Vec<f64>;
     /// Advances one step. An action of the wrong length or with a non-finite
-    /// component is an error and leaves the env untouched.
+    /// component is an error and leaves the env untouched. A simulation that
+    /// diverges is [`Error::SimulationDiverged`], after which the env must be
+    /// reset.
     fn step(&mut self, action: &[f64]) -> Result<StepResult>;
     /// Everything the next steps depend on (state, step count, simulator
     /// internals), for checkpoints: after [`Env::restore_state`] of it, the env

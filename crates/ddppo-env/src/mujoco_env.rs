@@ -12,7 +12,9 @@ use crate::analytic::check_state;
 use crate::error::{Error, Result};
 use crate::task::Task;
 use crate::{Env, StepResult, check_action};
-use mujoco_rs::prelude::{MjData, MjLogMessage, MjModel, MjtLogLevel, MjtObjBase, MjtState, set_log_handler};
+use mujoco_rs::prelude::{
+    MjData, MjLogMessage, MjModel, MjtLogLevel, MjtObjBase, MjtState, MjtWarning, set_log_handler,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
@@ -63,7 +65,8 @@ pub fn assets_dir() -> Option<PathBuf> {
 /// replay` writes its JSON lines) and appends them to `MUJOCO_LOG.TXT` in
 /// the working directory. Ours sends them to stderr and drops the one
 /// warning every load of gymnasium's `half_cheetah.xml` raises (its
-/// deprecated `settotalmass`, harmless here).
+/// deprecated `settotalmass`, harmless here), and the instability warnings,
+/// which [`MujocoEnv::step`] turns into [`Error::SimulationDiverged`].
 fn mujoco_messages_to_stderr(message: &MjLogMessage) {
     let subject = message.subject();
     // Installing a handler turns on every info topic (e.g. compile times).
@@ -71,6 +74,7 @@ fn mujoco_messages_to_stderr(message: &MjLogMessage) {
     if level == MjtLogLevel::mjLOG_DEBUG
         || level == MjtLogLevel::mjLOG_INFO
         || subject.contains("'settotalmass' is deprecated")
+        || subject.contains("The simulation is unstable")
     {
         return;
     }
@@ -183,6 +187,18 @@ pub struct MujocoEnv {
     x_before: f64,
 }
 
+/// MuJoCo's checks of `mj_step` for values that are NaN, infinite or above
+/// 1e10: on a bad `qpos`, `qvel` or `qacc` it resets the data to the model's
+/// default pose and carries on, on a bad `ctrl` it zeroes the controls; either
+/// way the step no longer follows the dynamics (gym v2's mujoco-py raised an
+/// exception on these warnings).
+const INSTABILITY_WARNINGS: [(MjtWarning, &str); 4] = [
+    (MjtWarning::mjWARN_BADQPOS, "qpos"),
+    (MjtWarning::mjWARN_BADQVEL, "qvel"),
+    (MjtWarning::mjWARN_BADQACC, "qacc"),
+    (MjtWarning::mjWARN_BADCTRL, "ctrl"),
+];
+
 /// What `mj_getState` saves: everything `mj_step` reads (time, qpos, qvel,
 /// act, warm-start accelerations, ...).
 const INTEGRATION_STATE: u32 = MjtState::mjSTATE_INTEGRATION as u32;
@@ -244,6 +260,25 @@ impl MujocoEnv {
     /// Raw simulator access, e.g. for benchmarks against bare `mj_step`.
     pub fn data(&self) -> &MjData<Arc<MjModel>> {
         &self.data
+    }
+
+    fn clear_instability_warnings(&mut self) {
+        // SAFETY: plain integer fields of this env's own MjData; no MuJoCo
+        // call runs on it meanwhile (`&mut self`).
+        let warnings = unsafe { &mut self.data.ffi_mut().warning };
+        for (w, _) in INSTABILITY_WARNINGS {
+            warnings[w as usize].number = 0;
+        }
+    }
+
+    /// The first instability warning MuJoCo raised since the counters were
+    /// cleared: the quantity and the DOF or actuator index.
+    fn instability(&self) -> Option<(&'static str, i32)> {
+        let warnings = self.data.warning();
+        INSTABILITY_WARNINGS
+            .iter()
+            .find(|(w, _)| warnings[*w as usize].number > 0)
+            .map(|(w, name)| (*name, warnings[*w as usize].lastinfo))
     }
 
     /// Humanoid's forward position: the x of the mass-weighted body centres.
@@ -311,8 +346,16 @@ impl Env for MujocoEnv {
         let x_before = self.x_before;
         // gym sets ctrl to the raw action; MuJoCo clamps to ctrlrange itself.
         self.data.ctrl_mut().copy_from_slice(action);
+        // The counters are diagnostics only (no part of the dynamics or of
+        // the saved state). `mj_resetData` clears them before counting the
+        // warning that caused it, so only counters that start at zero show
+        // every divergence.
+        self.clear_instability_warnings();
         for _ in 0..self.spec.frame_skip {
             self.data.step();
+            if let Some((quantity, index)) = self.instability() {
+                return Err(Error::SimulationDiverged { task: task.name(), step: self.steps + 1, quantity, index });
+            }
         }
         self.steps += 1;
         self.x_before = self.forward_position();

@@ -49,6 +49,9 @@ pub struct EpisodeStats {
     pub ret: f64,
     /// Steps taken.
     pub len: usize,
+    /// The simulation diverged ([`Error::SimulationDiverged`]): the episode
+    /// was cut there, as a truncation, its return summed up to that step.
+    pub diverged: bool,
 }
 
 /// Returns of `episodes` episodes of `task` under a deterministic `policy`
@@ -67,7 +70,8 @@ pub fn evaluate(
 /// Runs `episodes` episodes, episode `i` from seed `base_seed + i`, on
 /// `workers` crossbeam threads (each with its own env), and returns them in
 /// episode order. The first error (e.g. a policy action of the wrong
-/// length) stops the evaluation.
+/// length) stops the evaluation; a diverged simulation only ends its episode
+/// ([`EpisodeStats::diverged`]).
 pub fn evaluate_episodes(
     factory: &EnvFactory,
     policy: &(dyn Fn(&[f64]) -> Vec<f64> + Sync),
@@ -117,14 +121,79 @@ pub fn evaluate_episodes(
 
 fn run_episode(env: &mut dyn Env, policy: &(dyn Fn(&[f64]) -> Vec<f64> + Sync), seed: u64) -> Result<EpisodeStats> {
     let mut obs = env.reset(seed);
-    let mut stats = EpisodeStats { ret: 0.0, len: 0 };
+    let mut stats = EpisodeStats { ret: 0.0, len: 0, diverged: false };
     loop {
-        let step = env.step(&policy(&obs))?;
+        let step = match env.step(&policy(&obs)) {
+            Ok(step) => step,
+            Err(Error::SimulationDiverged { .. }) => {
+                stats.diverged = true;
+                return Ok(stats);
+            }
+            Err(e) => return Err(e),
+        };
         stats.ret += step.reward;
         stats.len += 1;
         if step.terminated || step.truncated {
             return Ok(stats);
         }
         obs = step.obs;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::StepResult;
+
+    /// Diverges at its third step; rewards 1 per step before that.
+    struct Diverging {
+        steps: usize,
+    }
+
+    impl Env for Diverging {
+        fn obs_dim(&self) -> usize {
+            1
+        }
+        fn act_dim(&self) -> usize {
+            1
+        }
+        fn action_low(&self) -> &[f64] {
+            &[-1.0]
+        }
+        fn action_high(&self) -> &[f64] {
+            &[1.0]
+        }
+        fn max_episode_steps(&self) -> usize {
+            10
+        }
+        fn reset(&mut self, _seed: u64) -> Vec<f64> {
+            self.steps = 0;
+            vec![0.0]
+        }
+        fn step(&mut self, _action: &[f64]) -> Result<StepResult> {
+            self.steps += 1;
+            if self.steps == 3 {
+                return Err(Error::SimulationDiverged { task: "test", step: 3, quantity: "qacc", index: 0 });
+            }
+            Ok(StepResult { obs: vec![0.0], reward: 1.0, terminated: false, truncated: self.steps >= 10 })
+        }
+        fn save_state(&self) -> Vec<f64> {
+            vec![self.steps as f64]
+        }
+        fn restore_state(&mut self, _state: &[f64]) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_diverged_episode_ends_there_and_other_errors_stop() {
+        let mut env = Diverging { steps: 0 };
+        let stats = run_episode(&mut env, &|_| vec![0.0], 0).unwrap();
+        assert_eq!(stats, EpisodeStats { ret: 2.0, len: 2, diverged: true });
+        // An action of the wrong length is still an error.
+        let mut pendulum = Pendulum::new();
+        assert!(run_episode(&mut pendulum, &|_| vec![0.0, 0.0], 0).is_err());
+        let stats = run_episode(&mut pendulum, &|_| vec![0.0], 0).unwrap();
+        assert_eq!((stats.len, stats.diverged), (200, false));
     }
 }

@@ -145,7 +145,10 @@ impl ModelOptimizer {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            let g = g.contiguous()?;
+            // A gradient can leave the backward pass still in the graph
+            // (e.g. `sqr`'s is `2 x` of the variable): moments built from it
+            // by tensor ops would chain to the previous ones for ever.
+            let g = g.contiguous()?.detach();
             if self.fused {
                 let m = self.m[i].apply_op2_no_bwd(&g, &Moment::First)?;
                 let v = self.v[i].apply_op2_no_bwd(&g, &Moment::Second)?;
@@ -393,6 +396,22 @@ mod tests {
             );
         }
         assert_eq!(opt.state().step, 1);
+    }
+
+    /// The moments of the plain (CUDA) update hold values only: a gradient
+    /// still in the graph (here `sqr`'s, `2 x` of the variable itself) must
+    /// not chain each step's moments to the previous ones, which would grow
+    /// memory for ever.
+    #[test]
+    fn plain_update_moments_hold_no_graph() {
+        let e = ens();
+        let mut opt = ModelOptimizer::new(&e).unwrap();
+        opt.set_fused(false);
+        for _ in 0..3 {
+            opt.apply(&loss(&e)).unwrap();
+        }
+        let s = opt.state();
+        assert!(s.m.iter().chain(&s.v).all(|t| !t.track_op()));
     }
 
     /// The fused CPU passes and the plain tensor-op update agree over several steps.

@@ -61,6 +61,27 @@ impl Default for EnsembleConfig {
     }
 }
 
+/// Most members of an ensemble.
+pub const MAX_ENSEMBLE_SIZE: usize = 100;
+/// Widest hidden layer of an ensemble member.
+pub const MAX_HIDDEN: usize = 16_384;
+/// Most hidden layers of an ensemble member.
+pub const MAX_HIDDEN_LAYERS: usize = 16;
+/// Largest minibatch per member.
+pub const MAX_BATCH_SIZE: usize = 65_536;
+/// Most neighbours `n` per point of the gradient loss.
+pub const MAX_NEIGHBOURS: usize = 1_000;
+/// Largest neighbour set.
+pub const MAX_NEIGHBOUR_SET: usize = 100_000_000;
+
+fn in_range(field: &str, v: usize, lo: usize, hi: usize) -> Result<()> {
+    if (lo..=hi).contains(&v) {
+        Ok(())
+    } else {
+        Err(bad(field, format!("must be in {lo}..={hi}, got {v}")))
+    }
+}
+
 fn bad(field: &str, why: impl Into<String>) -> Error {
     Error::Config {
         field: field.to_string(),
@@ -71,9 +92,7 @@ fn bad(field: &str, why: impl Into<String>) -> Error {
 impl EnsembleConfig {
     /// Checks every field; the error names the first bad one.
     pub fn validate(&self) -> Result<()> {
-        if self.ensemble_size == 0 {
-            return Err(bad("ensemble_size", "must be at least 1"));
-        }
+        in_range("ensemble_size", self.ensemble_size, 1, MAX_ENSEMBLE_SIZE)?;
         if self.elites == 0 || self.elites > self.ensemble_size {
             return Err(bad(
                 "elites",
@@ -83,9 +102,8 @@ impl EnsembleConfig {
                 ),
             ));
         }
-        if self.hidden == 0 {
-            return Err(bad("hidden", "must be at least 1"));
-        }
+        in_range("hidden", self.hidden, 1, MAX_HIDDEN)?;
+        in_range("hidden_layers", self.hidden_layers, 1, MAX_HIDDEN_LAYERS)?;
         if self.weight_decay.len() != self.hidden_layers + 1 {
             return Err(bad(
                 "weight_decay",
@@ -105,9 +123,7 @@ impl EnsembleConfig {
                 format!("must be finite and > 0, got {}", self.lr),
             ));
         }
-        if self.batch_size == 0 {
-            return Err(bad("batch_size", "must be at least 1"));
-        }
+        in_range("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)?;
         if !(self.holdout_ratio > 0.0 && self.holdout_ratio < 1.0) {
             return Err(bad(
                 "holdout_ratio",
@@ -170,9 +186,8 @@ impl Default for GradientLossConfig {
 impl GradientLossConfig {
     /// Checks every field; the error names the first bad one.
     pub fn validate(&self) -> Result<()> {
-        if self.neighbours == 0 {
-            return Err(bad("neighbours", "n must be at least 1"));
-        }
+        in_range("neighbours", self.neighbours, 1, MAX_NEIGHBOURS)?;
+        in_range("neighbour_set", self.neighbour_set, 2, MAX_NEIGHBOUR_SET)?;
         if !(self.weight.is_finite() && self.weight >= 0.0) {
             return Err(bad(
                 "weight",
