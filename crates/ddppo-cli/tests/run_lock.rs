@@ -154,3 +154,69 @@ fn torn_lines_are_cut_and_a_run_without_a_checkpoint_starts_again() {
     }
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+/// `cmd` with its files limited to `bytes` (RLIMIT_FSIZE, SIGXFSZ ignored):
+/// a write past the limit fails with EFBIG, as on a full disk.
+fn with_file_limit(cmd: &mut Command, bytes: u64) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setrlimit and signal are async-signal-safe; nothing else runs here.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit { rlim_cur: bytes, rlim_max: bytes };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            Ok(())
+        })
+    }
+}
+
+/// A full disk: an append of a metrics line that fails is cut back (no torn
+/// line), the run stops with one line naming the file, and the same command
+/// later continues; a `--resume` that cannot rewrite the metrics leaves no
+/// temporary file behind and names the file.
+#[test]
+fn a_full_disk_leaves_no_torn_line_and_no_temporary_file() {
+    let tmp = tempdir("full");
+    let cfg = tmp.join("tiny.toml");
+    std::fs::write(&cfg, TINY.replace("checkpoint_every = 600", "checkpoint_every = 0")).unwrap();
+    let full = tmp.join("full");
+    let o = train(&cfg, &full, &[]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let expected = metrics(&full);
+    let line = std::fs::metadata(full.join("metrics.jsonl")).unwrap().len() / expected.len() as u64;
+
+    // Room for two and a half metrics lines.
+    let run = tmp.join("run");
+    let o = with_file_limit(&mut train(&cfg, &run, &[]), line * 5 / 2).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    // The first file to fill up (TensorBoard's, written before each metrics line) is named.
+    let last = err.trim().lines().last().unwrap_or_default();
+    assert!(last.starts_with("error: cannot ") && last.contains(s(&run)) && last.contains("too large"), "{err}");
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let lines = text.lines().count();
+    assert!(text.ends_with('\n') && (1..expected.len()).contains(&lines), "{text}");
+    let o = train(&cfg, &run, &[]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(metrics(&run), expected);
+
+    // `--resume` of a run (killed after its checkpoint at 600) whose metrics
+    // no longer fit: refused naming the file, no metrics.tmp left.
+    std::fs::write(&cfg, TINY).unwrap();
+    let cut = tmp.join("cut");
+    let mut child = train(&cfg, &cut, &[]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let marker = cut.join("checkpoints").join("step-0000000600");
+    wait_for("the checkpoint at 600", || marker.exists());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ddppo"));
+    cmd.args(["train", "--resume", s(&cut)]);
+    let o = with_file_limit(&mut cmd, 200).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.trim().lines().last().unwrap_or_default().contains("metrics.jsonl"), "{err}");
+    assert!(!cut.join("metrics.tmp").exists() && !cut.join("metrics.csv.tmp").exists());
+    let _ = std::fs::remove_dir_all(&tmp);
+}
