@@ -4,50 +4,22 @@
 //! same command is run again each time — with the metrics of the
 //! uninterrupted run, bit for bit apart from the wall-clock fields.
 
+mod common;
+
+use common::{TINY, metrics, s};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const TINY: &str = r#"
-task = "pendulum"
-variant = "ddppo"
-seed = 3
-epochs = 1
-epoch_length = 1200
-start_steps = 300
-min_pool_size = 300
-model_train_freq = 150
-rollout_batch_size = 300
-policy_updates_per_step = 1
-critic_updates_per_step = 1
-batch_size = 32
-hidden = [32, 32]
-eval_every = 150
-eval_episodes = 2
-checkpoint_every = 150
-
-[model]
-ensemble_size = 3
-elites = 2
-hidden = 16
-hidden_layers = 2
-weight_decay = [2.5e-5, 5e-5, 1e-4]
-max_epochs = 3
-
-[gradient]
-neighbours = 3
-"#;
+/// The tiny run of `common`, twice as long: eight checkpoints to kill around.
+fn tiny() -> String {
+    TINY.replace("epoch_length = 600", "epoch_length = 1200")
+}
 
 fn tempdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ddppo-kill-test-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::tempdir("kill", name)
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// `ddppo train --config CFG --out DIR`: the command a user (or a requeued
 /// cluster job) runs again unchanged.
@@ -65,20 +37,6 @@ fn finish(cfg: &Path, out: &Path) -> Output {
     let o = train(cfg, out).output().unwrap();
     assert!(o.status.success(), "the continued run failed: {}", String::from_utf8_lossy(&o.stderr));
     o
-}
-
-/// The metrics lines without their wall-clock fields.
-fn metrics(run: &Path) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    text.lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            let o = v.as_object_mut().unwrap();
-            o.remove("wall_s");
-            o.remove("phase_s");
-            v
-        })
-        .collect()
 }
 
 fn tmp_checkpoint_exists(run: &Path) -> bool {
@@ -161,12 +119,12 @@ fn kill_points(name: &str, toml: &str, seed: u64) {
 
 #[test]
 fn ten_sigkills_at_seeded_points_end_in_the_uninterrupted_metrics_pendulum() {
-    kill_points("pendulum", TINY, 11);
+    kill_points("pendulum", &tiny(), 11);
 }
 
 #[test]
 fn ten_sigkills_at_seeded_points_end_in_the_uninterrupted_metrics_inverted_pendulum() {
-    kill_points("ip", &TINY.replace("task = \"pendulum\"", "task = \"inverted-pendulum\""), 12);
+    kill_points("ip", &tiny().replace("task = \"pendulum\"", "task = \"inverted-pendulum\""), 12);
 }
 
 /// SIGTERM, SIGINT and SIGUSR1 (Slurm's signals): a checkpoint within 20 s,
@@ -176,7 +134,7 @@ fn ten_sigkills_at_seeded_points_end_in_the_uninterrupted_metrics_inverted_pendu
 fn signals_checkpoint_and_exit_75_and_the_run_continues_identically() {
     let tmp = tempdir("signals");
     let cfg = tmp.join("tiny.toml");
-    std::fs::write(&cfg, TINY).unwrap();
+    std::fs::write(&cfg, tiny()).unwrap();
     let (expected, took) = uninterrupted(&tmp, &cfg);
     let run = tmp.join("signalled");
     let mut points = Points(7);

@@ -2,71 +2,17 @@
 //! metrics as an uninterrupted run with the same seed (CPU), and bad
 //! checkpoints are one-line errors that leave the run directory untouched.
 
+mod common;
+
+use common::{TINY, ddppo, metrics, s};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn ddppo(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ddppo")).args(args).output().unwrap()
-}
-
 fn tempdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ddppo-resume-test-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::tempdir("resume", name)
 }
 
-/// A tiny DDPPO run on Pendulum through every phase of Algorithm 1: warm-up,
-/// three model trainings with rollouts, G1/G2 updates; an evaluation and a
-/// checkpoint every 150 steps.
-const TINY: &str = r#"
-task = "pendulum"
-variant = "ddppo"
-seed = 3
-epochs = 1
-epoch_length = 600
-start_steps = 300
-min_pool_size = 300
-model_train_freq = 150
-rollout_batch_size = 300
-policy_updates_per_step = 1
-critic_updates_per_step = 1
-batch_size = 32
-hidden = [32, 32]
-eval_every = 150
-eval_episodes = 2
-checkpoint_every = 150
-
-[model]
-ensemble_size = 3
-elites = 2
-hidden = 16
-hidden_layers = 2
-weight_decay = [2.5e-5, 5e-5, 1e-4]
-max_epochs = 3
-
-[gradient]
-neighbours = 3
-"#;
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// The metrics lines without their wall-clock fields.
-fn metrics(run: &Path) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    text.lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            let o = v.as_object_mut().unwrap();
-            o.remove("wall_s");
-            o.remove("phase_s");
-            v
-        })
-        .collect()
-}
 
 fn one_line_error(o: &Output, expect: &str) {
     let err = String::from_utf8_lossy(&o.stderr);

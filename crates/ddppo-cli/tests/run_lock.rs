@@ -1,9 +1,16 @@
 //! One owner per run directory, torn metrics lines, and a run killed before
 //! its first checkpoint: never a dead end, never lost data.
 
+mod common;
+
+use common::{ddppo, metrics, s, wait_for};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+
+fn tempdir(name: &str) -> PathBuf {
+    common::tempdir("lock", name)
+}
+
 
 const TINY: &str = r#"
 task = "pendulum"
@@ -22,46 +29,10 @@ eval_episodes = 2
 checkpoint_every = 600
 "#;
 
-fn tempdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ddppo-lock-test-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 fn train(cfg: &Path, out: &Path, extra: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ddppo"));
     c.args(["train", "--config", s(cfg), "--out", s(out)]).args(extra).env("RAYON_NUM_THREADS", "1");
     c
-}
-
-fn ddppo(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ddppo")).args(args).output().unwrap()
-}
-
-fn metrics(run: &Path) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    text.lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            let o = v.as_object_mut().unwrap();
-            o.remove("wall_s");
-            o.remove("phase_s");
-            v
-        })
-        .collect()
-}
-
-fn wait_for(what: &str, cond: impl Fn() -> bool) {
-    let t = Instant::now();
-    while !cond() {
-        assert!(t.elapsed() < Duration::from_secs(300), "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 fn uninterrupted(tmp: &Path, cfg: &Path) -> Vec<serde_json::Value> {

@@ -7,6 +7,8 @@
 //! makes with `python3 -m venv` and pip when it is missing; where it cannot,
 //! the test fails saying why.
 
+mod common;
+
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -16,37 +18,10 @@ use std::time::{Duration, Instant};
 /// The pinned tensorboard of `.cache/venv-tb`.
 const TENSORBOARD_VERSION: &str = "2.21.0";
 
-/// The tiny Pendulum run of `tests/resume.rs` (every phase of Algorithm 1),
-/// evaluated every 150 steps, with one checkpoint at 300 before the end.
-const TINY: &str = r#"
-task = "pendulum"
-variant = "ddppo"
-seed = 5
-epochs = 1
-epoch_length = 600
-start_steps = 300
-min_pool_size = 300
-model_train_freq = 150
-rollout_batch_size = 300
-policy_updates_per_step = 1
-critic_updates_per_step = 1
-batch_size = 32
-hidden = [32, 32]
-eval_every = 150
-eval_episodes = 2
-checkpoint_every = 300
-
-[model]
-ensemble_size = 3
-elites = 2
-hidden = 16
-hidden_layers = 2
-weight_decay = [2.5e-5, 5e-5, 1e-4]
-max_epochs = 3
-
-[gradient]
-neighbours = 3
-"#;
+/// The tiny run of `common` (seed 5), with one checkpoint at 300 before the end.
+fn tiny() -> String {
+    common::TINY.replace("seed = 3", "seed = 5").replace("checkpoint_every = 150", "checkpoint_every = 300")
+}
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -128,7 +103,8 @@ fn read_tb(python: &Path, tb: &Path) -> Value {
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
-fn metrics(run: &Path) -> Vec<Value> {
+/// The metrics records with every field (the wall clock too: it is a curve).
+fn records(run: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
@@ -209,11 +185,9 @@ fn assert_tb_equals_metrics(read: &Value, metrics: &[Value]) {
 #[test]
 fn interrupted_and_resumed_run_has_tensorboard_curves_equal_to_its_metrics() {
     let python = tensorboard_python();
-    let tmp = std::env::temp_dir().join(format!("ddppo-tb-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).unwrap();
+    let tmp = common::tempdir("tb", "run");
     let cfg = tmp.join("tiny.toml");
-    std::fs::write(&cfg, TINY).unwrap();
+    std::fs::write(&cfg, tiny()).unwrap();
     let run = tmp.join("run");
 
     // Killed (SIGKILL) once its evaluation at 450 is written: after the
@@ -238,7 +212,7 @@ fn interrupted_and_resumed_run_has_tensorboard_curves_equal_to_its_metrics() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    let before = metrics(&run);
+    let before = records(&run);
     assert_eq!(before.last().unwrap()["env_steps"], 450, "the run was not interrupted at 450");
     assert!(run.join("checkpoints/step-0000000300").is_dir());
     // The killed run's events already hold step 450.
@@ -264,14 +238,14 @@ fn interrupted_and_resumed_run_has_tensorboard_curves_equal_to_its_metrics() {
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert_eq!(child.wait().unwrap().code(), Some(75), "a run stopped by SIGTERM exits 75");
-    let mid = metrics(&run);
+    let mid = records(&run);
     assert!(mid.len() >= 3 && mid[..3] == before[..3], "the requeued run kept the records to step 300");
     assert_tb_equals_metrics(&read_tb(&python, &run.join("tb")), &mid);
 
     let o =
         Command::new(env!("CARGO_BIN_EXE_ddppo")).args(["train", "--resume", run.to_str().unwrap()]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let after = metrics(&run);
+    let after = records(&run);
     let steps: Vec<u64> = after.iter().map(|m| m["env_steps"].as_u64().unwrap()).collect();
     assert_eq!(steps, [0, 150, 300, 450, 600]);
     // The evaluation at 450 was done again (its wall-clock fields differ).

@@ -1,0 +1,79 @@
+//! What the run-directory tests share: the tiny DDPPO config, temporary
+//! directories, and the metrics without their wall-clock fields.
+// Each test binary uses a part of this module.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// A tiny DDPPO run on Pendulum through every phase of Algorithm 1: warm-up,
+/// three model trainings with rollouts, G1/G2 updates; an evaluation and a
+/// checkpoint every 150 steps.
+pub const TINY: &str = r#"
+task = "pendulum"
+variant = "ddppo"
+seed = 3
+epochs = 1
+epoch_length = 600
+start_steps = 300
+min_pool_size = 300
+model_train_freq = 150
+rollout_batch_size = 300
+policy_updates_per_step = 1
+critic_updates_per_step = 1
+batch_size = 32
+hidden = [32, 32]
+eval_every = 150
+eval_episodes = 2
+checkpoint_every = 150
+
+[model]
+ensemble_size = 3
+elites = 2
+hidden = 16
+hidden_layers = 2
+weight_decay = [2.5e-5, 5e-5, 1e-4]
+max_epochs = 3
+
+[gradient]
+neighbours = 3
+"#;
+
+/// A fresh directory under the system's temp dir, unique to this process.
+pub fn tempdir(test: &str, name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ddppo-{test}-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+pub fn ddppo(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ddppo")).args(args).output().unwrap()
+}
+
+/// The metrics lines without their wall-clock fields.
+pub fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let o = v.as_object_mut().unwrap();
+            o.remove("wall_s");
+            o.remove("phase_s");
+            v
+        })
+        .collect()
+}
+
+pub fn wait_for(what: &str, cond: impl Fn() -> bool) {
+    let t = Instant::now();
+    while !cond() {
+        assert!(t.elapsed() < Duration::from_secs(300), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
