@@ -17,6 +17,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{AgentConfig, Variant};
+use crate::jacobian_error::JacobianProbe;
 use crate::nn::{Adam, upload};
 use crate::policy_update::policy_objective;
 use crate::rollout::ModelRollout;
@@ -64,6 +65,24 @@ pub struct EvalRecord {
     pub policy_updates: u64,
     /// Seconds spent per phase so far.
     pub phase_s: PhaseTimes,
+    /// Jacobian error of the rollout (prediction) ensemble's elites on the
+    /// held-out states (`jacobian_error`): MSE of the reward row, of the
+    /// dynamics rows, mean cosine of `J v`. Empty before the first model
+    /// training, for `sac`, and with `jacobian_states = 0`.
+    pub pred_jacobian_mse_reward: Option<f64>,
+    /// See `pred_jacobian_mse_reward`.
+    pub pred_jacobian_mse_dynamics: Option<f64>,
+    /// See `pred_jacobian_mse_reward`.
+    pub pred_jacobian_cos: Option<f64>,
+    /// The same figures for the ensemble whose derivatives the policy update
+    /// uses: `ddppo`'s gradient ensemble; the one ensemble of the other model
+    /// variants (then equal to the `pred_` figures), so runs of different
+    /// variants compare side by side.
+    pub grad_jacobian_mse_reward: Option<f64>,
+    /// See `grad_jacobian_mse_reward`.
+    pub grad_jacobian_mse_dynamics: Option<f64>,
+    /// See `grad_jacobian_mse_reward`.
+    pub grad_jacobian_cos: Option<f64>,
 }
 
 /// Wall seconds per phase of the loop (for profiling).
@@ -81,6 +100,9 @@ pub struct PhaseTimes {
     pub policy: f64,
     /// Evaluation episodes.
     pub eval: f64,
+    /// Jacobian-error diagnostics (including drawing the held-out set once).
+    #[serde(default)]
+    pub diagnostics: f64,
 }
 
 /// Receives progress from [`Agent::train`].
@@ -278,6 +300,8 @@ pub struct Agent {
     pub(crate) times: PhaseTimes,
     pub(crate) started: Instant,
     pub(crate) batch: Batch,
+    /// The held-out states of the Jacobian diagnostics, drawn when first needed.
+    pub(crate) jacobian_probe: Option<JacobianProbe>,
 }
 
 fn secs(t: Instant) -> f64 {
@@ -353,6 +377,7 @@ impl Agent {
             model_stats: ModelStats::default(),
             times: PhaseTimes::default(),
             started: Instant::now(),
+            jacobian_probe: None,
             cfg,
         })
     }
@@ -697,6 +722,9 @@ impl Agent {
         let snap = self.snapshot()?.clone();
         let summary = evaluate_policy(&self.factory, &self.cfg, snap, self.cfg.eval_episodes)?;
         self.times.eval += secs(t);
+        let t = Instant::now();
+        let (pred, grad) = self.jacobian_errors()?;
+        self.times.diagnostics += secs(t);
         Ok(EvalRecord {
             env_steps: self.env_steps,
             return_mean: summary.return_mean,
@@ -715,6 +743,12 @@ impl Agent {
             critic_updates: self.critic_updates,
             policy_updates: self.policy_updates,
             phase_s: self.times,
+            pred_jacobian_mse_reward: pred.map(|e| e.mse_reward),
+            pred_jacobian_mse_dynamics: pred.map(|e| e.mse_dynamics),
+            pred_jacobian_cos: pred.map(|e| e.cos),
+            grad_jacobian_mse_reward: grad.map(|e| e.mse_reward),
+            grad_jacobian_mse_dynamics: grad.map(|e| e.mse_dynamics),
+            grad_jacobian_cos: grad.map(|e| e.cos),
         })
     }
 }
