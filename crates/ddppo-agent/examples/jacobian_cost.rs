@@ -4,7 +4,7 @@
 //! model variants one). The ensemble is untrained: the cost does not depend
 //! on the weights.
 //!
-//! `RAYON_NUM_THREADS=1 cargo run --release -p ddppo-agent --example jacobian_cost -- hopper`
+//! `RAYON_NUM_THREADS=1 cargo run -p ddppo-agent --example jacobian_cost -- hopper`
 
 use std::time::Instant;
 
