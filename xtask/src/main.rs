@@ -90,17 +90,13 @@ fn run() -> Result<()> {
         Task::Train { env, variant, seed, out, extra } => {
             let ddppo = build_cli(&root)?;
             let out = out.unwrap_or_else(|| root.join("runs").join(format!("{env}-{variant}-s{seed}")));
+            // `ddppo train --out` continues the run a directory already holds
+            // (the same command again after an interruption).
+            println!("training {env} ({variant}, seed {seed}); the run goes to {}", out.display());
             let mut cmd = Command::new(&ddppo);
-            if has_checkpoint(&out) && extra.is_empty() {
-                // The same command again continues an interrupted run.
-                println!("continuing {env} ({variant}, seed {seed}) in {}", out.display());
-                cmd.arg("train").arg("--resume").arg(&out);
-            } else {
-                println!("training {env} ({variant}, seed {seed}); the run goes to {}", out.display());
-                cmd.args(["train", "--env", &env, "--variant", &variant, "--seed", &seed.to_string(), "--out"])
-                    .arg(&out)
-                    .args(&extra);
-            }
+            cmd.args(["train", "--env", &env, "--variant", &variant, "--seed", &seed.to_string(), "--out"])
+                .arg(&out)
+                .args(&extra);
             status(cmd, "ddppo train")?;
             println!("run finished: {}", out.display());
         }
@@ -187,10 +183,9 @@ fn epochs_for(root: &Path, env: &str, steps: u64) -> Result<u64> {
     Ok(steps.div_ceil(epoch_length).max(1))
 }
 
-/// Runs one `ddppo train` per entry of `runs`, `jobs` at a time; a run whose
-/// directory already holds a checkpoint is resumed rather than restarted (a
-/// finished one is left as it is), and one that was stopped before its first
-/// checkpoint is moved aside to `<dir>.incomplete` and started again.
+/// Runs one `ddppo train` per entry of `runs`, `jobs` at a time; a run that
+/// was stopped continues from its newest checkpoint (or from step 0), a
+/// finished one is left as it is.
 fn run_parallel(
     ddppo: &Path,
     env: &str,
@@ -206,20 +201,12 @@ fn run_parallel(
             let Some((variant, seed, dir)) = pending.next() else {
                 break;
             };
+            // The one rule for a run directory (in `ddppo train`): a run that
+            // was stopped continues, a finished one is left as it is.
             let mut cmd = Command::new(ddppo);
-            if has_checkpoint(dir) {
-                cmd.arg("train").arg("--resume").arg(dir);
-            } else {
-                if dir.join("config.toml").exists() {
-                    let aside = dir.with_extension("incomplete");
-                    let _ = std::fs::remove_dir_all(&aside);
-                    std::fs::rename(dir, &aside)?;
-                    println!("{} stopped before its first checkpoint; moved to {}", dir.display(), aside.display());
-                }
-                cmd.args(["train", "--env", env, "--variant", variant, "--seed", &seed.to_string(), "--out"]).arg(dir);
-                if let Some(n) = epochs {
-                    cmd.args(["--set", &format!("epochs={n}")]);
-                }
+            cmd.args(["train", "--env", env, "--variant", variant, "--seed", &seed.to_string(), "--out"]).arg(dir);
+            if let Some(n) = epochs {
+                cmd.args(["--set", &format!("epochs={n}")]);
             }
             std::fs::create_dir_all(dir)?;
             let log = std::fs::File::create(dir.with_extension("log"))?;
@@ -250,13 +237,6 @@ fn run_parallel(
         bail!("{} run(s) failed: {}", failed.len(), failed.join(", "));
     }
     Ok(())
-}
-
-/// Whether `dir/checkpoints` holds a complete (renamed) checkpoint.
-fn has_checkpoint(dir: &Path) -> bool {
-    std::fs::read_dir(dir.join("checkpoints"))
-        .map(|r| r.flatten().any(|e| e.file_name().to_string_lossy().starts_with("step-")))
-        .unwrap_or(false)
 }
 
 fn status(mut cmd: Command, what: &str) -> Result<()> {

@@ -84,26 +84,28 @@ pub fn run(args: PlotArgs) -> Result<()> {
 }
 
 /// `(env_steps, value)` of every evaluation of the run in `dir` where
-/// `metric` (a dotted path into the JSON object) holds a number; adds every
-/// column seen to `columns` (for the error message of an unknown one).
+/// `metric` (a dotted path into the JSON object) holds a number (a torn last
+/// line is skipped with a warning, as for the returns); adds every column
+/// seen to `columns` (for the error message of an unknown one).
 fn metric_points(
     dir: &Path,
     metric: &str,
     columns: &mut std::collections::BTreeSet<String>,
 ) -> Result<Vec<(u64, f64)>> {
     let path = dir.join(run_dir::METRICS_FILE);
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    if !path.is_file() {
+        bail!("cannot read {}: no such file", path.display());
+    }
+    let (records, torn) = run_dir::read_records(&path)?;
+    if let Some(line) = torn {
+        eprintln!("warning: {}:{line}: skipping a torn last line", path.display());
+    }
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let record: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("{}:{}: not a metrics record", path.display(), i + 1))?;
-        let (header, _) = run_dir::csv_row(&record);
+    for (i, record) in records.iter().enumerate() {
+        let (header, _) = run_dir::csv_row(record);
         columns.extend(header.split(',').map(str::to_string));
         let step = record.get("env_steps").and_then(serde_json::Value::as_u64);
-        let value = metric.split('.').try_fold(&record, |v, key| v.get(key));
+        let value = metric.split('.').try_fold(record, |v, key| v.get(key));
         match (step, value) {
             (None, _) => bail!("{}:{}: not a metrics record (no env_steps)", path.display(), i + 1),
             (Some(_), None | Some(serde_json::Value::Null)) => {}

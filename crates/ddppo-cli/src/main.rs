@@ -55,6 +55,10 @@ fn main() {
         Command::Table(args) => cmd_table::run(args),
     };
     if let Err(e) = result {
+        if e.is::<cmd_train::Interrupted>() {
+            eprintln!("{e}");
+            std::process::exit(cmd_train::EXIT_INTERRUPTED);
+        }
         // One line: the cause chain, no backtrace (some causes, e.g. TOML
         // errors with a source excerpt, span several lines).
         eprintln!("error: {}", one_line(&e));
