@@ -19,6 +19,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{AgentConfig, Variant};
+use crate::jacobian_error::JacobianProbe;
 use crate::nn::{Adam, upload};
 use crate::policy_update::policy_objective;
 use crate::rollout::ModelRollout;
@@ -73,6 +74,24 @@ pub struct EvalRecord {
     /// Of this evaluation's episodes, those cut short by a diverging simulation.
     #[serde(default)]
     pub eval_diverged_episodes: usize,
+    /// Jacobian error of the rollout (prediction) ensemble's elites on the
+    /// held-out states (`jacobian_error`): MSE of the reward row, of the
+    /// dynamics rows, mean cosine of `J v`. Empty before the first model
+    /// training, for `sac`, and with `jacobian_states = 0`.
+    pub pred_jacobian_mse_reward: Option<f64>,
+    /// See `pred_jacobian_mse_reward`.
+    pub pred_jacobian_mse_dynamics: Option<f64>,
+    /// See `pred_jacobian_mse_reward`.
+    pub pred_jacobian_cos: Option<f64>,
+    /// The same figures for the ensemble whose derivatives the policy update
+    /// uses: `ddppo`'s gradient ensemble; the one ensemble of the other model
+    /// variants (then equal to the `pred_` figures), so runs of different
+    /// variants compare side by side.
+    pub grad_jacobian_mse_reward: Option<f64>,
+    /// See `grad_jacobian_mse_reward`.
+    pub grad_jacobian_mse_dynamics: Option<f64>,
+    /// See `grad_jacobian_mse_reward`.
+    pub grad_jacobian_cos: Option<f64>,
 }
 
 /// Wall seconds per phase of the loop (for profiling).
@@ -90,6 +109,9 @@ pub struct PhaseTimes {
     pub policy: f64,
     /// Evaluation episodes.
     pub eval: f64,
+    /// Jacobian-error diagnostics (including drawing the held-out set once).
+    #[serde(default)]
+    pub diagnostics: f64,
 }
 
 /// Receives progress from [`Agent::train`].
@@ -316,6 +338,8 @@ pub struct Agent {
     pub(crate) times: PhaseTimes,
     pub(crate) started: Instant,
     pub(crate) batch: Batch,
+    /// The held-out states of the Jacobian diagnostics, drawn when first needed.
+    pub(crate) jacobian_probe: Option<JacobianProbe>,
     /// The env step is taken but the updates after it are not (a model
     /// training was interrupted): the next [`Agent::step`] finishes it.
     pub(crate) mid_step: bool,
@@ -397,6 +421,7 @@ impl Agent {
             model_stats: ModelStats::default(),
             times: PhaseTimes::default(),
             started: Instant::now(),
+            jacobian_probe: None,
             mid_step: false,
             interrupt: None,
             cfg,
@@ -833,6 +858,9 @@ impl Agent {
         let snap = self.snapshot()?.clone();
         let summary = evaluate_policy(&self.factory, &self.cfg, snap, self.cfg.eval_episodes)?;
         self.times.eval += secs(t);
+        let t = Instant::now();
+        let (pred, grad) = self.jacobian_errors()?;
+        self.times.diagnostics += secs(t);
         Ok(EvalRecord {
             env_steps: self.env_steps,
             return_mean: summary.return_mean,
@@ -853,6 +881,12 @@ impl Agent {
             phase_s: self.times,
             diverged_episodes: self.diverged_episodes,
             eval_diverged_episodes: summary.diverged,
+            pred_jacobian_mse_reward: pred.map(|e| e.mse_reward),
+            pred_jacobian_mse_dynamics: pred.map(|e| e.mse_dynamics),
+            pred_jacobian_cos: pred.map(|e| e.cos),
+            grad_jacobian_mse_reward: grad.map(|e| e.mse_reward),
+            grad_jacobian_mse_dynamics: grad.map(|e| e.mse_dynamics),
+            grad_jacobian_cos: grad.map(|e| e.cos),
         })
     }
 }

@@ -10,6 +10,7 @@
 //! | `networks.safetensors` | policy, critic, target critic, temperature, and the Adam moments of all five optimisers |
 //! | `prediction.safetensors`, `gradient.safetensors` | the ensembles (weights, scaler, elites) |
 //! | `env_buffer.bin`, `model_buffer.bin` | `D_env` and `D_model` |
+//! | `jacobian_probe.safetensors` | the Jacobian diagnostics' held-out states, true Jacobians and directions (once drawn) |
 //! | `MANIFEST.json` | size and FNV-1a 64 checksum of every other file; written last |
 //!
 //! [`Checkpoints`] keeps them in `RUN/checkpoints/step-NNNNNNNNNN`: a new one
@@ -34,6 +35,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::agent::{Agent, AgentRngs, Mean, ModelStats, PhaseTimes};
 use crate::config::AgentConfig;
+use crate::jacobian_error::JacobianProbe;
 use crate::nn::{Adam, sorted_vars};
 use crate::sac::GaussianPolicy;
 use crate::{Error, Result};
@@ -47,6 +49,8 @@ const PREDICTION: &str = "prediction.safetensors";
 const GRADIENT: &str = "gradient.safetensors";
 const ENV_BUFFER: &str = "env_buffer.bin";
 const MODEL_BUFFER: &str = "model_buffer.bin";
+/// The held-out states of the Jacobian diagnostics, once drawn.
+const JACOBIAN_PROBE: &str = "jacobian_probe.safetensors";
 
 fn ck(path: &Path, reason: impl Into<String>) -> Error {
     Error::Checkpoint { path: path.display().to_string(), reason: reason.into() }
@@ -205,6 +209,12 @@ impl Agent {
                 }
             }
         }
+        if let Some(probe) = &self.jacobian_probe {
+            let path = dir.join(JACOBIAN_PROBE);
+            probe.save(&path)?;
+            sync_file(&path)?;
+            files.push(JACOBIAN_PROBE);
+        }
         let path = dir.join(NETWORKS);
         let map: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
         candle_core::safetensors::save(&map, &path).map_err(|e| ck(&path, e.to_string()))?;
@@ -327,6 +337,12 @@ impl Agent {
                 };
                 e.restore_optimizer_state(opt).map_err(|err| ck(&path, err.to_string()))?;
             }
+        }
+        // Checkpoints written before the diagnostics existed have no probe;
+        // it is drawn again (from its own seeded stream) when needed.
+        let probe = dir.join(JACOBIAN_PROBE);
+        if probe.exists() {
+            agent.jacobian_probe = Some(JacobianProbe::load(&probe, agent.env.obs_dim(), agent.env.act_dim())?);
         }
         agent.env_buffer = load_buffer(&dir.join(ENV_BUFFER), &agent.env_buffer)?;
         agent.model_buffer = load_buffer(&dir.join(MODEL_BUFFER), &agent.model_buffer)?;

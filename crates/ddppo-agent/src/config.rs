@@ -160,6 +160,12 @@ pub struct AgentConfig {
     /// Hidden width of the single ensemble of `double-params` (`None`: chosen
     /// so the parameter count is about twice `model.hidden`'s).
     pub double_params_hidden: Option<usize>,
+    /// Held-out random-policy states on which every evaluation measures the
+    /// models' Jacobian error against the true step Jacobians (0: off; see
+    /// `jacobian_error`). Never changes the training itself.
+    pub jacobian_states: usize,
+    /// Random unit directions per held-out state for the cosine figure.
+    pub jacobian_directions: usize,
     /// The ensembles (section 2).
     pub model: EnsembleConfig,
     /// The gradient loss `n`, `w` (section 3).
@@ -203,6 +209,8 @@ impl Default for AgentConfig {
             eval_workers: 2,
             checkpoint_every: 5000,
             double_params_hidden: None,
+            jacobian_states: 256,
+            jacobian_directions: 8,
             model: EnsembleConfig::default(),
             gradient: GradientLossConfig::default(),
         }
@@ -413,6 +421,11 @@ impl AgentConfig {
         in_range("rollout_schedule max_epoch", e1, 0, steps)?;
         for l in [l0, l1] {
             in_range("rollout_schedule rollout length", l, 1, MAX_ROLLOUT_LENGTH)?;
+        }
+        in_range("jacobian_states", self.jacobian_states, 0, 100_000)?;
+        in_range("jacobian_directions", self.jacobian_directions, 0, 1024)?;
+        if self.jacobian_states > 0 && self.jacobian_directions == 0 {
+            return Err(bad("jacobian_directions must be at least 1 when jacobian_states is not 0"));
         }
         if let Some(h) = self.double_params_hidden {
             in_range("double_params_hidden", h, 1, MAX_WIDTH)?;

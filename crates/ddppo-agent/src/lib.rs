@@ -11,6 +11,8 @@
 //! - [`policy_update`]: equation 11 and its adjoint-recursion check.
 //! - [`config`] and [`agent`]: the typed config (presets in `configs/`) and
 //!   the loop of Algorithm 1.
+//! - [`jacobian_error`]: the models' Jacobian error against the true step
+//!   Jacobians on fixed held-out states, logged at every evaluation.
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
@@ -41,6 +43,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod grad_error;
+pub mod jacobian_error;
 pub mod nn;
 pub mod policy_update;
 pub mod rollout;

@@ -1,6 +1,6 @@
-//! `ddppo env list` and `ddppo env replay`.
+//! `ddppo env list`, `ddppo env replay` and `ddppo env jacobian`.
 use anyhow::{Context, Result};
-use ddppo_env::Task;
+use ddppo_env::{JacobianInput, Task};
 use ddppo_env::replay::{ReplayInput, replay};
 use std::io::Write;
 use std::path::PathBuf;
@@ -26,12 +26,26 @@ enum EnvCommand {
         #[arg(long)]
         input: PathBuf,
     },
+    /// The true Jacobian d(r, obs')/d(obs, a) of one env step at each given
+    /// point (exact for pendulum and linear; central differences through the
+    /// MuJoCo step, unobserved x / x-y positions at 0); one JSON line
+    /// {"jacobian": [[...], ...]} per point, rows (r, obs'_1..obs'_d),
+    /// columns (obs_1..obs_d, a_1..a_m).
+    Jacobian {
+        /// Environment name (see `ddppo env list`).
+        #[arg(long)]
+        env: String,
+        /// JSON file: a list of {"obs": [...], "action": [...]}.
+        #[arg(long)]
+        input: PathBuf,
+    },
 }
 
 pub fn run(args: EnvArgs) -> Result<()> {
     match args.cmd {
         EnvCommand::List => list(),
         EnvCommand::Replay { env, input } => replay_file(&env, &input),
+        EnvCommand::Jacobian { env, input } => jacobian_file(&env, &input),
     }
 }
 
@@ -67,6 +81,22 @@ fn replay_file(env: &str, path: &std::path::Path) -> Result<()> {
     .with_context(|| format!("replaying {} on {task}", path.display()))?;
     if let Some(e) = write_error {
         return Err(e).context("writing to stdout");
+    }
+    out.flush().context("writing to stdout")?;
+    Ok(())
+}
+
+fn jacobian_file(env: &str, path: &std::path::Path) -> Result<()> {
+    let task = Task::from_name(env)?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let points = JacobianInput::list_from_json(&text).with_context(|| format!("{}", path.display()))?;
+    let jacobians =
+        JacobianInput::jacobians(task, &points).with_context(|| format!("jacobians of {} on {task}", path.display()))?;
+    let cols = task.obs_dim() + task.act_dim();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for jac in jacobians {
+        let rows: Vec<&[f64]> = jac.chunks(cols).collect();
+        writeln!(out, "{}", serde_json::json!({ "jacobian": rows })).context("writing to stdout")?;
     }
     out.flush().context("writing to stdout")?;
     Ok(())

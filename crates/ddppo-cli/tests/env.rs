@@ -1,4 +1,4 @@
-//! `ddppo env list` and `ddppo env replay` end to end, and their one-line errors.
+//! `ddppo env list`, `ddppo env replay` and `ddppo env jacobian` end to end, and their one-line errors.
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -130,4 +130,59 @@ fn a_diverged_simulation_is_an_error_not_a_silent_reset() {
     assert!(out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("qpos") && stderr.contains("action 0"), "{stderr}");
+}
+
+#[test]
+fn jacobian_prints_the_exact_pendulum_jacobians() {
+    use ddppo_env::AnalyticDynamics;
+    let points = [([0.5, -0.25], 1.0), ([-3.0, 7.5], -2.5)];
+    let input: Vec<_> = points.iter().map(|(s, a)| serde_json::json!({"obs": s, "action": [a]})).collect();
+    let path = tmp_file("jac-pendulum.json", &serde_json::Value::from(input).to_string());
+    let out = ddppo(&["env", "jacobian", "--env", "pendulum", "--input", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines = lines(&out);
+    assert_eq!(lines.len(), 2);
+    for (line, (s, a)) in lines.iter().zip(points) {
+        let rows: Vec<Vec<f64>> = serde_json::from_value(line["jacobian"].clone()).unwrap();
+        assert_eq!(rows.len(), 3, "rows (r, theta', theta_dot')");
+        assert!(rows.iter().all(|r| r.len() == 3), "columns (theta, theta_dot, a)");
+        assert_eq!(rows.concat(), ddppo_env::Pendulum::new().jacobian(&s, &[a]));
+    }
+}
+
+#[cfg(feature = "mujoco")]
+#[test]
+fn jacobian_of_a_mujoco_task_is_the_library_one() {
+    use ddppo_env::{MujocoJacobian, MujocoModel, StepJacobian, Task};
+    let obs = [0.1, 0.05, 0.2, -0.3];
+    let path = tmp_file("jac-ip.json", &serde_json::json!([{"obs": obs, "action": [0.5]}]).to_string());
+    let out = ddppo(&["env", "jacobian", "--env", "inverted-pendulum", "--input", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines = lines(&out);
+    let rows: Vec<Vec<f64>> = serde_json::from_value(lines[0]["jacobian"].clone()).unwrap();
+    assert_eq!((rows.len(), rows[0].len()), (5, 5));
+    let expected = MujocoJacobian::new(&MujocoModel::load(Task::InvertedPendulum).unwrap()).step_jacobian(&obs, &[0.5]).unwrap();
+    assert_eq!(rows.concat(), expected);
+}
+
+#[test]
+fn jacobian_errors_are_one_line_and_print_nothing() {
+    let ok = tmp_file("jac-ok.json", r#"[{"obs": [0.0, 0.0], "action": [0.0]}]"#);
+    let p = ok.to_str().unwrap();
+    assert_one_line_error(&ddppo(&["env", "jacobian", "--env", "cheetah", "--input", p]), "valid names: inverted-pendulum");
+    assert_one_line_error(&ddppo(&["env", "jacobian", "--env", "pendulum", "--input", "no/such/file.json"]), "reading no/such/file.json");
+    let cases = [
+        ("pendulum", "not json", "bad jacobian input"),
+        ("pendulum", r#"{"obs": [0.0, 0.0], "action": [0.0]}"#, "bad jacobian input"),
+        ("pendulum", r#"[{"obs": [0.0, 0.0]}]"#, "missing field `action`"),
+        ("pendulum", r#"[{"obs": [0.0, 0.0], "action": [0.0]}, {"obs": [0.0], "action": [0.0]}]"#, "item 1: observation has 1 values, pendulum expects 2"),
+        ("linear", r#"[{"obs": [0.0, 0.0, 0.0], "action": [0.0]}]"#, "item 0: action has 1 components, linear expects 2"),
+        ("hopper", r#"[{"obs": [0.0, 0.0, 0.0], "action": [0.0, 0.0, 0.0]}]"#, "item 0: observation has 3 values, hopper expects 11"),
+    ];
+    for (k, (env, text, needle)) in cases.into_iter().enumerate() {
+        let path = tmp_file(&format!("jac-bad{k}.json"), text);
+        let out = ddppo(&["env", "jacobian", "--env", env, "--input", path.to_str().unwrap()]);
+        assert_one_line_error(&out, needle);
+        assert!(out.stdout.is_empty(), "nothing printed before the error");
+    }
 }

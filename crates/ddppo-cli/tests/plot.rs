@@ -112,3 +112,47 @@ fn table_reports_mean_and_std_over_seeds() {
     assert!(table.contains("| hopper | ddppo | 2 | 15.0 ± 5.0 | 300.0 ± 100.0 |"), "{table}");
     assert!(table.contains("| hopper | sac | 1 | 5.0 ± 0.0 | 50.0 ± 0.0 |"), "{table}");
 }
+
+/// A run whose records carry the Jacobian-error columns (null before the
+/// first model training, as `ddppo train` writes them).
+fn fake_jacobian_run(dir: &Path, variant: &str, seed: u64, errors: &[Option<f64>]) {
+    fake_run(dir, "hopper", variant, seed, &vec![0.0; errors.len()]);
+    let lines: Vec<String> = errors
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let e = e.map_or("null".to_string(), |x| x.to_string());
+            format!("{{\"env_steps\":{},\"return_mean\":0.0,\"grad_jacobian_mse_dynamics\":{e},\"phase_s\":{{\"critic\":{i}}}}}", (i + 1) * 1000)
+        })
+        .collect();
+    std::fs::write(dir.join("metrics.jsonl"), lines.join("\n") + "\n").unwrap();
+}
+
+#[test]
+fn plot_draws_any_metric_column() {
+    let tmp = tempdir("plot_metric");
+    fake_jacobian_run(&tmp.join("a"), "ddppo", 0, &[None, Some(0.5), Some(0.25)]);
+    fake_jacobian_run(&tmp.join("b"), "no-grad-loss", 0, &[None, Some(2.0), Some(1.5)]);
+    fake_run(&tmp.join("c"), "hopper", "sac", 0, &[1.0, 2.0, 3.0]);
+    let runs: Vec<String> = ["a", "b", "c"].iter().map(|d| tmp.join(d).display().to_string()).collect();
+    let out = tmp.join("jac.svg");
+    let mut args = vec!["plot"];
+    args.extend(runs.iter().map(String::as_str));
+    args.extend(["--metric", "grad_jacobian_mse_dynamics", "--log-y", "--out", out.to_str().unwrap()]);
+    let o = ddppo(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let texts = svg_texts(&std::fs::read_to_string(&out).unwrap());
+    let count = |t: &str| texts.iter().filter(|x| x.as_str() == t).count();
+    // The sac run has no such column and no curve; the others one each.
+    assert_eq!((count("ddppo"), count("no-grad-loss"), count("sac")), (1, 1, 0), "{texts:?}");
+    assert_eq!(count("grad_jacobian_mse_dynamics"), 1, "the y label: {texts:?}");
+    // Nested columns by their CSV name.
+    let o = ddppo(&["plot", &runs[0], "--metric", "phase_s.critic", "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // A column no run has: one line naming the columns there are.
+    let o = ddppo(&["plot", &runs[0], &runs[2], "--metric", "jacobian_mse", "--out", out.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("no run has a value in column `jacobian_mse`") && err.contains("grad_jacobian_mse_dynamics"), "{err}");
+}

@@ -31,6 +31,8 @@ pub enum Error {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     Replay(String),
+    #[error("{0}")]
+    JacobianInput(String),
     #[error("evaluation: {0}")]
     Evaluation(String),
     #[error("saved {task} env state is invalid: {msg}")]

@@ -10,6 +10,9 @@
 //!   predictions during model rollouts; it needs no simulator.
 //! - [`Pendulum`] and [`LinearEnv`] implement [`AnalyticDynamics`]: exact
 //!   `(r, s')` and Jacobians `d(r, s')/d(s, a)` for the gradient-error study.
+//! - [`StepJacobian`] ([`make_jacobian`]) gives the true Jacobian
+//!   `d(r, obs')/d(obs, a)` of one env step of any task: exact for the
+//!   analytic envs, central differences through the step for MuJoCo's.
 //! - [`evaluate`] runs evaluation episodes on worker threads;
 //!   [`replay::replay`] applies recorded actions from a given state.
 //!
@@ -36,6 +39,7 @@
 
 mod analytic;
 mod error;
+mod jacobian;
 #[cfg(feature = "mujoco")]
 mod mujoco_env;
 pub mod replay;
@@ -45,6 +49,9 @@ mod termination;
 
 pub use analytic::{AnalyticDynamics, LinearEnv, LinearSystem, Pendulum};
 pub use error::{Error, Result};
+#[cfg(feature = "mujoco")]
+pub use jacobian::MujocoJacobian;
+pub use jacobian::{FD_STEP, JacobianInput, StepJacobian, make_jacobian};
 #[cfg(feature = "mujoco")]
 pub use mujoco_env::{MujocoEnv, MujocoModel, assets_dir};
 pub use runner::{EnvFactory, EpisodeStats, evaluate, evaluate_episodes};

@@ -168,6 +168,33 @@ impl MujocoModel {
         self.model.opt().timestep * self.frame_skip as f64
     }
 
+    /// The simulator state `(qpos, qvel)` an observation stands for: the
+    /// observed coordinates copied back, the unobserved root position (x for
+    /// Hopper, Walker2d and HalfCheetah; x and y for Ant and Humanoid) set to
+    /// 0, which changes nothing but the position itself: the dynamics and
+    /// the rewards (differences of x) are translation invariant. Hopper's and
+    /// Walker2d's observed velocities are clipped to +-10, so a state with a
+    /// faster joint comes back with that velocity at +-10.
+    pub fn state_from_observation(&self, obs: &[f64]) -> Result<(Vec<f64>, Vec<f64>)> {
+        check_state(self.task.name(), "observation", obs, self.task.obs_dim())?;
+        let (nq, nv) = (self.model.ffi().nq as usize, self.model.ffi().nv as usize);
+        let hidden = match self.task {
+            Task::InvertedPendulum => 0,
+            Task::Hopper | Task::Walker2d | Task::HalfCheetah => 1,
+            Task::Ant | Task::Humanoid => 2,
+            Task::Pendulum | Task::Linear => unreachable!("MujocoModel::load rejects analytic tasks"),
+        };
+        if nq - hidden + nv != obs.len() {
+            return Err(Error::ModelLoad {
+                path: PathBuf::from(spec(self.task).map_or("", |s| s.xml)),
+                msg: format!("has nq {nq}, nv {nv}, which do not make the {} observed values of {}", obs.len(), self.task),
+            });
+        }
+        let mut qpos = vec![0.0; hidden];
+        qpos.extend_from_slice(&obs[..nq - hidden]);
+        Ok((qpos, obs[nq - hidden..].to_vec()))
+    }
+
     /// A new env with its own `MjData` on this model, in the model's default pose.
     pub fn make_env(&self) -> MujocoEnv {
         let data = MjData::new(self.model.clone());
@@ -250,6 +277,18 @@ impl MujocoEnv {
             Task::Ant | Task::Humanoid => [&qpos[2..], qvel].concat(),
             Task::Pendulum | Task::Linear => unreachable!("MujocoModel::load rejects analytic tasks"),
         }
+    }
+
+    /// One env step from `(qpos, qvel)` on a freshly reset simulator
+    /// (`mj_resetData`: time 0, no solver warm start left from earlier
+    /// steps), so that the result depends on the state and the action alone.
+    /// The step count restarts at 0.
+    pub fn step_from(&mut self, qpos: &[f64], qvel: &[f64], action: &[f64]) -> Result<StepResult> {
+        check_action(self.spec.task.name(), action, self.spec.task.act_dim())?;
+        self.data.reset();
+        self.steps = 0;
+        self.set_state(qpos, qvel)?;
+        self.step(action)
     }
 
     /// The number of steps since the last reset.
