@@ -251,6 +251,8 @@ pub fn parse_nvcc_version(text: &str) -> Option<(u32, u32)> {
 /// stream variants those may expand to.
 pub fn driver_symbols(header: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
+    // A few declarations put the name on the line after `CUresult CUDAAPI`.
+    let header = header.replace("CUDAAPI\r\n", "CUDAAPI ").replace("CUDAAPI\n", "CUDAAPI ");
     for line in header.lines() {
         let line = line.trim();
         if let Some(rest) = line.split("CUDAAPI ").nth(1) {
@@ -395,6 +397,7 @@ mod tests {
                       CUresult CUDAAPI cuInit(unsigned int Flags);\n\
                       __CUDA_DEPRECATED CUresult CUDAAPI cuCtxDetach(CUcontext ctx);\n\
                       CUresult CUDAAPI cuMemAlloc(CUdeviceptr *dptr, size_t bytesize);\n\
+                      CUresult CUDAAPI\ncuLinkDestroy(CUlinkState state);\n\
                       typedef CUresult (CUDAAPI *PFN_cuInit)(unsigned int);\n";
         let names: Vec<String> = driver_symbols(header).into_iter().collect();
         assert_eq!(
@@ -402,6 +405,7 @@ mod tests {
             [
                 "cuCtxDetach",
                 "cuInit",
+                "cuLinkDestroy",
                 "cuMemAlloc",
                 "cuMemAlloc_v2",
                 "cuMemcpyHtoD_v2",
