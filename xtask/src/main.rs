@@ -4,9 +4,11 @@
 
 mod cuda;
 mod mujoco;
+mod slurm;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -60,27 +62,56 @@ enum Task {
         extra: Vec<String>,
     },
     /// Compare `ddppo` with a variant (or every variant: `all`) over seeds,
-    /// then write the comparison plot and a table.
+    /// then write the comparison plot and a table; or write and submit a
+    /// Slurm job array for the same runs (`--slurm`).
     Ablate {
-        /// no-grad-loss, single-model, double-params, mbpo, sac, or all.
+        /// A variant (see `ddppo variant list`) or `all`.
         variant: String,
         #[arg(long, default_value = "hopper")]
         env: String,
         #[arg(long, default_value_t = 5)]
         seeds: u64,
-        /// Training processes at a time.
+        /// Training processes at a time (local runs).
         #[arg(long, default_value_t = 1)]
         jobs: usize,
         /// Env steps per run (default: the preset's).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "config")]
         steps: Option<u64>,
         /// Where the runs, plot and table go (default runs/ablate-<variant>-<env>).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// A config file every run starts from instead of the env's preset (`ddppo train --config`).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override one config key in every run (`ddppo train --set`); repeatable.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Write a Slurm job array (`sweep.sbatch` in the sweep directory) and
+        /// submit it with sbatch, instead of running locally.
+        #[arg(long, conflicts_with = "collect")]
+        slurm: bool,
+        /// Slurm partition.
+        #[arg(long, requires = "slurm")]
+        partition: Option<String>,
+        /// Slurm time limit per task, HH:MM:SS; a task is told to checkpoint
+        /// 120 s before it and requeues itself.
+        #[arg(long, requires = "slurm", value_name = "HH:MM:SS")]
+        time: Option<String>,
+        /// GPUs per task (the runs use `--device cuda`; the binary is built with `--features cuda`).
+        #[arg(long, requires = "slurm")]
+        gpus: Option<u32>,
+        /// CPUs per task; also the run's RAYON_NUM_THREADS (default 1).
+        #[arg(long, requires = "slurm")]
+        cpus: Option<u32>,
+        /// Only draw the comparison plot and table, from the runs that exist
+        /// (finished or not).
+        #[arg(long)]
+        collect: bool,
+        /// Use this ddppo binary instead of building target/release/ddppo.
+        #[arg(long, value_name = "PATH")]
+        ddppo: Option<PathBuf>,
     },
 }
-
-const VARIANTS: &[&str] = &["no-grad-loss", "single-model", "double-params", "mbpo", "sac"];
 
 fn main() {
     if let Err(e) = run() {
@@ -132,60 +163,129 @@ fn run() -> Result<()> {
         Task::Train { env, variant, seed, out, cuda, extra } => {
             let ddppo = build_cli(&root, cuda)?;
             let out = out.unwrap_or_else(|| root.join("runs").join(format!("{env}-{variant}-s{seed}")));
+            // `ddppo train --out` continues the run a directory already holds
+            // (the same command again after an interruption).
+            println!("training {env} ({variant}, seed {seed}); the run goes to {}", out.display());
             let mut cmd = Command::new(&ddppo);
-            if has_checkpoint(&out) && extra.is_empty() {
-                // The same command again continues an interrupted run.
-                println!("continuing {env} ({variant}, seed {seed}) in {}", out.display());
-                cmd.arg("train").arg("--resume").arg(&out);
-            } else {
-                println!("training {env} ({variant}, seed {seed}); the run goes to {}", out.display());
-                cmd.args(["train", "--env", &env, "--variant", &variant, "--seed", &seed.to_string(), "--out"])
-                    .arg(&out)
-                    .args(&extra);
-            }
+            cmd.args(["train", "--env", &env, "--variant", &variant, "--seed", &seed.to_string(), "--out"])
+                .arg(&out)
+                .args(&extra);
             if cuda {
                 cmd.args(["--device", "cuda"]);
             }
             status(cmd, "ddppo train")?;
             println!("run finished: {}", out.display());
         }
-        Task::Ablate { variant, env, seeds, jobs, steps, out } => {
-            let variants: Vec<&str> = match variant.as_str() {
-                "all" => VARIANTS.to_vec(),
-                v if VARIANTS.contains(&v) => vec![v],
-                v => bail!("unknown variant '{v}'; valid: {}, all", VARIANTS.join(", ")),
-            };
+        Task::Ablate {
+            variant,
+            env,
+            seeds,
+            jobs,
+            steps,
+            out,
+            config,
+            sets,
+            slurm,
+            partition,
+            time,
+            gpus,
+            cpus,
+            collect,
+            ddppo,
+        } => {
             if jobs == 0 || seeds == 0 {
                 bail!("--jobs and --seeds must be at least 1");
             }
-            let ddppo = build_cli(&root, false)?;
-            let out = out.unwrap_or_else(|| root.join("runs").join(format!("ablate-{variant}-{env}")));
+            if cpus == Some(0) {
+                bail!("--cpus must be at least 1");
+            }
+            if let Some(t) = &time {
+                slurm::parse_time(t)?;
+            }
+            let cuda = gpus.is_some_and(|g| g > 0);
+            let ddppo = match ddppo {
+                Some(p) => std::path::absolute(&p).with_context(|| format!("--ddppo {}", p.display()))?,
+                None => build_cli(&root, cuda)?,
+            };
+            if !ddppo.is_file() {
+                bail!("no ddppo binary at {}", ddppo.display());
+            }
+            let variants = compared_variants(&ddppo, &variant)?;
+            let out =
+                std::path::absolute(out.unwrap_or_else(|| root.join("runs").join(format!("ablate-{variant}-{env}"))))?;
             let mut runs = Vec::new();
-            for v in std::iter::once("ddppo").chain(variants.iter().copied()) {
+            for v in std::iter::once("ddppo").chain(variants.iter().map(String::as_str)) {
                 for seed in 0..seeds {
-                    runs.push((v.to_string(), seed, out.join(format!("{env}-{v}-s{seed}"))));
+                    runs.push(slurm::Task {
+                        variant: v.to_string(),
+                        seed,
+                        dir: out.join(format!("{env}-{v}-s{seed}")),
+                    });
                 }
             }
-            println!("ablation: {} runs, {jobs} at a time, into {}", runs.len(), out.display());
-            let epochs = match steps {
-                Some(n) => Some(epochs_for(&root, &env, n)?),
-                None => None,
-            };
-            run_parallel(&ddppo, &env, epochs, &runs, jobs)?;
-            let dirs: Vec<&PathBuf> = runs.iter().map(|r| &r.2).collect();
-            let plot = out.join("comparison.svg");
-            let mut cmd = Command::new(&ddppo);
-            cmd.arg("plot").args(&dirs).arg("--out").arg(&plot);
-            status(cmd, "ddppo plot")?;
-            let mut cmd = Command::new(&ddppo);
-            cmd.arg("table").args(&dirs);
-            let table = cmd.output().context("cannot run ddppo table")?;
-            if !table.status.success() {
-                bail!("ddppo table failed: {}", String::from_utf8_lossy(&table.stderr).trim());
+            if collect {
+                return draw_comparison(&ddppo, &out, &runs, true);
             }
-            std::fs::write(out.join("table.md"), &table.stdout)?;
-            print!("{}", String::from_utf8_lossy(&table.stdout));
-            println!("plot: {}\ntable: {}", plot.display(), out.join("table.md").display());
+            // Arguments every run shares, between `--seed` and `--out`.
+            let mut train_args = Vec::new();
+            if let Some(c) = &config {
+                let c = std::path::absolute(c)?;
+                if !c.is_file() {
+                    bail!("--config {}: no such file", c.display());
+                }
+                train_args.push("--config".to_string());
+                train_args.push(c.to_str().context("--config: the path is not valid UTF-8")?.to_string());
+            }
+            if let Some(n) = steps {
+                train_args.push("--set".into());
+                train_args.push(format!("epochs={}", epochs_for(&root, &env, n)?));
+            }
+            for kv in &sets {
+                train_args.push("--set".into());
+                train_args.push(kv.clone());
+            }
+            if cuda {
+                train_args.extend(["--device".to_string(), "cuda".to_string()]);
+            }
+            std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+            if slurm {
+                let sweep = slurm::Sweep {
+                    name: format!("ablate-{variant}-{env}"),
+                    dir: &out,
+                    ddppo: &ddppo,
+                    env: &env,
+                    tasks: &runs,
+                    train_args: &train_args,
+                    partition: partition.as_deref(),
+                    time: time.as_deref(),
+                    gpus,
+                    cpus: cpus.unwrap_or(1),
+                };
+                let path = out.join("sweep.sbatch");
+                std::fs::write(&path, slurm::script(&sweep)?)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                println!("wrote {} ({} array tasks, one per run)", path.display(), runs.len());
+                let collect_cmd = format!(
+                    "cargo xtask ablate {variant} --env {env} --seeds {seeds} --out {} --collect",
+                    out.display()
+                );
+                match slurm::submit(&path)? {
+                    slurm::Submitted::Job(id) => {
+                        println!("submitted job array {id}");
+                        println!("watch: squeue -j {id}; logs: {}/task-N.out and .err", out.display());
+                        println!("collect (at any time): {collect_cmd}");
+                    }
+                    slurm::Submitted::NoSbatch => {
+                        println!("sbatch is not installed here; on the cluster, submit with:");
+                        println!("  sbatch {}", path.display());
+                        println!("then collect (at any time): {collect_cmd}");
+                    }
+                }
+                return Ok(());
+            }
+            println!("ablation: {} runs, {jobs} at a time, into {}", runs.len(), out.display());
+            run_parallel(&ddppo, &env, &train_args, &runs, jobs)?;
+            draw_comparison(&ddppo, &out, &runs, false)?;
         }
     }
     Ok(())
@@ -207,23 +307,95 @@ fn target_dir(root: &Path) -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"))
 }
 
-/// Sets up MuJoCo (and CUDA) and builds the `ddppo` binary in release mode;
-/// returns its path. The CUDA build has its own target dir, so the CPU and
-/// CUDA binaries do not replace each other.
-fn build_cli(root: &Path, with_cuda: bool) -> Result<PathBuf> {
+/// Sets up MuJoCo (and CUDA) and builds the `ddppo` binary in release mode
+/// (with CUDA when asked); returns its path. The CUDA build has its own target
+/// dir, so the CPU and CUDA binaries do not replace each other. Cargo's own
+/// progress shows on a terminal; elsewhere (a log file, CI) one line says why
+/// nothing happens for minutes.
+fn build_cli(root: &Path, cuda: bool) -> Result<PathBuf> {
     let paths = mujoco::ensure(root)?;
+    let on_terminal = std::io::stderr().is_terminal();
+    if !on_terminal {
+        eprintln!("building the release binary (a few minutes the first time)...");
+    }
     let mut cmd = cargo(root, &paths);
-    cmd.args(["build", "--release", "--quiet", "-p", "ddppo-cli"]);
+    cmd.args(release_build_args(on_terminal, cuda));
     let mut target = target_dir(root);
-    if with_cuda {
+    if cuda {
         let tk = cuda::ensure(root)?;
         tk.apply(&mut cmd);
         target = target.join("cuda");
-        cmd.args(["--features", "cuda", "--target-dir"]).arg(&target);
-        println!("building ddppo with CUDA {}.{} (the kernel compile takes minutes the first time)", tk.version.0, tk.version.1);
+        cmd.arg("--target-dir").arg(&target);
+        eprintln!(
+            "building ddppo with CUDA {}.{} (the kernel compile takes 15-25 minutes on 2 cores the first time)",
+            tk.version.0, tk.version.1
+        );
     }
     status(cmd, "cargo build --release")?;
     Ok(target.join("release").join("ddppo"))
+}
+
+/// Off a terminal cargo would print a line per crate; errors show either way.
+fn release_build_args(on_terminal: bool, cuda: bool) -> Vec<&'static str> {
+    let mut args = vec!["build", "--release", "-p", "ddppo-cli"];
+    if !on_terminal {
+        args.push("--quiet");
+    }
+    if cuda {
+        args.extend(["--features", "cuda"]);
+    }
+    args
+}
+
+/// The variants compared with `ddppo`: the one named, or every other one for
+/// `all`; the binary lists what exists (`ddppo variant list`).
+fn compared_variants(ddppo: &Path, name: &str) -> Result<Vec<String>> {
+    let out = Command::new(ddppo).args(["variant", "list"]).output().context("cannot run ddppo variant list")?;
+    if !out.status.success() {
+        bail!("ddppo variant list failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let others: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && *v != "ddppo")
+        .map(String::from)
+        .collect();
+    match name {
+        "all" => Ok(others),
+        "ddppo" => bail!("an ablation compares ddppo with another variant; valid: {}, all", others.join(", ")),
+        v if others.iter().any(|o| o == v) => Ok(vec![v.to_string()]),
+        v => bail!("unknown variant '{v}'; valid: {}, all", others.join(", ")),
+    }
+}
+
+/// `comparison.svg` and `table.md` in `out` from the runs' metrics. With
+/// `partial`, runs without an evaluation yet are left out rather than an error.
+fn draw_comparison(ddppo: &Path, out: &Path, runs: &[slurm::Task], partial: bool) -> Result<()> {
+    let dirs: Vec<&PathBuf> = runs
+        .iter()
+        .map(|r| &r.dir)
+        .filter(|d| !partial || std::fs::read_to_string(d.join("metrics.jsonl")).is_ok_and(|t| !t.trim().is_empty()))
+        .collect();
+    if dirs.is_empty() {
+        bail!("none of the {} runs in {} has an evaluation yet", runs.len(), out.display());
+    }
+    if partial {
+        println!("{} of {} runs have evaluations", dirs.len(), runs.len());
+    }
+    let plot = out.join("comparison.svg");
+    let mut cmd = Command::new(ddppo);
+    cmd.arg("plot").args(&dirs).arg("--out").arg(&plot);
+    status(cmd, "ddppo plot")?;
+    let mut cmd = Command::new(ddppo);
+    cmd.arg("table").args(&dirs);
+    let table = cmd.output().context("cannot run ddppo table")?;
+    if !table.status.success() {
+        bail!("ddppo table failed: {}", String::from_utf8_lossy(&table.stderr).trim());
+    }
+    std::fs::write(out.join("table.md"), &table.stdout)?;
+    print!("{}", String::from_utf8_lossy(&table.stdout));
+    println!("plot: {}\ntable: {}", plot.display(), out.join("table.md").display());
+    Ok(())
 }
 
 /// `--steps N` as whole epochs of the preset's `epoch_length` (rounded up):
@@ -245,42 +417,28 @@ fn epochs_for(root: &Path, env: &str, steps: u64) -> Result<u64> {
     Ok(steps.div_ceil(epoch_length).max(1))
 }
 
-/// Runs one `ddppo train` per entry of `runs`, `jobs` at a time; a run whose
-/// directory already holds a checkpoint is resumed rather than restarted (a
-/// finished one is left as it is), and one that was stopped before its first
-/// checkpoint is moved aside to `<dir>.incomplete` and started again.
-fn run_parallel(
-    ddppo: &Path,
-    env: &str,
-    epochs: Option<u64>,
-    runs: &[(String, u64, PathBuf)],
-    jobs: usize,
-) -> Result<()> {
+/// Runs one `ddppo train` per entry of `runs`, `jobs` at a time; a run that
+/// was stopped continues from its newest checkpoint (or from step 0), a
+/// finished one is left as it is.
+fn run_parallel(ddppo: &Path, env: &str, train_args: &[String], runs: &[slurm::Task], jobs: usize) -> Result<()> {
     let mut pending = runs.iter();
     let mut running: Vec<(std::process::Child, &PathBuf)> = Vec::new();
     let mut failed = Vec::new();
     loop {
         while running.len() < jobs {
-            let Some((variant, seed, dir)) = pending.next() else {
+            let Some(slurm::Task { variant, seed, dir }) = pending.next() else {
                 break;
             };
+            // The one rule for a run directory (in `ddppo train`): a run that
+            // was stopped continues, a finished one is left as it is.
             let mut cmd = Command::new(ddppo);
-            if has_checkpoint(dir) {
-                cmd.arg("train").arg("--resume").arg(dir);
-            } else {
-                if dir.join("config.toml").exists() {
-                    let aside = dir.with_extension("incomplete");
-                    let _ = std::fs::remove_dir_all(&aside);
-                    std::fs::rename(dir, &aside)?;
-                    println!("{} stopped before its first checkpoint; moved to {}", dir.display(), aside.display());
-                }
-                cmd.args(["train", "--env", env, "--variant", variant, "--seed", &seed.to_string(), "--out"]).arg(dir);
-                if let Some(n) = epochs {
-                    cmd.args(["--set", &format!("epochs={n}")]);
-                }
-            }
+            cmd.args(["train", "--env", env, "--variant", variant, "--seed", &seed.to_string()])
+                .args(train_args)
+                .arg("--out")
+                .arg(dir);
             std::fs::create_dir_all(dir)?;
-            let log = std::fs::File::create(dir.with_extension("log"))?;
+            // Appended to: a continued run keeps the log of its earlier part.
+            let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.with_extension("log"))?;
             cmd.stdout(log.try_clone()?).stderr(log);
             println!("started {}", dir.display());
             running.push((cmd.spawn().context("cannot start ddppo train")?, dir));
@@ -310,17 +468,22 @@ fn run_parallel(
     Ok(())
 }
 
-/// Whether `dir/checkpoints` holds a complete (renamed) checkpoint.
-fn has_checkpoint(dir: &Path) -> bool {
-    std::fs::read_dir(dir.join("checkpoints"))
-        .map(|r| r.flatten().any(|e| e.file_name().to_string_lossy().starts_with("step-")))
-        .unwrap_or(false)
-}
-
 fn status(mut cmd: Command, what: &str) -> Result<()> {
     let st = cmd.status().with_context(|| format!("cannot start {what}"))?;
     if !st.success() {
         bail!("{what} failed ({st})");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn release_build_shows_cargo_progress_on_a_terminal_only() {
+        assert!(!release_build_args(true, false).contains(&"--quiet"));
+        assert!(release_build_args(false, false).contains(&"--quiet"));
+        assert!(release_build_args(true, true).ends_with(&["--features", "cuda"]));
+    }
 }

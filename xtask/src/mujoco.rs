@@ -15,14 +15,8 @@ pub const MUJOCO_VERSION: &str = "3.17.0";
 pub const GYMNASIUM_VERSION: &str = "1.4.0";
 const LIB_NAME: &str = "libmujoco.so.3.17.0";
 /// Model files the tasks load (gymnasium's `envs/mujoco/assets`).
-pub const XMLS: &[&str] = &[
-    "inverted_pendulum.xml",
-    "hopper.xml",
-    "walker2d.xml",
-    "half_cheetah.xml",
-    "ant.xml",
-    "humanoid.xml",
-];
+pub const XMLS: &[&str] =
+    &["inverted_pendulum.xml", "hopper.xml", "walker2d.xml", "half_cheetah.xml", "ant.xml", "humanoid.xml"];
 
 /// Where MuJoCo lives for this build.
 pub struct MujocoPaths {
@@ -46,9 +40,8 @@ pub fn ensure(root: &Path) -> Result<MujocoPaths> {
     let lib_dir = match std::env::var_os("DDPPO_MUJOCO_DIR") {
         Some(dir) => {
             let dir = PathBuf::from(dir);
-            let dir = fs::canonicalize(&dir).with_context(|| {
-                format!("DDPPO_MUJOCO_DIR={} does not exist", dir.display())
-            })?;
+            let dir =
+                fs::canonicalize(&dir).with_context(|| format!("DDPPO_MUJOCO_DIR={} does not exist", dir.display()))?;
             check_user_lib(&dir)?;
             dir
         }
@@ -56,9 +49,7 @@ pub fn ensure(root: &Path) -> Result<MujocoPaths> {
             let lib_dir = cache.join("lib");
             if !lib_dir.join(LIB_NAME).is_file() {
                 let wheel = pip_download(&wheels, "mujoco", MUJOCO_VERSION, true)?;
-                extract(&wheel, &lib_dir, |name| {
-                    (name == format!("mujoco/{LIB_NAME}")).then(|| LIB_NAME.to_string())
-                })?;
+                extract(&wheel, &lib_dir, |name| (name == format!("mujoco/{LIB_NAME}")).then(|| LIB_NAME.to_string()))?;
                 if !lib_dir.join(LIB_NAME).is_file() {
                     bail!(
                         "the mujoco=={MUJOCO_VERSION} wheel {} holds no mujoco/{LIB_NAME}; \
@@ -121,8 +112,7 @@ fn link_so(lib_dir: &Path) -> Result<()> {
         return Ok(());
     }
     let _ = fs::remove_file(&link);
-    std::os::unix::fs::symlink(LIB_NAME, &link)
-        .with_context(|| format!("cannot create the link {}", link.display()))
+    std::os::unix::fs::symlink(LIB_NAME, &link).with_context(|| format!("cannot create the link {}", link.display()))
 }
 
 /// `pip download --no-deps` of one wheel into `dir`; returns the wheel's path.
@@ -154,8 +144,9 @@ fn pip_download(dir: &Path, package: &str, version: &str, binary: bool) -> Resul
         let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output");
         bail!("pip could not download {package}=={version} ({last}); check the network or set DDPPO_MUJOCO_DIR");
     }
-    find_wheel(dir, package, version)?
-        .ok_or_else(|| anyhow::anyhow!("pip reported success but left no {package}-{version} wheel in {}", dir.display()))
+    find_wheel(dir, package, version)?.ok_or_else(|| {
+        anyhow::anyhow!("pip reported success but left no {package}-{version} wheel in {}", dir.display())
+    })
 }
 
 fn find_wheel(dir: &Path, package: &str, version: &str) -> Result<Option<PathBuf>> {
@@ -185,7 +176,9 @@ fn extract(wheel: &Path, dest: &Path, pick: impl Fn(&str) -> Option<String>) -> 
         let mut member = zip.by_index(i)?;
         let Some(out) = pick(member.name()) else { continue };
         let mut bytes = Vec::with_capacity(member.size() as usize);
-        member.read_to_end(&mut bytes).with_context(|| format!("corrupt member {} in {}", member.name(), wheel.display()))?;
+        member
+            .read_to_end(&mut bytes)
+            .with_context(|| format!("corrupt member {} in {}", member.name(), wheel.display()))?;
         let tmp = dest.join(format!(".{out}.part"));
         fs::write(&tmp, &bytes)?;
         fs::rename(&tmp, dest.join(&out))?;

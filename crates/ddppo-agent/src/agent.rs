@@ -10,8 +10,10 @@ use ddppo_buffer::{Batch, ReplayBuffer};
 use ddppo_env::{Env, EnvFactory, Task, evaluate_episodes, is_terminal};
 use ddppo_models::{
     EnsembleConfig, GradientEnsemble, GradientLossConfig, OptimizerState, PredictionEnsemble, ProbabilisticEnsemble,
-    TransitionData,
+    TrainingSnapshot, TransitionData,
 };
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -159,10 +161,33 @@ impl TrainedEnsemble {
         Ok(())
     }
     fn train(&mut self, data: &TransitionData, rng: &mut ChaCha8Rng) -> Result<ddppo_models::TrainReport> {
+        let report = match self {
+            TrainedEnsemble::Prediction(e) => e.train(data, rng),
+            TrainedEnsemble::Gradient(e) => e.train(data, rng),
+        };
+        match report {
+            Err(ddppo_models::Error::Interrupted) => Err(Error::Interrupted),
+            r => Ok(r?),
+        }
+    }
+    fn set_interrupt(&mut self, flag: Option<Arc<AtomicBool>>) {
+        match self {
+            TrainedEnsemble::Prediction(e) => e.set_interrupt(flag),
+            TrainedEnsemble::Gradient(e) => e.set_interrupt(flag),
+        }
+    }
+    fn training_snapshot(&self) -> Result<TrainingSnapshot> {
         Ok(match self {
-            TrainedEnsemble::Prediction(e) => e.train(data, rng)?,
-            TrainedEnsemble::Gradient(e) => e.train(data, rng)?,
+            TrainedEnsemble::Prediction(e) => e.training_snapshot()?,
+            TrainedEnsemble::Gradient(e) => e.training_snapshot()?,
         })
+    }
+    fn restore_training_snapshot(&mut self, s: &TrainingSnapshot) -> Result<()> {
+        match self {
+            TrainedEnsemble::Prediction(e) => e.restore_training_snapshot(s)?,
+            TrainedEnsemble::Gradient(e) => e.restore_training_snapshot(s)?,
+        }
+        Ok(())
     }
 }
 
@@ -278,6 +303,10 @@ pub struct Agent {
     pub(crate) times: PhaseTimes,
     pub(crate) started: Instant,
     pub(crate) batch: Batch,
+    /// The env step is taken but the updates after it are not (a model
+    /// training was interrupted): the next [`Agent::step`] finishes it.
+    pub(crate) mid_step: bool,
+    pub(crate) interrupt: Option<Arc<AtomicBool>>,
 }
 
 fn secs(t: Instant) -> f64 {
@@ -353,6 +382,8 @@ impl Agent {
             model_stats: ModelStats::default(),
             times: PhaseTimes::default(),
             started: Instant::now(),
+            mid_step: false,
+            interrupt: None,
             cfg,
         })
     }
@@ -387,12 +418,47 @@ impl Agent {
         Ok(records)
     }
 
+    /// Installs a flag (set by a signal handler, say) that stops a model
+    /// training between two minibatches: [`Agent::step`] then undoes the
+    /// part-done training and returns [`Error::Interrupted`], the agent can be
+    /// checkpointed, and the next `step` (also after a resume) finishes the
+    /// interrupted one exactly as it would have run. Elsewhere the flag is
+    /// not read: a caller checks it between steps.
+    pub fn set_interrupt(&mut self, flag: Arc<AtomicBool>) {
+        if let Some(m) = self.models.as_mut() {
+            m.prediction.set_interrupt(Some(flag.clone()));
+            if let Some(g) = m.gradient.as_mut() {
+                g.set_interrupt(Some(flag.clone()));
+            }
+        }
+        self.interrupt = Some(flag);
+    }
+
+    /// Whether all `epochs * epoch_length` env steps are taken and done.
+    pub fn finished(&self) -> bool {
+        self.env_steps >= self.cfg.total_steps() && !self.mid_step
+    }
+
+    /// Whether an interrupted step waits to be finished by [`Agent::step`].
+    pub fn is_mid_step(&self) -> bool {
+        self.mid_step
+    }
+
+    /// Whether the installed interrupt flag is set.
+    pub fn interrupted(&self) -> bool {
+        self.interrupt.as_ref().is_some_and(|f| f.load(Ordering::Relaxed))
+    }
+
     /// One iteration of Algorithm 1: one env step and everything due after it.
     pub fn step(&mut self) -> Result<Option<EvalRecord>> {
-        // Line 4: act in the real env, store the transition in D_env.
-        let t = Instant::now();
-        self.collect()?;
-        self.times.collect += secs(t);
+        // Line 4: act in the real env, store the transition in D_env (unless
+        // an interrupted step is being finished).
+        if !self.mid_step {
+            let t = Instant::now();
+            self.collect()?;
+            self.times.collect += secs(t);
+            self.mid_step = true;
+        }
 
         // Lines 5-11: every model_train_freq steps, train both models on D_env
         // and roll the prediction model out into D_model.
@@ -430,6 +496,7 @@ impl Agent {
             }
             self.times.policy += secs(t);
         }
+        self.mid_step = false;
 
         if self.env_steps.is_multiple_of(self.cfg.eval_every) {
             return Ok(Some(self.evaluate()?));
@@ -479,6 +546,16 @@ impl Agent {
         };
         let cols = self.env_buffer.newest(self.env_buffer.len());
         let data = TransitionData { obs: &cols.obs, act: &cols.act, rew: &cols.rew, next_obs: &cols.next_obs };
+        // An interrupted training is undone in full, both ensembles and the
+        // model stream, so that it can run again after a resume.
+        let undo = match &self.interrupt {
+            Some(_) => Some((
+                models.prediction.training_snapshot()?,
+                models.gradient.as_ref().map(|g| g.training_snapshot()).transpose()?,
+                self.rngs.model.clone(),
+            )),
+            None => None,
+        };
         // The two ensembles are independent: train them on two threads, the
         // gradient ensemble with its own generator seeded from the model stream.
         let (report, grad_report) = match models.gradient.as_mut() {
@@ -497,6 +574,17 @@ impl Agent {
             }
             None => (models.prediction.train(&data, &mut self.rngs.model), None),
         };
+        let interrupted = |r: &Result<_>| matches!(r, Err(Error::Interrupted));
+        if interrupted(&report) || grad_report.as_ref().is_some_and(interrupted) {
+            if let Some((p, g, rng)) = undo {
+                models.prediction.restore_training_snapshot(&p)?;
+                if let (Some(ens), Some(s)) = (models.gradient.as_mut(), g) {
+                    ens.restore_training_snapshot(&s)?;
+                }
+                self.rngs.model = rng;
+            }
+            return Err(Error::Interrupted);
+        }
         let report = report?;
         let elites = models.prediction.ensemble().elites().to_vec();
         let holdout = elites.iter().map(|&e| report.holdout_mse.get(e).copied().unwrap_or(f64::NAN)).sum::<f64>()

@@ -111,6 +111,10 @@ struct State {
     rngs: BTreeMap<String, RngState>,
     /// Adam step counts (`prediction`/`gradient` absent before their first training).
     optimizer_steps: BTreeMap<String, u64>,
+    /// The env step is taken, the updates after it are not (an interrupted
+    /// model training).
+    #[serde(default)]
+    mid_step: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -239,6 +243,7 @@ impl Agent {
             wall_s: self.started.elapsed().as_secs_f64(),
             rngs,
             optimizer_steps: steps,
+            mid_step: self.mid_step,
         };
         let path = dir.join(STATE);
         let json = serde_json::to_vec_pretty(&state).map_err(|e| ck(&path, e.to_string()))?;
@@ -351,6 +356,7 @@ impl Agent {
         let now = Instant::now();
         agent.started = now.checked_sub(Duration::from_secs_f64(state.wall_s.max(0.0))).unwrap_or(now);
         agent.snapshot = None;
+        agent.mid_step = state.mid_step;
         Ok(agent)
     }
 }
@@ -389,7 +395,8 @@ fn read_state(dir: &Path, cfg: &AgentConfig) -> Result<State> {
     let saved: AgentConfig =
         toml::from_str(&state.config).map_err(|e| ck(&path, format!("its config does not parse: {}", e.message())))?;
     if &saved != cfg {
-        return Err(ck(&path, "it was written by a run with a different config"));
+        let keys = saved.differing_keys(cfg)?.join(", ");
+        return Err(ck(&path, format!("it was written by a run with a different config (differing keys: {keys})")));
     }
     Ok(state)
 }

@@ -377,3 +377,27 @@ impl AgentConfig {
         Ok(())
     }
 }
+
+impl AgentConfig {
+    /// The dotted keys (`model.lr`) whose values differ between two configs,
+    /// sorted; empty when they are equal.
+    pub fn differing_keys(&self, other: &AgentConfig) -> Result<Vec<String>> {
+        fn table(c: &AgentConfig) -> Result<toml::Table> {
+            toml::Table::try_from(c).map_err(|e| Error::Config(format!("cannot serialise the config: {e}")))
+        }
+        fn walk(prefix: &str, a: &toml::Table, b: &toml::Table, out: &mut Vec<String>) {
+            let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+            for k in keys {
+                let name = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                match (a.get(k), b.get(k)) {
+                    (Some(toml::Value::Table(x)), Some(toml::Value::Table(y))) => walk(&name, x, y, out),
+                    (x, y) if x != y => out.push(name),
+                    _ => {}
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk("", &table(self)?, &table(other)?, &mut out);
+        Ok(out)
+    }
+}

@@ -39,7 +39,7 @@ pub enum Error {
     /// The models crate reported an error.
     #[error("model: {0}")]
     Model(#[from] ddppo_models::Error),
-    /// Training diverged (non-finite loss).
+    /// A checkpoint is missing, incomplete, corrupt or of another run.
     #[error("checkpoint {path}: {reason}")]
     Checkpoint {
         /// The checkpoint directory or file.
@@ -47,9 +47,13 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
-
+    /// Training diverged (non-finite loss).
     #[error("training diverged: {0}")]
     Diverged(String),
+    /// The interrupt flag ([`crate::Agent::set_interrupt`]) stopped a step;
+    /// the agent can be checkpointed and the step finishes after a resume.
+    #[error("interrupted")]
+    Interrupted,
 }
 
 /// The crate's result type.

@@ -2,13 +2,15 @@
 //! guards the run directory, runs the agent and reports: `metrics.jsonl`,
 //! `metrics.csv`, a progress bar on a terminal (plain lines otherwise).
 
-use crate::run_dir::{CONFIG_FILE, METRICS_FILE};
+use crate::run_dir::{CONFIG_FILE, LOCK_FILE, METRICS_FILE, RunLock};
 use anyhow::{Context, Result, bail};
 use ddppo_agent::{Agent, AgentConfig, Checkpoints, EvalRecord};
 use indicatif::{ProgressBar, ProgressStyle};
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 pub const CSV_FILE: &str = "metrics.csv";
 
@@ -31,112 +33,240 @@ pub struct TrainArgs {
     /// cpu or cuda (cuda needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Run directory (created; must not hold another run).
+    /// Run directory: created for a new run; one that holds this same run
+    /// (same resolved config) continues from its newest checkpoint.
     #[arg(long, required_unless_present = "resume", conflicts_with = "resume")]
     out: Option<PathBuf>,
     /// Continue the run in this directory from its newest complete checkpoint.
     #[arg(long, value_name = "DIR")]
     resume: Option<PathBuf>,
+    /// Seconds to wait for a run directory that another process holds (a
+    /// requeued job whose predecessor still writes its last checkpoint).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    lock_wait: u64,
 }
+
+/// Exit code of a run stopped by a signal after writing a complete
+/// checkpoint: the same command (or `--resume DIR`) continues it.
+pub const EXIT_INTERRUPTED: i32 = 75;
+
+/// The error of a run stopped by SIGTERM, SIGINT or SIGUSR1 (exit code
+/// [`EXIT_INTERRUPTED`]).
+#[derive(Debug)]
+pub struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted by a signal; the run is checkpointed and resumable")
+    }
+}
+
+impl std::error::Error for Interrupted {}
 
 pub fn run(args: TrainArgs) -> Result<()> {
     let device = crate::device::parse(&args.device)?;
-    let (mut agent, out) = match &args.resume {
-        Some(dir) => match resume(dir, device)? {
-            Some(agent) => (agent, dir.clone()),
-            None => return Ok(()),
-        },
-        None => {
-            let cfg = resolve_config(&args)?;
-            let out = args.out.clone().context("--out is required")?;
-            let resolved = cfg.to_toml()?;
-            prepare_run_dir(&out, &resolved)?;
-            (Agent::with_device(cfg, device)?, out)
+    // SIGTERM (Slurm's preemption and time limit), SIGINT (Ctrl-C) and
+    // SIGUSR1 (`sbatch --signal`) only raise this flag: the loop checkpoints
+    // and exits; a second signal raises it again and changes nothing.
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT, signal_hook::consts::SIGUSR1] {
+        signal_hook::flag::register(sig, stop.clone()).context("cannot install the signal handlers")?;
+    }
+    let stopped = || stop.load(Ordering::Relaxed);
+    // Everything is checked before anything is written.
+    let (dir, resolved) = match (&args.resume, &args.out) {
+        (Some(dir), _) => {
+            if !dir.join(CONFIG_FILE).is_file() {
+                bail!("{} is not a run directory (no {CONFIG_FILE}); nothing to resume", dir.display());
+            }
+            (dir.clone(), None)
         }
+        (None, Some(out)) => {
+            let cfg = resolve_config(&args)?;
+            check_out_dir(out, &cfg)?;
+            (out.clone(), Some(cfg))
+        }
+        (None, None) => bail!("give --out DIR (a new run) or --resume DIR"),
     };
-    let checkpoints = Checkpoints::new(&out);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let _lock = RunLock::acquire(&dir, Duration::from_secs(args.lock_wait), &stopped)?;
+    if stopped() {
+        return Err(Interrupted.into());
+    }
+    let Some((mut agent, mut saved)) = open_run(&dir, resolved, device)? else {
+        return Ok(());
+    };
+    agent.set_interrupt(stop.clone());
+    let checkpoints = Checkpoints::new(&dir);
     let total = agent.config().total_steps();
     let every = agent.config().checkpoint_every;
-    let mut report = Reporter::new(&out, total, agent.env_steps)?;
-    if agent.env_steps == 0 {
+    let mut report = Reporter::new(&dir, total, agent.env_steps)?;
+    if agent.env_steps == 0 && !agent.is_mid_step() {
         report.eval(&agent.evaluate()?)?;
     }
-    while agent.env_steps < total {
-        if let Some(rec) = agent.step()? {
-            report.eval(&rec)?;
+    while !agent.finished() && !stopped() {
+        match agent.step() {
+            Ok(Some(rec)) => report.eval(&rec)?,
+            Ok(None) => {}
+            Err(ddppo_agent::Error::Interrupted) => break,
+            Err(e) => return Err(e.into()),
         }
         report.step(agent.env_steps);
         // After the step's metrics line, so a resumed run never misses one.
-        if every > 0 && agent.env_steps.is_multiple_of(every) && agent.env_steps < total {
+        if every > 0 && agent.env_steps.is_multiple_of(every) && !agent.finished() {
             let path = checkpoints.save(&agent)?;
+            saved = Some((agent.env_steps, false));
             report.note(&format!("checkpoint {}", path.display()));
         }
     }
-    if checkpoints.newest()?.map(|(s, _)| s) != Some(agent.env_steps) {
+    // The final (or the interrupted) state, unless the newest checkpoint holds
+    // it already: the same step, and the same side of that step's updates.
+    if saved != Some((agent.env_steps, agent.is_mid_step())) {
         let path = checkpoints.save(&agent)?;
         report.note(&format!("checkpoint {}", path.display()));
     }
     report.finish();
-    eprintln!("run complete: {}", out.display());
+    if !agent.finished() {
+        report.note(&format!(
+            "interrupted at {} of {total} env steps; continue with the same command or `ddppo train --resume {}`",
+            agent.env_steps,
+            dir.display()
+        ));
+        return Err(Interrupted.into());
+    }
+    eprintln!("run complete: {}", dir.display());
     Ok(())
 }
 
-/// Loads the newest complete checkpoint of the run in `dir` and cuts its
-/// metrics back to that checkpoint's step (the resumed run writes the later
-/// lines again, identically on the CPU). `None` when the run is complete.
-fn resume(dir: &Path, device: candle_core::Device) -> Result<Option<Agent>> {
-    let config = dir.join(CONFIG_FILE);
-    if !config.is_file() {
-        bail!("{} is not a run directory (no {CONFIG_FILE}); nothing to resume", dir.display());
+/// A new run goes into an absent or empty directory, or continues the run
+/// that a directory already holds; a directory that holds anything else is
+/// never written to.
+fn check_out_dir(out: &Path, cfg: &AgentConfig) -> Result<()> {
+    if !out.exists() {
+        return Ok(());
     }
-    let cfg = AgentConfig::from_file(&config)?;
-    let checkpoints = Checkpoints::new(dir);
-    let Some((step, path)) = checkpoints.newest()? else {
-        bail!(
-            "{} has no complete checkpoint to resume from (a run writes one every checkpoint_every = {} env steps into {})",
-            dir.display(),
-            cfg.checkpoint_every,
-            checkpoints.root().display()
-        );
-    };
-    let total = cfg.total_steps();
-    let agent = Agent::from_checkpoint(cfg, device, &path)?;
-    if step >= total {
-        eprintln!("{} is complete ({step} of {total} env steps); nothing to resume", dir.display());
-        return Ok(None);
+    if !out.is_dir() {
+        bail!("--out {} exists and is not a directory", out.display());
     }
-    let dropped = truncate_metrics(dir, step)?;
-    eprintln!(
-        "resuming {} from {} ({step} of {total} env steps{})",
-        dir.display(),
-        path.display(),
-        if dropped > 0 { format!("; {dropped} later metrics lines will be written again") } else { String::new() }
-    );
-    Ok(Some(agent))
+    if out.join(CONFIG_FILE).exists() {
+        // Checked again under the lock; here so that a refused run does not
+        // even create the lock file.
+        return same_run(out, cfg).map(|_| ());
+    }
+    let other = std::fs::read_dir(out)
+        .with_context(|| format!("cannot read {}", out.display()))?
+        .flatten()
+        // A lock file, or a config that a killed run did not finish writing.
+        .any(|e| e.file_name() != LOCK_FILE && !e.file_name().to_string_lossy().ends_with(".tmp"));
+    if other {
+        bail!("--out {} is not empty and holds no run; choose another directory", out.display());
+    }
+    Ok(())
 }
 
-/// Keeps the `metrics.jsonl` lines up to `step` env steps and rewrites
-/// `metrics.csv` from them; returns how many lines were dropped.
-fn truncate_metrics(dir: &Path, step: usize) -> Result<usize> {
-    let path = dir.join(METRICS_FILE);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+/// The one rule for a run directory, under its lock. Without `config.toml`:
+/// a new run of `resolved`. With one: the same run continues, from its newest
+/// complete checkpoint (an older one when the newest is unusable) or from
+/// step 0 when there is none; a different `resolved` config is refused,
+/// naming the keys. `None`: the run is already complete. With the agent
+/// comes what its checkpoint holds (env steps, mid-step), if it has one.
+type Opened = (Agent, Option<(usize, bool)>);
+fn open_run(dir: &Path, resolved: Option<AgentConfig>, device: candle_core::Device) -> Result<Option<Opened>> {
+    let config = dir.join(CONFIG_FILE);
+    if !config.exists() {
+        let cfg = resolved.context("no config to start a run with")?;
+        crate::run_dir::write_atomic(&config, cfg.to_toml()?.as_bytes())?;
+        return Ok(Some((Agent::with_device(cfg, device)?, None)));
+    }
+    let cfg = match &resolved {
+        Some(new) => same_run(dir, new)?,
+        None => AgentConfig::from_file(&config)?,
     };
+    let total = cfg.total_steps();
+    let checkpoints = Checkpoints::new(dir);
+    let found = checkpoints.list()?;
+    let mut agent = None;
+    let mut first_error: Option<ddppo_agent::Error> = None;
+    for (step, path) in found.iter().rev() {
+        match Agent::from_checkpoint(cfg.clone(), device.clone(), path) {
+            Ok(a) => {
+                if let Some(e) = &first_error {
+                    eprintln!("warning: {e}; falling back to the older checkpoint {}", path.display());
+                }
+                agent = Some((*step, a));
+                break;
+            }
+            // A checkpoint of another config cannot be helped by an older one.
+            Err(e @ ddppo_agent::Error::Checkpoint { .. }) if !e.to_string().contains("different config") => {
+                first_error.get_or_insert(e);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if let (None, Some(e)) = (&agent, first_error) {
+        return Err(e.into());
+    }
+    let opened = match agent {
+        Some((step, agent)) => {
+            if agent.finished() {
+                eprintln!("{} is complete ({step} of {total} env steps); nothing to resume", dir.display());
+                return Ok(None);
+            }
+            // A checkpoint taken inside step N (an interrupted model
+            // training) comes before that step's evaluation line.
+            let keep = if agent.is_mid_step() { step.checked_sub(1) } else { Some(step) };
+            let dropped = truncate_metrics(dir, keep)?;
+            eprintln!(
+                "resuming {} from {} ({step} of {total} env steps{})",
+                dir.display(),
+                checkpoints.root().join(format!("step-{step:010}")).display(),
+                if dropped > 0 { format!("; {dropped} later metrics lines will be written again") } else { String::new() }
+            );
+            let saved = Some((step, agent.is_mid_step()));
+            (agent, saved)
+        }
+        None => {
+            truncate_metrics(dir, None)?;
+            eprintln!("{} has no checkpoint yet; starting its run again from step 0", dir.display());
+            (Agent::with_device(cfg, device)?, None)
+        }
+    };
+    Ok(Some(opened))
+}
+
+/// The config of the run in `dir`, which must equal `new`; else an error
+/// naming the keys that differ.
+fn same_run(dir: &Path, new: &AgentConfig) -> Result<AgentConfig> {
+    let cfg = AgentConfig::from_file(&dir.join(CONFIG_FILE))?;
+    let keys = cfg.differing_keys(new)?;
+    if !keys.is_empty() {
+        bail!(
+            "{} already holds a different run ({} differ{} from this command's config); choose another --out",
+            dir.display(),
+            keys.join(", "),
+            if keys.len() == 1 { "s" } else { "" }
+        );
+    }
+    Ok(cfg)
+}
+
+/// Keeps the `metrics.jsonl` lines up to `step` env steps (none for `None`),
+/// cuts a torn last line (saying so), and rewrites `metrics.csv` from them;
+/// returns how many lines were dropped.
+fn truncate_metrics(dir: &Path, step: Option<usize>) -> Result<usize> {
+    let path = dir.join(METRICS_FILE);
+    let (records, torn) = crate::run_dir::read_records(&path)?;
+    if let Some(line) = torn {
+        eprintln!("{}:{line}: cutting a torn last line (an interrupted write)", path.display());
+    }
     let mut keep = Vec::new();
     let mut dropped = 0;
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let value: serde_json::Value = serde_json::from_str(line)
-            .with_context(|| format!("{}:{}: not a metrics record", path.display(), i + 1))?;
+    for (i, value) in records.into_iter().enumerate() {
         let at = value
             .get("env_steps")
             .and_then(|v| v.as_u64())
             .with_context(|| format!("{}:{}: no env_steps", path.display(), i + 1))?;
-        if at as usize <= step {
+        if step.is_some_and(|s| at as usize <= s) {
             keep.push(value);
         } else {
             dropped += 1;
@@ -221,38 +351,13 @@ fn apply_set(table: &mut toml::Table, kv: &str) -> Result<()> {
     Ok(())
 }
 
-/// A new run goes into an absent or empty directory; a directory that holds
-/// anything else is never written to.
-fn prepare_run_dir(out: &Path, resolved: &str) -> Result<()> {
-    if out.exists() {
-        if !out.is_dir() {
-            bail!("--out {} exists and is not a directory", out.display());
-        }
-        let config = out.join(CONFIG_FILE);
-        if config.exists() {
-            let existing = std::fs::read_to_string(&config).unwrap_or_default();
-            if existing == resolved {
-                bail!(
-                    "{} already holds this run; continue it with `ddppo train --resume {}`",
-                    out.display(),
-                    out.display()
-                );
-            }
-            bail!("{} already holds a different run (its config.toml differs); choose another --out", out.display());
-        }
-        if std::fs::read_dir(out)?.next().is_some() {
-            bail!("--out {} is not empty and holds no run; choose another directory", out.display());
-        }
-    }
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    crate::run_dir::write_atomic(&out.join(CONFIG_FILE), resolved.as_bytes())
-}
-
 /// Writes the metrics files and shows progress.
 struct Reporter {
+    dir: PathBuf,
     jsonl: std::fs::File,
     csv: std::fs::File,
     csv_header: bool,
+    tb: crate::tensorboard::EventWriter,
     bar: Option<ProgressBar>,
     total: usize,
     started: Instant,
@@ -280,9 +385,12 @@ impl Reporter {
             bar
         });
         Ok(Self {
+            dir: dir.to_path_buf(),
             jsonl: open(METRICS_FILE)?,
             csv: open(CSV_FILE)?,
             csv_header,
+            // Rebuilt from the metrics kept so far (a resume has cut them back).
+            tb: crate::tensorboard::EventWriter::open(dir)?,
             bar,
             total,
             started: Instant::now(),
@@ -308,15 +416,13 @@ impl Reporter {
 
     fn eval(&mut self, rec: &EvalRecord) -> Result<()> {
         let value = serde_json::to_value(rec)?;
-        writeln!(self.jsonl, "{}", serde_json::to_string(&value)?)?;
-        self.jsonl.flush()?;
+        // Before metrics.jsonl, so every line there has its event already.
+        self.tb.write(&value)?;
+        crate::run_dir::append_line(&mut self.jsonl, &self.dir.join(METRICS_FILE), &serde_json::to_string(&value)?)?;
         let (header, row) = crate::run_dir::csv_row(&value);
-        if self.csv_header {
-            writeln!(self.csv, "{header}")?;
-            self.csv_header = false;
-        }
-        writeln!(self.csv, "{row}")?;
-        self.csv.flush()?;
+        let row = if self.csv_header { format!("{header}\n{row}") } else { row };
+        crate::run_dir::append_line(&mut self.csv, &self.dir.join(CSV_FILE), &row)?;
+        self.csv_header = false;
         self.last_return = Some(rec.return_mean);
         let line = format!(
             "step {}/{}  return {:.1} ± {:.1}  {:.0} steps/s",

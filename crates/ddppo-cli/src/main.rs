@@ -8,8 +8,10 @@ mod cmd_grad_error;
 mod cmd_plot;
 mod cmd_table;
 mod cmd_train;
+mod cmd_variant;
 mod device;
 mod run_dir;
+mod tensorboard;
 
 use clap::{Parser, Subcommand};
 
@@ -34,6 +36,8 @@ enum Command {
     Plot(cmd_plot::PlotArgs),
     /// A Markdown table of returns (mean ± std over seeds) at fixed step counts.
     Table(cmd_table::TableArgs),
+    /// List the algorithm variants (`--variant`).
+    Variant(cmd_variant::VariantArgs),
 }
 
 fn main() {
@@ -53,8 +57,13 @@ fn main() {
         Command::GradError(args) => cmd_grad_error::run(args),
         Command::Plot(args) => cmd_plot::run(args),
         Command::Table(args) => cmd_table::run(args),
+        Command::Variant(args) => cmd_variant::run(args),
     };
     if let Err(e) = result {
+        if e.is::<cmd_train::Interrupted>() {
+            eprintln!("{e}");
+            std::process::exit(cmd_train::EXIT_INTERRUPTED);
+        }
         // One line: the cause chain, no backtrace (some causes, e.g. TOML
         // errors with a source excerpt, span several lines).
         eprintln!("error: {}", one_line(&e));

@@ -49,16 +49,56 @@ pub fn identity(dir: &Path) -> Result<RunIdentity> {
     Ok(RunIdentity { env: string("task")?, variant: string("variant")?, seed })
 }
 
-pub fn read_metrics(dir: &Path) -> Result<Vec<Metrics>> {
-    let path = dir.join(METRICS_FILE);
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+/// The records of a `metrics.jsonl` (one JSON object per line). A last line
+/// without its newline was torn by a crash or a full disk while it was
+/// appended: it is left out and reported as the second value (its 1-based
+/// line number). A bad complete line is an error.
+pub fn read_records(path: &Path) -> Result<(Vec<serde_json::Value>, Option<usize>)> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), None)),
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            // Torn inside a multi-byte character: read it lossily, the torn
+            // line then fails to parse below.
+            String::from_utf8_lossy(&std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?)
+                .into_owned()
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let lines: Vec<&str> = text.split_inclusive('\n').collect();
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
+    for (i, line) in lines.iter().enumerate() {
+        let last = i + 1 == lines.len();
         if line.trim().is_empty() {
             continue;
         }
+        let parsed = serde_json::from_str::<serde_json::Value>(line).ok().filter(|v| v.is_object());
+        match parsed {
+            Some(v) if line.ends_with('\n') => out.push(v),
+            // Appends end in a newline, written in one call: a line without
+            // one was cut short; a complete line that does not parse is damage.
+            _ if last && !line.ends_with('\n') => return Ok((out, Some(i + 1))),
+            _ => bail!("{}:{}: not a metrics record", path.display(), i + 1),
+        }
+    }
+    Ok((out, None))
+}
+
+/// The records of a run for plots and tables; a torn last line is skipped
+/// with a warning.
+pub fn read_metrics(dir: &Path) -> Result<Vec<Metrics>> {
+    let path = dir.join(METRICS_FILE);
+    if !path.is_file() {
+        bail!("cannot read {}: no such file", path.display());
+    }
+    let (records, torn) = read_records(&path)?;
+    if let Some(line) = torn {
+        eprintln!("warning: {}:{line}: skipping a torn last line", path.display());
+    }
+    let mut out = Vec::new();
+    for (i, v) in records.into_iter().enumerate() {
         let m: Metrics =
-            serde_json::from_str(line).with_context(|| format!("{}:{}: not a metrics record", path.display(), i + 1))?;
+            serde_json::from_value(v).with_context(|| format!("{}:{}: not a metrics record", path.display(), i + 1))?;
         if !m.return_mean.is_finite() {
             bail!("{}:{}: return_mean is not finite", path.display(), i + 1);
         }
@@ -67,15 +107,35 @@ pub fn read_metrics(dir: &Path) -> Result<Vec<Metrics>> {
     Ok(out)
 }
 
+/// Appends `line` and a newline to `file` in one write; if the write fails
+/// (a full disk), the file is cut back to its old length, so no torn line is
+/// left behind.
+pub fn append_line(file: &mut std::fs::File, path: &Path, line: &str) -> Result<()> {
+    use std::io::Write;
+    let before = file.metadata().with_context(|| format!("cannot read {}", path.display()))?.len();
+    let mut bytes = Vec::with_capacity(line.len() + 1);
+    bytes.extend_from_slice(line.as_bytes());
+    bytes.push(b'\n');
+    if let Err(e) = file.write_all(&bytes).and_then(|_| file.flush()) {
+        let _ = file.set_len(before);
+        return Err(e).with_context(|| format!("cannot append to {}", path.display()));
+    }
+    Ok(())
+}
+
 /// Writes `bytes` to a temporary name beside `path`, syncs it, and renames it
-/// over `path`: a crash leaves either the old file or the new one.
+/// over `path`: a crash leaves either the old file or the new one, and a
+/// failed write (a full disk) removes the temporary file again.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    let written = std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|_| f.sync_all()))
+        .and_then(|_| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("cannot write {}", path.display()));
+    }
     Ok(())
 }
 
@@ -102,4 +162,70 @@ pub fn csv_row(value: &serde_json::Value) -> (String, String) {
     let header = cols.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(",");
     let row = cols.iter().map(|(_, v)| v.as_str()).collect::<Vec<_>>().join(",");
     (header, row)
+}
+
+/// The lock file of a run directory.
+pub const LOCK_FILE: &str = "lock";
+
+/// An exclusive lock on a run directory, held for the life of the process:
+/// an OS file lock (`flock`) on `DIR/lock`, which the kernel releases on any
+/// death, so a killed run never leaves a stale lock. The file names the
+/// holder (host and pid) for the message another process prints.
+pub struct RunLock {
+    _file: std::fs::File,
+}
+
+impl RunLock {
+    /// Takes the lock of `dir`, waiting up to `wait` for another holder to
+    /// let go (a requeued cluster job may start while its predecessor still
+    /// writes its last checkpoint); `stop` ends the wait early (a signal).
+    pub fn acquire(dir: &Path, wait: std::time::Duration, stop: &dyn Fn() -> bool) -> Result<Self> {
+        use std::io::{Read, Seek, Write};
+        let path = dir.join(LOCK_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+        let started = std::time::Instant::now();
+        let mut said = false;
+        loop {
+            match file.try_lock() {
+                Ok(()) => break,
+                Err(std::fs::TryLockError::WouldBlock) => {}
+                Err(std::fs::TryLockError::Error(e)) => {
+                    bail!("cannot lock {} ({e}): its file system does not support locks; use a local directory", path.display())
+                }
+            }
+            let mut holder = String::new();
+            let _ = file.rewind().and_then(|_| file.read_to_string(&mut holder));
+            let holder = holder.trim();
+            let holder = if holder.is_empty() { "another process" } else { holder };
+            if started.elapsed() >= wait || stop() {
+                bail!("{} is in use by {holder} (lock file {}); waited {} s", dir.display(), path.display(), wait.as_secs());
+            }
+            if !said {
+                eprintln!("waiting up to {} s for {} (in use by {holder})", wait.as_secs(), dir.display());
+                said = true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        let me = format!("{} pid {}\n", hostname(), std::process::id());
+        file.set_len(0)
+            .and_then(|_| file.rewind())
+            .and_then(|_| file.write_all(me.as_bytes()))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(Self { _file: file })
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown-host".into())
 }

@@ -85,7 +85,8 @@ fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
             let p = e.path();
             if p.is_dir() {
                 stack.push(p);
-            } else {
+            } else if e.file_name() != "lock" {
+                // The run directory's lock file is created by any `train` on it.
                 out.push((p.clone(), std::fs::read(&p).unwrap()));
             }
         }
@@ -167,50 +168,64 @@ fn kill_and_resume(name: &str, toml: &str, damage: bool) {
     let before = metrics(&cut);
     assert!(before.len() < expected.len(), "the run was not interrupted: {} lines", before.len());
 
-    // A copy of the killed run with its newest checkpoint damaged in
-    // various ways: one-line errors, and nothing in the run directory changes.
+    // A copy of the killed run with its checkpoints damaged in various ways:
+    // one-line errors, and nothing in the run directory changes.
+    let all_checkpoints = checkpoint_steps(&cut);
+    assert_eq!(all_checkpoints.len(), 2, "{all_checkpoints:?}");
     let damaged = |name: &str, damage_it: &dyn Fn(&Path), expect: &str| {
         if !damage {
             return;
         }
         let dir = tmp.join(name);
         copy_dir(&cut, &dir);
-        let ck = dir.join("checkpoints").join(&newest);
-        damage_it(&ck);
+        for ck in &all_checkpoints {
+            damage_it(&dir.join("checkpoints").join(ck));
+        }
         let files = snapshot(&dir);
         one_line_error(&ddppo(&["train", "--resume", s(&dir)]), expect);
         assert!(snapshot(&dir) == files, "{name}: --resume changed the run directory");
     };
-    damaged(
-        "truncated",
-        &|ck| {
-            let f = ck.join("env_buffer.bin");
-            let len = std::fs::metadata(&f).unwrap().len();
-            std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len / 2).unwrap();
-        },
-        "env_buffer.bin: truncated",
-    );
-    damaged(
-        "flipped",
-        &|ck| {
-            let f = ck.join("networks.safetensors");
-            let mut b = std::fs::read(&f).unwrap();
-            let i = b.len() - 7;
-            b[i] ^= 0x20;
-            std::fs::write(&f, b).unwrap();
-        },
-        "networks.safetensors: corrupt",
-    );
+    let truncate = |ck: &Path| {
+        let f = ck.join("env_buffer.bin");
+        let len = std::fs::metadata(&f).unwrap().len();
+        std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len / 2).unwrap();
+    };
+    let flip = |ck: &Path| {
+        let f = ck.join("networks.safetensors");
+        let mut b = std::fs::read(&f).unwrap();
+        let i = b.len() - 7;
+        b[i] ^= 0x20;
+        std::fs::write(&f, b).unwrap();
+    };
+    damaged("truncated", &truncate, "env_buffer.bin: truncated");
+    damaged("flipped", &flip, "networks.safetensors: corrupt");
     damaged("no-manifest", &|ck| std::fs::remove_file(ck.join("MANIFEST.json")).unwrap(), "incomplete");
-    damaged(
-        "other-config",
-        &|ck| {
-            let f = ck.join("../../config.toml");
-            let text = std::fs::read_to_string(&f).unwrap().replace("seed = 3", "seed = 4");
-            std::fs::write(&f, text).unwrap();
-        },
-        "different config",
-    );
+    if damage {
+        // A hand-edited config: refused by `--resume`, naming the key.
+        let dir = tmp.join("other-config");
+        copy_dir(&cut, &dir);
+        let f = dir.join("config.toml");
+        let text = std::fs::read_to_string(&f).unwrap().replace("seed = 3", "seed = 4");
+        std::fs::write(&f, text).unwrap();
+        let files = snapshot(&dir);
+        one_line_error(&ddppo(&["train", "--resume", s(&dir)]), "different config (differing keys: seed)");
+        assert!(snapshot(&dir) == files);
+        // The same command with another seed: refused before the lock, naming the key.
+        let o = ddppo(&["train", "--config", s(&cfg), "--seed", "5", "--out", s(&cut)]);
+        one_line_error(&o, "already holds a different run (seed differs");
+
+        // Only the newest checkpoint damaged: the older one kept for that
+        // purpose takes over (one line says so) and the run still ends in
+        // the uninterrupted metrics.
+        let dir = tmp.join("fallback");
+        copy_dir(&cut, &dir);
+        flip(&dir.join("checkpoints").join(&newest));
+        let o = ddppo(&["train", "--resume", s(&dir)]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{err}");
+        assert!(err.contains("corrupt") && err.contains("falling back to the older checkpoint"), "{err}");
+        assert_eq!(metrics(&dir), expected, "the run resumed from the older checkpoint differs");
+    }
 
     // Resumed: the metrics from the checkpoint on equal the uninterrupted run's.
     let o = ddppo(&["train", "--resume", s(&cut)]);
@@ -249,18 +264,18 @@ fn resume_and_eval_without_a_checkpoint_are_one_line_errors() {
     std::fs::create_dir_all(&empty).unwrap();
     one_line_error(&ddppo(&["train", "--resume", s(&empty)]), "not a run directory");
     one_line_error(&ddppo(&["eval", "--run", s(&empty)]), "not a run directory");
-    // A run directory whose run never reached a checkpoint.
+    // A run directory whose run never reached a checkpoint: `eval` has no
+    // policy to load (`train --resume` starts it again: tests/run_lock.rs).
     let run = tmp.join("run");
     std::fs::create_dir_all(&run).unwrap();
     let cfg = ddppo_agent::AgentConfig::preset("pendulum").unwrap().to_toml().unwrap();
     std::fs::write(run.join("config.toml"), cfg).unwrap();
     std::fs::write(run.join("metrics.jsonl"), "{\"env_steps\":0,\"return_mean\":-1200.0}\n").unwrap();
     let files = snapshot(&run);
-    one_line_error(&ddppo(&["train", "--resume", s(&run)]), "no complete checkpoint");
     one_line_error(&ddppo(&["eval", "--run", s(&run)]), "no complete checkpoint");
     // An interrupted checkpoint write (temporary name) does not count.
     std::fs::create_dir_all(run.join("checkpoints").join(".tmp-step-0000001000")).unwrap();
-    one_line_error(&ddppo(&["train", "--resume", s(&run)]), "no complete checkpoint");
+    one_line_error(&ddppo(&["eval", "--run", s(&run)]), "no complete checkpoint");
     std::fs::remove_dir_all(run.join("checkpoints")).unwrap();
     assert!(snapshot(&run) == files);
     let _ = std::fs::remove_dir_all(&tmp);

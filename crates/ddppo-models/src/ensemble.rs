@@ -52,6 +52,15 @@ const FORMAT: &str = "ddppo-ensemble-v1";
 
 /// MBPO's probabilistic ensemble: `E` members of `hidden_layers x hidden` SiLU
 /// MLPs predicting mean and log-variance of `(r, s' - s)` from `x = (s, a)`.
+/// Parameters, scaler and elites of a [`ProbabilisticEnsemble`], copied.
+#[derive(Clone)]
+pub struct EnsembleSnapshot {
+    params: Vec<Tensor>,
+    scaler_mean: Vec<f64>,
+    scaler_std: Vec<f64>,
+    elites: Vec<usize>,
+}
+
 pub struct ProbabilisticEnsemble {
     pub(crate) obs_dim: usize,
     pub(crate) act_dim: usize,
@@ -249,6 +258,28 @@ impl ProbabilisticEnsemble {
         v.push(self.max_logvar.clone());
         v.push(self.min_logvar.clone());
         v
+    }
+
+    /// A copy of the parameters, scaler and elites (deep: later updates of the
+    /// parameters, which happen in place, do not reach it).
+    pub fn snapshot(&self) -> Result<EnsembleSnapshot> {
+        let params = self.vars().iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<_>>()?;
+        Ok(EnsembleSnapshot {
+            params,
+            scaler_mean: self.scaler_mean.clone(),
+            scaler_std: self.scaler_std.clone(),
+            elites: self.elites.clone(),
+        })
+    }
+
+    /// Puts back a [`snapshot`](Self::snapshot) of this ensemble.
+    pub fn restore(&mut self, s: &EnsembleSnapshot) -> Result<()> {
+        for (v, t) in self.vars().iter().zip(&s.params) {
+            v.set(t)?;
+        }
+        self.set_scaler(s.scaler_mean.clone(), s.scaler_std.clone())?;
+        self.elites = s.elites.clone();
+        Ok(())
     }
 
     /// Sets the input scaler; a std below 1e-12 becomes 1 (constant inputs).

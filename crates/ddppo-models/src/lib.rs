@@ -59,11 +59,11 @@ pub mod transfer;
 
 pub use adam::{ModelOptimizer, OptimizerState};
 pub use config::{EnsembleConfig, GradientLossConfig};
-pub use ensemble::{ModelStep, ProbabilisticEnsemble, softplus};
+pub use ensemble::{EnsembleSnapshot, ModelStep, ProbabilisticEnsemble, softplus};
 pub use layer::EnsembleLinear;
 pub use train::{
     EpochStats, GradBatch, GradientEnsemble, LossBatch, LossTerms, PredictionEnsemble, TrainReport,
-    TransitionData,
+    TrainingSnapshot, TransitionData,
 };
 
 /// Errors of this crate.
@@ -81,6 +81,8 @@ pub enum Error {
     OptimizerState(String),
     #[error("tensor: {0}")]
     Candle(#[from] candle_core::Error),
+    #[error("training interrupted")]
+    Interrupted,
     #[error("internal: {0}")]
     Internal(String),
 }

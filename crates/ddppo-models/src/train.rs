@@ -3,9 +3,11 @@
 use candle_core::{DType, Device, Tensor, Var};
 use rand::Rng;
 use rand::seq::SliceRandom;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::adam::{ModelOptimizer, OptimizerState};
-use crate::ensemble::ProbabilisticEnsemble;
+use crate::ensemble::{EnsembleSnapshot, ProbabilisticEnsemble};
 use crate::layer::host_tensor;
 use crate::{EnsembleConfig, Error, GradientLossConfig, Result};
 
@@ -356,6 +358,14 @@ impl DeviceRows {
     }
 }
 
+/// Everything one training call changes in an ensemble (parameters, scaler,
+/// elites, optimiser state), copied, so an interrupted call can be undone.
+#[derive(Clone)]
+pub struct TrainingSnapshot {
+    ensemble: EnsembleSnapshot,
+    opt: Option<OptimizerState>,
+}
+
 /// The training loop shared by both ensembles.
 pub(crate) fn train_core(
     ens: &mut ProbabilisticEnsemble,
@@ -363,6 +373,7 @@ pub(crate) fn train_core(
     data: &TransitionData,
     grad_cfg: Option<&GradientLossConfig>,
     rng: &mut impl Rng,
+    interrupt: Option<&AtomicBool>,
     on_epoch: &mut dyn FnMut(&ProbabilisticEnsemble, &EpochStats) -> Result<()>,
 ) -> Result<TrainReport> {
     let (obs_dim, act_dim) = (ens.obs_dim, ens.act_dim);
@@ -489,6 +500,11 @@ pub(crate) fn train_core(
                 // training call are restored either way).
                 let mut sums: Option<(Tensor, Tensor, Option<Tensor>)> = None;
                 for i in 0..epoch_rows.spans.len() {
+                    // Checked per minibatch: a signal must be answered within seconds
+                    // even when one epoch takes a minute.
+                    if interrupt.is_some_and(|f| f.load(Ordering::Relaxed)) {
+                        return Err(Error::Interrupted);
+                    }
                     let batch = rows.minibatch(&epoch_rows, i, e, nb.map(|n| n.0), dtype)?;
                     let terms = ens.loss(&batch, w)?;
                     let total = terms.total.to_dtype(DType::F64)?;
@@ -524,6 +540,11 @@ pub(crate) fn train_core(
                 let (mut loss_sum, mut grad_sum, mut batches) = (0.0, 0.0, 0usize);
                 let mut lo = 0;
                 while lo < train.len() {
+                    // Checked per minibatch: a signal must be answered within seconds
+                    // even when one epoch takes a minute.
+                    if interrupt.is_some_and(|f| f.load(Ordering::Relaxed)) {
+                        return Err(Error::Interrupted);
+                    }
                     let hi = (lo + bs).min(train.len());
                     let src = BatchRows { xs: &xs, yd: &yd, ind, od };
                     let batch = match dtype {
@@ -613,6 +634,7 @@ pub(crate) fn train_core(
 pub struct PredictionEnsemble {
     core: ProbabilisticEnsemble,
     opt: Option<ModelOptimizer>,
+    interrupt: Option<Arc<AtomicBool>>,
 }
 
 impl PredictionEnsemble {
@@ -627,6 +649,7 @@ impl PredictionEnsemble {
         Ok(Self {
             core: ProbabilisticEnsemble::new(obs_dim, act_dim, cfg, device, dtype, rng)?,
             opt: None,
+            interrupt: None,
         })
     }
     /// Trains on all of `data` with early stopping; restores each member's best weights.
@@ -637,6 +660,7 @@ impl PredictionEnsemble {
             data,
             None,
             rng,
+            self.interrupt.as_deref(),
             &mut |_, _| Ok(()),
         )
     }
@@ -647,7 +671,7 @@ impl PredictionEnsemble {
         rng: &mut impl Rng,
         on_epoch: &mut dyn FnMut(&ProbabilisticEnsemble, &EpochStats) -> Result<()>,
     ) -> Result<TrainReport> {
-        train_core(&mut self.core, &mut self.opt, data, None, rng, on_epoch)
+        train_core(&mut self.core, &mut self.opt, data, None, rng, self.interrupt.as_deref(), on_epoch)
     }
     pub fn ensemble(&self) -> &ProbabilisticEnsemble {
         &self.core
@@ -672,6 +696,22 @@ impl PredictionEnsemble {
         };
         Ok(())
     }
+    /// A flag that stops a training call between two minibatches with
+    /// [`Error::Interrupted`] (the ensemble is then part-trained: restore a
+    /// [`TrainingSnapshot`] taken before the call).
+    pub fn set_interrupt(&mut self, flag: Option<Arc<AtomicBool>>) {
+        self.interrupt = flag;
+    }
+    /// A copy of everything a training call changes.
+    pub fn training_snapshot(&self) -> Result<TrainingSnapshot> {
+        Ok(TrainingSnapshot { ensemble: self.core.snapshot()?, opt: self.optimizer_state() })
+    }
+    /// Puts back a [`training_snapshot`](Self::training_snapshot): parameters,
+    /// scaler, elites and optimiser state are as when it was taken.
+    pub fn restore_training_snapshot(&mut self, s: &TrainingSnapshot) -> Result<()> {
+        self.core.restore(&s.ensemble)?;
+        self.restore_optimizer_state(s.opt.clone())
+    }
 }
 
 /// The gradient model: NLL plus `w * R`, the directional-derivative loss (equation 10).
@@ -679,6 +719,7 @@ pub struct GradientEnsemble {
     core: ProbabilisticEnsemble,
     opt: Option<ModelOptimizer>,
     grad: GradientLossConfig,
+    interrupt: Option<Arc<AtomicBool>>,
 }
 
 impl GradientEnsemble {
@@ -696,6 +737,7 @@ impl GradientEnsemble {
             core: ProbabilisticEnsemble::new(obs_dim, act_dim, cfg, device, dtype, rng)?,
             opt: None,
             grad: grad.clone(),
+            interrupt: None,
         })
     }
     pub fn gradient_config(&self) -> &GradientLossConfig {
@@ -709,6 +751,7 @@ impl GradientEnsemble {
             data,
             Some(&self.grad),
             rng,
+            self.interrupt.as_deref(),
             &mut |_, _| Ok(()),
         )
     }
@@ -725,6 +768,7 @@ impl GradientEnsemble {
             data,
             Some(&self.grad),
             rng,
+            self.interrupt.as_deref(),
             on_epoch,
         )
     }
@@ -750,5 +794,21 @@ impl GradientEnsemble {
             None => None,
         };
         Ok(())
+    }
+    /// A flag that stops a training call between two minibatches with
+    /// [`Error::Interrupted`] (the ensemble is then part-trained: restore a
+    /// [`TrainingSnapshot`] taken before the call).
+    pub fn set_interrupt(&mut self, flag: Option<Arc<AtomicBool>>) {
+        self.interrupt = flag;
+    }
+    /// A copy of everything a training call changes.
+    pub fn training_snapshot(&self) -> Result<TrainingSnapshot> {
+        Ok(TrainingSnapshot { ensemble: self.core.snapshot()?, opt: self.optimizer_state() })
+    }
+    /// Puts back a [`training_snapshot`](Self::training_snapshot): parameters,
+    /// scaler, elites and optimiser state are as when it was taken.
+    pub fn restore_training_snapshot(&mut self, s: &TrainingSnapshot) -> Result<()> {
+        self.core.restore(&s.ensemble)?;
+        self.restore_optimizer_state(s.opt.clone())
     }
 }
