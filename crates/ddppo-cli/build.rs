@@ -2,10 +2,20 @@
 //! library: cargo passes a build script's link arguments only to the
 //! package's own binaries, tests and benches, so each package that links
 //! MuJoCo carries this same three-line script.
+//!
+//! The `cuda` build also gets one to the CUDA runtime libraries of the toolkit
+//! it was linked against (`cargo xtask build --cuda` sets
+//! `DDPPO_CUDA_LIB_DIR`); the driver's `libcuda.so.1` comes from the system.
 fn main() {
     println!("cargo::rerun-if-env-changed=MUJOCO_DYNAMIC_LINK_DIR");
+    println!("cargo::rerun-if-env-changed=DDPPO_CUDA_LIB_DIR");
     if std::env::var_os("CARGO_FEATURE_MUJOCO").is_some() {
         if let Ok(dir) = std::env::var("MUJOCO_DYNAMIC_LINK_DIR") {
+            println!("cargo::rustc-link-arg=-Wl,-rpath,{dir}");
+        }
+    }
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        if let Ok(dir) = std::env::var("DDPPO_CUDA_LIB_DIR") {
             println!("cargo::rustc-link-arg=-Wl,-rpath,{dir}");
         }
     }

@@ -2,6 +2,7 @@
 //! drives training runs and ablations through the `ddppo` binary. It holds no
 //! product logic.
 
+mod cuda;
 mod mujoco;
 mod slurm;
 
@@ -21,8 +22,21 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Fetch MuJoCo 3.17.0 and the model XMLs into .cache/ (no-op when present).
-    Setup,
-    /// Set up, then run the whole test suite (what CI runs).
+    Setup {
+        /// Also install the CUDA 13.0 toolkit (or check DDPPO_CUDA_HOME's) and
+        /// the link-time stand-ins for the `cuda` build.
+        #[arg(long)]
+        cuda: bool,
+    },
+    /// Build the `ddppo` binary in release mode; prints its path.
+    Build {
+        /// With the `cuda` feature (real kernel compile; ~15-25 min on 2 cores
+        /// the first time), into <target>/cuda.
+        #[arg(long)]
+        cuda: bool,
+    },
+    /// Set up, then run the whole test suite and `cargo check` the workspace
+    /// with `--features cuda` (what CI runs).
     Test {
         /// Extra arguments passed to `cargo test`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -40,6 +54,9 @@ enum Task {
         /// Run directory (default runs/<env>-<variant>-s<seed>).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Build with the `cuda` feature and train with `--device cuda`.
+        #[arg(long)]
+        cuda: bool,
         /// Extra arguments passed to `ddppo train` (e.g. --set key=value).
         #[arg(last = true)]
         extra: Vec<String>,
@@ -107,19 +124,44 @@ fn run() -> Result<()> {
     let cli = Cli::parse();
     let root = workspace_root()?;
     match cli.cmd {
-        Task::Setup => {
+        Task::Setup { cuda } => {
             let paths = mujoco::ensure(&root)?;
             println!("MuJoCo {} in {}", mujoco::MUJOCO_VERSION, paths.lib_dir.display());
             println!("model XMLs in {}", paths.assets_dir.display());
+            if cuda {
+                let tk = cuda::ensure(&root)?;
+                println!("CUDA toolkit {}.{} in {}", tk.version.0, tk.version.1, tk.home.display());
+                println!("runtime libraries (rpath of the cuda build) in {}", tk.lib_dir.display());
+                match &tk.stubs {
+                    Some(dir) => println!("link-time stand-in libcuda.so (driver calls fail) in {}", dir.display()),
+                    None => println!("the toolkit's own link-time libcuda.so is used"),
+                }
+                match cuda::default_compute_cap() {
+                    Some(cap) => println!("no GPU detected: kernels are compiled for compute capability {cap} (set CUDA_COMPUTE_CAP to change)"),
+                    None => println!("kernels are compiled for CUDA_COMPUTE_CAP or the GPU nvidia-smi reports"),
+                }
+            }
+        }
+        Task::Build { cuda } => {
+            let ddppo = build_cli(&root, cuda)?;
+            println!("{}", ddppo.display());
         }
         Task::Test { args } => {
             let paths = mujoco::ensure(&root)?;
             let mut cmd = cargo(&root, &paths);
             cmd.args(["test", "--workspace"]).args(&args);
             status(cmd, "cargo test")?;
+            // The CUDA code compiles on every CI run; the stand-in nvcc keeps
+            // this to a check, in its own target dir so that its empty PTX never
+            // reaches a real build.
+            let mut cmd = cargo(&root, &paths);
+            cmd.args(["check", "--workspace", "--all-targets", "--features", "cuda", "--target-dir"])
+                .arg(target_dir(&root).join("cuda-check"));
+            cuda::check_env(&root, &mut cmd)?;
+            status(cmd, "cargo check --features cuda")?;
         }
-        Task::Train { env, variant, seed, out, extra } => {
-            let ddppo = build_cli(&root, false)?;
+        Task::Train { env, variant, seed, out, cuda, extra } => {
+            let ddppo = build_cli(&root, cuda)?;
             let out = out.unwrap_or_else(|| root.join("runs").join(format!("{env}-{variant}-s{seed}")));
             // `ddppo train --out` continues the run a directory already holds
             // (the same command again after an interruption).
@@ -128,6 +170,9 @@ fn run() -> Result<()> {
             cmd.args(["train", "--env", &env, "--variant", &variant, "--seed", &seed.to_string(), "--out"])
                 .arg(&out)
                 .args(&extra);
+            if cuda {
+                cmd.args(["--device", "cuda"]);
+            }
             status(cmd, "ddppo train")?;
             println!("run finished: {}", out.display());
         }
@@ -258,9 +303,15 @@ fn cargo(root: &Path, paths: &mujoco::MujocoPaths) -> Command {
     cmd
 }
 
-/// Sets up MuJoCo and builds the `ddppo` binary in release mode (with CUDA
-/// when asked); returns its path. Cargo's own progress shows on a terminal;
-/// elsewhere (a log file, CI) one line says why nothing happens for minutes.
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"))
+}
+
+/// Sets up MuJoCo (and CUDA) and builds the `ddppo` binary in release mode
+/// (with CUDA when asked); returns its path. The CUDA build has its own target
+/// dir, so the CPU and CUDA binaries do not replace each other. Cargo's own
+/// progress shows on a terminal; elsewhere (a log file, CI) one line says why
+/// nothing happens for minutes.
 fn build_cli(root: &Path, cuda: bool) -> Result<PathBuf> {
     let paths = mujoco::ensure(root)?;
     let on_terminal = std::io::stderr().is_terminal();
@@ -269,8 +320,18 @@ fn build_cli(root: &Path, cuda: bool) -> Result<PathBuf> {
     }
     let mut cmd = cargo(root, &paths);
     cmd.args(release_build_args(on_terminal, cuda));
+    let mut target = target_dir(root);
+    if cuda {
+        let tk = cuda::ensure(root)?;
+        tk.apply(&mut cmd);
+        target = target.join("cuda");
+        cmd.arg("--target-dir").arg(&target);
+        eprintln!(
+            "building ddppo with CUDA {}.{} (the kernel compile takes 15-25 minutes on 2 cores the first time)",
+            tk.version.0, tk.version.1
+        );
+    }
     status(cmd, "cargo build --release")?;
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
     Ok(target.join("release").join("ddppo"))
 }
 

@@ -14,7 +14,7 @@
 //! by ordinary tensor ops. The moments are replaced by fresh tensors every step, never
 //! written in place, so a read [`OptimizerState`] is a snapshot.
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, CustomOp2, DType, InplaceOp3, Layout, Shape, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp2, InplaceOp3, Layout, Shape, Tensor, Var};
 
 use crate::ensemble::ProbabilisticEnsemble;
 use crate::{Error, Result};
@@ -113,10 +113,15 @@ impl ModelOptimizer {
 
     /// Back-propagates `total` and updates the parameters; returns the loss value.
     pub fn apply(&mut self, total: &Tensor) -> Result<f64> {
-        let value = total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let grads = total.backward()?;
-        self.update(&grads)?;
+        let value = crate::transfer::download_scalar(total)?;
+        self.backward_step(total)?;
         Ok(value)
+    }
+
+    /// [`apply`](Self::apply) without reading the loss back to the host.
+    pub(crate) fn backward_step(&mut self, total: &Tensor) -> Result<()> {
+        let grads = total.backward()?;
+        self.update(&grads)
     }
 
     /// One step on `batch` with gradient-loss weight `w`; returns the loss value.
@@ -320,7 +325,7 @@ impl InplaceOp3 for AdamStep {
 mod tests {
     use super::*;
     use crate::EnsembleConfig;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
     use rand::SeedableRng;
 
     fn ens() -> ProbabilisticEnsemble {

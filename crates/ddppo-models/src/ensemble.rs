@@ -77,6 +77,9 @@ pub struct ProbabilisticEnsemble {
     scaler_inv_std_t: Tensor,
     pub(crate) elites: Vec<usize>,
     fused: bool,
+    /// Training builds its minibatches on the device from data uploaded once
+    /// (default off the CPU; see `train.rs`).
+    pub(crate) device_batches: bool,
     /// A view from [`frozen`](ProbabilisticEnsemble::frozen): parameters used detached.
     frozen: bool,
 }
@@ -146,6 +149,7 @@ impl ProbabilisticEnsemble {
             scaler_inv_std_t: Tensor::ones((1, in_dim), dtype, device)?,
             elites: (0..cfg.elites).collect(),
             fused: device.is_cpu(),
+            device_batches: !device.is_cpu(),
             frozen: false,
         };
         ens.set_scaler(vec![0.0; in_dim], vec![1.0; in_dim])?;
@@ -215,6 +219,7 @@ impl ProbabilisticEnsemble {
             scaler_inv_std_t: self.scaler_inv_std_t.clone(),
             elites: self.elites.clone(),
             fused: self.fused,
+            device_batches: self.device_batches,
             frozen: true,
         }
     }
@@ -486,6 +491,15 @@ impl ProbabilisticEnsemble {
         self.fused = on && self.device.is_cpu();
     }
 
+    /// Builds training minibatches by device-side gathers from data uploaded once
+    /// per training call and reads the loss back once per epoch (default off the
+    /// CPU), or on the host per minibatch (default on the CPU). Both give the same
+    /// minibatches; on the CPU the switch lets tests run the device path.
+    #[doc(hidden)]
+    pub fn set_device_batches(&mut self, on: bool) {
+        self.device_batches = on;
+    }
+
     /// One elite per row, uniformly (ALGORITHM.md section 2, rollout step).
     pub fn draw_elites(&self, rows: usize, rng: &mut impl Rng) -> Vec<usize> {
         let k = self.elites.len();
@@ -549,7 +563,7 @@ impl ProbabilisticEnsemble {
         let mut inverse = vec![0u32; b];
         let mut pos = 0u32;
         for &m in &used {
-            let idx = Tensor::from_slice(&groups[m], groups[m].len(), &self.device)?;
+            let idx = crate::transfer::upload(groups[m].clone(), &[groups[m].len()], &self.device)?;
             let xm = x.index_select(&idx, 0)?.unsqueeze(0)?;
             let out = self.forward_std(&xm, Some(m), None)?;
             means.push(out.mean.squeeze(0)?);
@@ -559,7 +573,7 @@ impl ProbabilisticEnsemble {
                 pos += 1;
             }
         }
-        let inv = Tensor::from_vec(inverse, b, &self.device)?;
+        let inv = crate::transfer::upload(inverse, &[b], &self.device)?;
         let mean = Tensor::cat(&means, 0)?.index_select(&inv, 0)?;
         let lv = Tensor::cat(&lvs, 0)?.index_select(&inv, 0)?;
         Ok((mean, lv))
@@ -675,7 +689,7 @@ impl ProbabilisticEnsemble {
             .broadcast_sub(&y.unsqueeze(0)?)?
             .sqr()?
             .mean((1, 2))?;
-        Ok(err.to_dtype(DType::F64)?.to_vec1::<f64>()?)
+        crate::transfer::download_f64(&err)
     }
 
     /// Saves parameters, scaler, elites and metadata (dims, config) to one safetensors file.

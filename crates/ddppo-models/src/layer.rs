@@ -36,14 +36,7 @@ pub(crate) fn host_tensor(
     dtype: DType,
     device: &Device,
 ) -> Result<Tensor> {
-    let t = match dtype {
-        DType::F32 => {
-            let v: Vec<f32> = data.into_iter().map(|x| x as f32).collect();
-            Tensor::from_vec(v, shape, device)?
-        }
-        _ => Tensor::from_vec(data, shape, device)?.to_dtype(dtype)?,
-    };
-    Ok(t)
+    crate::transfer::upload_f64(data, shape, dtype, device)
 }
 
 /// The parameter `Var` registered under `name` in the `VarBuilder`'s map.

@@ -55,6 +55,7 @@ mod ensemble;
 mod fused;
 mod layer;
 mod train;
+pub mod transfer;
 
 pub use adam::{ModelOptimizer, OptimizerState};
 pub use config::{EnsembleConfig, GradientLossConfig};

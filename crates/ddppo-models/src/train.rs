@@ -132,40 +132,22 @@ impl ProbabilisticEnsemble {
     }
 }
 
-/// Host copies of every parameter (snapshots for early stopping and NaN recovery).
-struct Snapshot(Vec<Vec<f64>>);
+/// Copies of every parameter on their device (snapshots for early stopping and
+/// NaN recovery; no host round trip).
+struct Snapshot(Vec<Tensor>);
 
 impl Snapshot {
     fn take(vars: &[Var]) -> Result<Self> {
-        let mut v = Vec::with_capacity(vars.len());
-        for var in vars {
-            v.push(
-                var.as_tensor()
-                    .flatten_all()?
-                    .to_dtype(DType::F64)?
-                    .to_vec1::<f64>()?,
-            );
-        }
-        Ok(Self(v))
+        Ok(Self(vars.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<_>>()?))
     }
-    /// Copies member `m`'s slice of every member-indexed parameter (leading axis `E`).
+    /// Copies member `m`'s slice of every member-indexed parameter (leading axis `E`)
+    /// and the whole of the others.
     fn update_member(&mut self, vars: &[Var], members: usize, m: usize) -> Result<()> {
         for (buf, var) in self.0.iter_mut().zip(vars) {
             if var.dims()[0] == members && members > 1 {
-                let chunk = buf.len() / members;
-                let cur = var
-                    .as_tensor()
-                    .narrow(0, m, 1)?
-                    .flatten_all()?
-                    .to_dtype(DType::F64)?
-                    .to_vec1::<f64>()?;
-                buf[m * chunk..(m + 1) * chunk].copy_from_slice(&cur);
-            } else if members == 1 || var.dims()[0] != members {
-                *buf = var
-                    .as_tensor()
-                    .flatten_all()?
-                    .to_dtype(DType::F64)?
-                    .to_vec1::<f64>()?;
+                *buf = buf.slice_scatter0(&var.as_tensor().narrow(0, m, 1)?, m)?;
+            } else {
+                *buf = var.as_tensor().copy()?;
             }
         }
         Ok(())
@@ -174,18 +156,14 @@ impl Snapshot {
     fn update_shared(&mut self, vars: &[Var], members: usize) -> Result<()> {
         for (buf, var) in self.0.iter_mut().zip(vars) {
             if var.dims()[0] != members {
-                *buf = var
-                    .as_tensor()
-                    .flatten_all()?
-                    .to_dtype(DType::F64)?
-                    .to_vec1::<f64>()?;
+                *buf = var.as_tensor().copy()?;
             }
         }
         Ok(())
     }
-    fn restore(&self, vars: &[Var], dtype: DType, device: &Device) -> Result<()> {
+    fn restore(&self, vars: &[Var]) -> Result<()> {
         for (buf, var) in self.0.iter().zip(vars) {
-            var.set(&host_tensor(buf.clone(), var.dims(), dtype, device)?)?;
+            var.set(buf)?;
         }
         Ok(())
     }
@@ -242,18 +220,10 @@ impl BatchRows<'_> {
                 let mut xg = Vec::with_capacity(e * b * ind);
                 let mut t0 = Vec::with_capacity(e * b * k * ind);
                 let mut dy = Vec::with_capacity(e * b * k * od);
-                if gperm.len() != e {
-                    *gperm = vec![(0..ns).collect(); e];
-                }
+                init_points(gperm, e, ns);
                 for m in 0..e {
                     for _ in 0..b {
-                        // An independent shuffle of the neighbour set per member.
-                        if gpos[m] >= ns {
-                            gperm[m].shuffle(rng);
-                            gpos[m] = 0;
-                        }
-                        let j = gperm[m][gpos[m]];
-                        gpos[m] += 1;
+                        let j = next_point(gperm, gpos, m, rng);
                         let rj = first + j;
                         let (xj, yj) = (&xs[rj * ind..(rj + 1) * ind], &yd[rj * od..(rj + 1) * od]);
                         cast(xj, &mut xg);
@@ -267,19 +237,124 @@ impl BatchRows<'_> {
                     }
                 }
                 Some(GradBatch {
-                    xg: Tensor::from_vec(xg, (e, b, ind), device)?,
-                    t0: Tensor::from_vec(t0, (e, b * k, ind), device)?,
-                    dy: Tensor::from_vec(dy, (e, b * k, od), device)?,
+                    xg: crate::transfer::upload(xg, &[e, b, ind], device)?,
+                    t0: crate::transfer::upload(t0, &[e, b * k, ind], device)?,
+                    dy: crate::transfer::upload(dy, &[e, b * k, od], device)?,
                     k,
                 })
             }
             None => None,
         };
         Ok(LossBatch {
-            x: Tensor::from_vec(x, (e, b, ind), device)?,
-            y: Tensor::from_vec(y, (e, b, od), device)?,
+            x: crate::transfer::upload(x, &[e, b, ind], device)?,
+            y: crate::transfer::upload(y, &[e, b, od], device)?,
             grad,
         })
+    }
+}
+
+/// Sets up the per-member shuffles of the neighbour set (`ns` points) once.
+fn init_points(gperm: &mut Vec<Vec<usize>>, e: usize, ns: usize) {
+    if gperm.len() != e {
+        *gperm = vec![(0..ns).collect(); e];
+    }
+}
+
+/// Member `m`'s next point of the neighbour set: an independent shuffle per
+/// member, reshuffled when used up.
+fn next_point(gperm: &mut [Vec<usize>], gpos: &mut [usize], m: usize, rng: &mut impl Rng) -> usize {
+    if gpos[m] >= gperm[m].len() {
+        gperm[m].shuffle(rng);
+        gpos[m] = 0;
+    }
+    gpos[m] += 1;
+    gperm[m][gpos[m] - 1]
+}
+
+/// Minibatches gathered on the device (section 2 and 3 as in
+/// [`BatchRows::minibatch`]): the standardised inputs and targets are uploaded
+/// once per training call, in f64 so that gathered rows and neighbour
+/// differences round to the model's dtype exactly as the host path's do; the
+/// row indices of a whole epoch go up in one upload. Off the CPU this replaces
+/// one upload of every minibatch's data.
+struct DeviceRows {
+    /// `N x in`, f64.
+    xs: Tensor,
+    /// `N x out`, f64.
+    yd: Tensor,
+}
+
+/// One epoch's row indices on the device: per minibatch `E * B` rows for `x`
+/// and `y`, then with the gradient loss `E * B` points and their `E * B * k`
+/// neighbours; `spans` holds each minibatch's offset and `B`.
+struct EpochRows {
+    rows: Tensor,
+    spans: Vec<(usize, usize)>,
+}
+
+impl DeviceRows {
+    /// Draws the epoch's minibatches with the same random calls, in the same
+    /// order, as the host path, and uploads their rows.
+    #[allow(clippy::too_many_arguments)]
+    fn epoch(
+        idx: &[Vec<usize>],
+        bs: usize,
+        nb: Option<(usize, usize, usize, &[u32])>,
+        gperm: &mut Vec<Vec<usize>>,
+        gpos: &mut [usize],
+        rng: &mut impl Rng,
+        device: &Device,
+    ) -> Result<EpochRows> {
+        let (e, n) = (idx.len(), idx.first().map_or(0, Vec::len));
+        let mut rows: Vec<u32> = Vec::new();
+        let mut spans = Vec::new();
+        let mut lo = 0;
+        while lo < n {
+            let hi = (lo + bs).min(n);
+            spans.push((rows.len(), hi - lo));
+            for p in idx {
+                rows.extend(p[lo..hi].iter().map(|&r| r as u32));
+            }
+            if let Some((k, first, ns, table)) = nb {
+                init_points(gperm, e, ns);
+                let mut neighbours = Vec::with_capacity(e * (hi - lo) * k);
+                for m in 0..e {
+                    for _ in lo..hi {
+                        let j = next_point(gperm, gpos, m, rng);
+                        rows.push((first + j) as u32);
+                        neighbours.extend(table[j * k..(j + 1) * k].iter().map(|&i| first as u32 + i));
+                    }
+                }
+                rows.extend(neighbours);
+            }
+            lo = hi;
+        }
+        let len = rows.len();
+        Ok(EpochRows { rows: crate::transfer::upload(rows, &[len], device)?, spans })
+    }
+
+    /// Minibatch `i` of `epoch`, gathered and converted on the device.
+    fn minibatch(&self, epoch: &EpochRows, i: usize, e: usize, k: Option<usize>, dtype: DType) -> Result<LossBatch> {
+        let (off, b) = epoch.spans[i];
+        let (ind, od) = (self.xs.dim(1)?, self.yd.dim(1)?);
+        let rows = epoch.rows.narrow(0, off, e * b)?;
+        let x = self.xs.index_select(&rows, 0)?.to_dtype(dtype)?.reshape((e, b, ind))?;
+        let y = self.yd.index_select(&rows, 0)?.to_dtype(dtype)?.reshape((e, b, od))?;
+        let grad = match k {
+            Some(k) => {
+                let points = epoch.rows.narrow(0, off + e * b, e * b)?;
+                let neighbours = epoch.rows.narrow(0, off + 2 * e * b, e * b * k)?;
+                let (xj, yj) = (self.xs.index_select(&points, 0)?, self.yd.index_select(&points, 0)?);
+                let xi = self.xs.index_select(&neighbours, 0)?.reshape((e * b, k, ind))?;
+                let yi = self.yd.index_select(&neighbours, 0)?.reshape((e * b, k, od))?;
+                // x_i - x_j and y_i - y_j in f64, then rounded (equation 9).
+                let t0 = xi.broadcast_sub(&xj.unsqueeze(1)?)?.to_dtype(dtype)?.reshape((e, b * k, ind))?;
+                let dy = yi.broadcast_sub(&yj.unsqueeze(1)?)?.to_dtype(dtype)?.reshape((e, b * k, od))?;
+                Some(GradBatch { xg: xj.to_dtype(dtype)?.reshape((e, b, ind))?, t0, dy, k })
+            }
+            None => None,
+        };
+        Ok(LossBatch { x, y, grad })
     }
 }
 
@@ -387,6 +462,14 @@ pub(crate) fn train_core(
     if opt.is_none() {
         *opt = Some(ModelOptimizer::new(ens)?);
     }
+    let device_rows = if ens.device_batches {
+        Some(DeviceRows {
+            xs: crate::transfer::upload(xs.clone(), &[n, ind], &device)?,
+            yd: crate::transfer::upload(yd.clone(), &[n, od], &device)?,
+        })
+    } else {
+        None
+    };
     let before = Snapshot::take(&vars)?;
     let mut best = Snapshot::take(&vars)?;
     let mut best_mse = vec![f64::INFINITY; e];
@@ -404,65 +487,100 @@ pub(crate) fn train_core(
             p.shuffle(rng);
             idx.push(p);
         }
-        let (mut loss_sum, mut grad_sum, mut batches) = (0.0, 0.0, 0usize);
-        let mut lo = 0;
-        while lo < train.len() {
-            // Checked per minibatch: a signal must be answered within seconds
-            // even when one epoch takes a minute.
-            if interrupt.is_some_and(|f| f.load(Ordering::Relaxed)) {
-                return Err(Error::Interrupted);
-            }
-            let hi = (lo + bs).min(train.len());
-            let src = BatchRows {
-                xs: &xs,
-                yd: &yd,
-                ind,
-                od,
-            };
-            let nb = grad
-                .as_ref()
-                .map(|(g, first, ns, table)| (g.neighbours, *first, *ns, table.as_slice()));
-            let batch = match dtype {
-                DType::F32 => {
-                    src.minibatch::<f32>(&idx, lo, hi, nb, &mut gperm, &mut gpos, rng, &device)?
+        let nb = grad
+            .as_ref()
+            .map(|(g, first, ns, table)| (g.neighbours, *first, *ns, table.as_slice()));
+        let w = grad.as_ref().map_or(0.0, |g| g.0.weight);
+        let optimizer = opt.as_mut().ok_or_else(|| Error::Internal("optimiser missing".into()))?;
+        let (loss_sum, grad_sum, batches) = match &device_rows {
+            Some(rows) => {
+                let epoch_rows = DeviceRows::epoch(&idx, bs, nb, &mut gperm, &mut gpos, rng, &device)?;
+                // Sums on the device, read back once at the end of the epoch: a
+                // non-finite loss is caught there (the weights before this
+                // training call are restored either way).
+                let mut sums: Option<(Tensor, Tensor, Option<Tensor>)> = None;
+                for i in 0..epoch_rows.spans.len() {
+                    // Checked per minibatch: a signal must be answered within seconds
+                    // even when one epoch takes a minute.
+                    if interrupt.is_some_and(|f| f.load(Ordering::Relaxed)) {
+                        return Err(Error::Interrupted);
+                    }
+                    let batch = rows.minibatch(&epoch_rows, i, e, nb.map(|n| n.0), dtype)?;
+                    let terms = ens.loss(&batch, w)?;
+                    let total = terms.total.to_dtype(DType::F64)?;
+                    let nll = terms.nll.to_dtype(DType::F64)?;
+                    let r = terms.grad.as_ref().map(|r| r.to_dtype(DType::F64)).transpose()?;
+                    sums = Some(match sums {
+                        None => (total, nll, r),
+                        Some((t, n, rs)) => (
+                            (t + total)?,
+                            (n + nll)?,
+                            match (rs, r) {
+                                (Some(a), Some(b)) => Some((a + b)?),
+                                _ => None,
+                            },
+                        ),
+                    });
+                    optimizer.backward_step(&terms.total)?;
                 }
-                DType::F64 => {
-                    src.minibatch::<f64>(&idx, lo, hi, nb, &mut gperm, &mut gpos, rng, &device)?
+                let (t, n, rs) = sums.ok_or_else(|| Error::Internal("an epoch without minibatches".into()))?;
+                let mut parts = vec![t.reshape(1)?, n];
+                parts.extend(rs);
+                let v = crate::transfer::download_f64(&Tensor::cat(&parts, 0)?)?;
+                let (nll, r) = (&v[1..1 + e], v.get(1 + e..));
+                if !v[0].is_finite() {
+                    let member = (0..e).find(|&m| !nll[m].is_finite() || r.is_some_and(|r| !r[m].is_finite()));
+                    before.restore(&vars)?;
+                    *opt = None;
+                    return Err(Error::NonFinite { member, epoch });
                 }
-                d => return Err(Error::Internal(format!("dtype {d:?}"))),
-            };
-            let w = grad.as_ref().map_or(0.0, |g| g.0.weight);
-            let terms = ens.loss(&batch, w)?;
-            let total = terms.total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            let rvals = match &terms.grad {
-                Some(r) => Some(r.to_dtype(DType::F64)?.to_vec1::<f64>()?),
-                None => None,
-            };
-            if !total.is_finite() {
-                let nll = terms.nll.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-                let member = (0..e).find(|&m| {
-                    !nll[m].is_finite() || rvals.as_ref().is_some_and(|r| !r[m].is_finite())
-                });
-                before.restore(&vars, dtype, &device)?;
-                *opt = None;
-                return Err(Error::NonFinite { member, epoch });
+                (v[0], r.map_or(0.0, |r| r.iter().sum::<f64>() / e as f64), epoch_rows.spans.len())
             }
-            opt.as_mut()
-                .ok_or_else(|| Error::Internal("optimiser missing".into()))?
-                .apply(&terms.total)?;
-            loss_sum += total;
-            if let Some(r) = rvals {
-                grad_sum += r.iter().sum::<f64>() / e as f64;
+            None => {
+                let (mut loss_sum, mut grad_sum, mut batches) = (0.0, 0.0, 0usize);
+                let mut lo = 0;
+                while lo < train.len() {
+                    // Checked per minibatch: a signal must be answered within seconds
+                    // even when one epoch takes a minute.
+                    if interrupt.is_some_and(|f| f.load(Ordering::Relaxed)) {
+                        return Err(Error::Interrupted);
+                    }
+                    let hi = (lo + bs).min(train.len());
+                    let src = BatchRows { xs: &xs, yd: &yd, ind, od };
+                    let batch = match dtype {
+                        DType::F32 => src.minibatch::<f32>(&idx, lo, hi, nb, &mut gperm, &mut gpos, rng, &device)?,
+                        DType::F64 => src.minibatch::<f64>(&idx, lo, hi, nb, &mut gperm, &mut gpos, rng, &device)?,
+                        d => return Err(Error::Internal(format!("dtype {d:?}"))),
+                    };
+                    let terms = ens.loss(&batch, w)?;
+                    let total = crate::transfer::download_scalar(&terms.total)?;
+                    let rvals = terms.grad.as_ref().map(crate::transfer::download_f64).transpose()?;
+                    if !total.is_finite() {
+                        let nll = crate::transfer::download_f64(&terms.nll)?;
+                        let member = (0..e).find(|&m| {
+                            !nll[m].is_finite() || rvals.as_ref().is_some_and(|r| !r[m].is_finite())
+                        });
+                        before.restore(&vars)?;
+                        *opt = None;
+                        return Err(Error::NonFinite { member, epoch });
+                    }
+                    optimizer.backward_step(&terms.total)?;
+                    loss_sum += total;
+                    if let Some(r) = rvals {
+                        grad_sum += r.iter().sum::<f64>() / e as f64;
+                    }
+                    batches += 1;
+                    lo = hi;
+                }
+                (loss_sum, grad_sum, batches)
             }
-            batches += 1;
-            lo = hi;
-        }
+        };
         last_loss = loss_sum / batches as f64;
         last_grad = grad.as_ref().map(|_| grad_sum / batches as f64);
         let mse = ens.member_mse(&x_hold, &y_hold)?;
         if mse.iter().any(|v| !v.is_finite()) {
             let member = mse.iter().position(|v| !v.is_finite());
-            before.restore(&vars, dtype, &device)?;
+            before.restore(&vars)?;
             *opt = None;
             return Err(Error::NonFinite { member, epoch });
         }
@@ -500,7 +618,7 @@ pub(crate) fn train_core(
             break;
         }
     }
-    best.restore(&vars, dtype, &device)?;
+    best.restore(&vars)?;
     let mut order: Vec<usize> = (0..e).collect();
     order.sort_by(|&a, &b| best_mse[a].total_cmp(&best_mse[b]));
     ens.elites = order[..cfg.elites].to_vec();
