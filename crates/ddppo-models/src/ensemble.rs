@@ -82,6 +82,8 @@ pub struct ProbabilisticEnsemble {
     pub(crate) device_batches: bool,
     /// A view from [`frozen`](ProbabilisticEnsemble::frozen): parameters used detached.
     frozen: bool,
+    /// Threads the fused CPU kernels spread the members over (results do not depend on it).
+    threads: usize,
 }
 
 impl ProbabilisticEnsemble {
@@ -151,6 +153,7 @@ impl ProbabilisticEnsemble {
             fused: device.is_cpu(),
             device_batches: !device.is_cpu(),
             frozen: false,
+            threads: crate::model_threads()?,
         };
         ens.set_scaler(vec![0.0; in_dim], vec![1.0; in_dim])?;
         Ok(ens)
@@ -221,7 +224,21 @@ impl ProbabilisticEnsemble {
             fused: self.fused,
             device_batches: self.device_batches,
             frozen: true,
+            threads: self.threads,
         }
+    }
+
+    /// Spreads the members over `threads` threads (at least 1) in the CPU kernels of
+    /// every forward and backward pass, training included. Each member is computed by
+    /// the same code whichever thread runs it, so the numbers are the same for any
+    /// count. The default is [`model_threads`](crate::model_threads).
+    pub fn set_threads(&mut self, threads: usize) {
+        self.threads = threads.max(1);
+    }
+
+    /// The thread count of [`set_threads`](Self::set_threads).
+    pub fn threads(&self) -> usize {
+        self.threads
     }
 
     /// Whether this is a [`frozen`](Self::frozen) view.
@@ -362,7 +379,7 @@ impl ProbabilisticEnsemble {
         let last = self.layers.len() - 1;
         for layer in &self.layers[..last] {
             let (w, b) = layer.params(member, self.frozen)?;
-            h = h.apply_op3(&w, &b.contiguous()?, HiddenLayer::new(op))?;
+            h = h.apply_op3(&w, &b.contiguous()?, HiddenLayer::new(op, self.threads))?;
         }
         let (w, b) = self.layers[last].params(member, self.frozen)?;
         let y = self.layer_matmul(&h, &w)?;
@@ -476,7 +493,10 @@ impl ProbabilisticEnsemble {
         let jv = if self.fused {
             v.contiguous()?.apply_op2(
                 &cols.contiguous()?,
-                crate::fused::SmallBatchedMatmul::Forward,
+                crate::fused::SmallBatchedMatmul {
+                    kind: crate::fused::SmallProduct::Forward,
+                    threads: self.threads,
+                },
             )?
         } else {
             v.matmul(&cols)?

@@ -120,18 +120,18 @@ impl SiluTangent {
         Ok(nt)
     }
 
+    /// Members `0..e` of `y` (and of `b`, `om_all`): every slot of `om_all` is written.
     #[inline(always)]
     fn fwd_impl<T: Real>(
         &self,
         y: &[T],
         b: &[T],
+        om_all: &mut [MaybeUninit<T>],
         e: usize,
         rows: usize,
         o: usize,
-    ) -> candle_core::Result<Vec<T>> {
+    ) -> candle_core::Result<()> {
         let nt = self.check(rows)?;
-        let mut out = Uninit::new(y.len());
-        let om_all = out.slots();
         let mut d = vec![T::ZERO; o];
         for m in 0..e {
             let ym = &y[m * rows * o..(m + 1) * rows * o];
@@ -165,25 +165,26 @@ impl SiluTangent {
                 }
             }
         }
-        // SAFETY: `check` ensured rows = base + nt * k with the tangent points inside the
-        // base rows, so the loops above wrote every base row and every tangent row.
-        Ok(unsafe { out.assume_init() })
+        // `check` ensured rows = base + nt * k with the tangent points inside the base
+        // rows, so the loops above wrote every base row and every tangent row.
+        Ok(())
     }
 
     /// `d loss / d y` from `g = d loss / d out`.
+    /// Members `0..e`, as [`fwd_impl`](Self::fwd_impl): every slot of `gy_all` is written.
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     fn bwd_impl<T: Real>(
         &self,
         y: &[T],
         b: &[T],
         g: &[T],
+        gy_all: &mut [MaybeUninit<T>],
         e: usize,
         rows: usize,
         o: usize,
-    ) -> candle_core::Result<Vec<T>> {
+    ) -> candle_core::Result<()> {
         let nt = self.check(rows)?;
-        let mut gy = Uninit::new(y.len());
-        let gy_all = gy.slots();
         let mut d = vec![T::ZERO; o];
         let mut dd = vec![T::ZERO; o];
         let mut acc = vec![T::ZERO; o];
@@ -229,8 +230,8 @@ impl SiluTangent {
                 }
             }
         }
-        // SAFETY: as in `fwd_impl`, every base row and every tangent row was written.
-        Ok(unsafe { gy.assume_init() })
+        // As in `fwd_impl`, every base row and every tangent row was written.
+        Ok(())
     }
 }
 
@@ -267,11 +268,10 @@ unsafe fn fwd_avx512<T: Real>(
     op: &SiluTangent,
     y: &[T],
     b: &[T],
-    e: usize,
-    rows: usize,
-    o: usize,
-) -> candle_core::Result<Vec<T>> {
-    op.fwd_impl(y, b, e, rows, o)
+    out: &mut [MaybeUninit<T>],
+    (e, rows, o): (usize, usize, usize),
+) -> candle_core::Result<()> {
+    op.fwd_impl(y, b, out, e, rows, o)
 }
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
@@ -279,87 +279,175 @@ unsafe fn fwd_avx2<T: Real>(
     op: &SiluTangent,
     y: &[T],
     b: &[T],
-    e: usize,
-    rows: usize,
-    o: usize,
-) -> candle_core::Result<Vec<T>> {
-    op.fwd_impl(y, b, e, rows, o)
+    out: &mut [MaybeUninit<T>],
+    (e, rows, o): (usize, usize, usize),
+) -> candle_core::Result<()> {
+    op.fwd_impl(y, b, out, e, rows, o)
 }
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn bwd_avx512<T: Real>(
     op: &SiluTangent,
-    y: &[T],
-    b: &[T],
-    g: &[T],
-    e: usize,
-    rows: usize,
-    o: usize,
-) -> candle_core::Result<Vec<T>> {
-    op.bwd_impl(y, b, g, e, rows, o)
+    [y, b, g]: [&[T]; 3],
+    out: &mut [MaybeUninit<T>],
+    (e, rows, o): (usize, usize, usize),
+) -> candle_core::Result<()> {
+    op.bwd_impl(y, b, g, out, e, rows, o)
 }
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn bwd_avx2<T: Real>(
     op: &SiluTangent,
-    y: &[T],
-    b: &[T],
-    g: &[T],
-    e: usize,
-    rows: usize,
-    o: usize,
-) -> candle_core::Result<Vec<T>> {
-    op.bwd_impl(y, b, g, e, rows, o)
+    [y, b, g]: [&[T]; 3],
+    out: &mut [MaybeUninit<T>],
+    (e, rows, o): (usize, usize, usize),
+) -> candle_core::Result<()> {
+    op.bwd_impl(y, b, g, out, e, rows, o)
 }
 
 impl SiluTangent {
+    /// Members `0..e` into `out`, with the widest vector unit the CPU has.
+    fn fwd_members<T: Real>(
+        &self,
+        y: &[T],
+        b: &[T],
+        out: &mut [MaybeUninit<T>],
+        dims: (usize, usize, usize),
+    ) -> candle_core::Result<()> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU supports the features the function is compiled for.
+                return unsafe { fwd_avx512(self, y, b, out, dims) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: as above.
+                return unsafe { fwd_avx2(self, y, b, out, dims) };
+            }
+        }
+        let (e, rows, o) = dims;
+        self.fwd_impl(y, b, out, e, rows, o)
+    }
+    fn bwd_members<T: Real>(
+        &self,
+        ybg: [&[T]; 3],
+        out: &mut [MaybeUninit<T>],
+        dims: (usize, usize, usize),
+    ) -> candle_core::Result<()> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU supports the features the function is compiled for.
+                return unsafe { bwd_avx512(self, ybg, out, dims) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: as above.
+                return unsafe { bwd_avx2(self, ybg, out, dims) };
+            }
+        }
+        let (e, rows, o) = dims;
+        self.bwd_impl(ybg[0], ybg[1], ybg[2], out, e, rows, o)
+    }
+    /// All `e` members, spread over up to `threads` threads by member.
     fn fwd<T: Real>(
         &self,
         y: &[T],
         b: &[T],
-        e: usize,
-        rows: usize,
-        o: usize,
+        (e, rows, o): (usize, usize, usize),
+        threads: usize,
     ) -> candle_core::Result<Vec<T>> {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU supports the features the function is compiled for.
-                return unsafe { fwd_avx512(self, y, b, e, rows, o) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                // SAFETY: as above.
-                return unsafe { fwd_avx2(self, y, b, e, rows, o) };
-            }
-        }
-        self.fwd_impl(y, b, e, rows, o)
+        let mut out = Uninit::new(y.len());
+        let (per, pb) = (rows * o, o);
+        by_member(threads, e, rows * o * SILU_COST, out.slots(), per, |ms, chunk| {
+            let ys = &y[ms.start * per..ms.end * per];
+            let bs = &b[ms.start * pb..ms.end * pb];
+            self.fwd_members(ys, bs, chunk, (ms.len(), rows, o))
+        })?;
+        // SAFETY: `by_member` handed every member's slots to `fwd_members`, which
+        // writes all of them (or failed, and we returned above).
+        Ok(unsafe { out.assume_init() })
     }
     fn bwd<T: Real>(
         &self,
-        y: &[T],
-        b: &[T],
-        g: &[T],
-        e: usize,
-        rows: usize,
-        o: usize,
+        [y, b, g]: [&[T]; 3],
+        (e, rows, o): (usize, usize, usize),
+        threads: usize,
     ) -> candle_core::Result<Vec<T>> {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU supports the features the function is compiled for.
-                return unsafe { bwd_avx512(self, y, b, g, e, rows, o) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                // SAFETY: as above.
-                return unsafe { bwd_avx2(self, y, b, g, e, rows, o) };
+        let mut gy = Uninit::new(y.len());
+        let (per, pb) = (rows * o, o);
+        by_member(threads, e, rows * o * SILU_COST, gy.slots(), per, |ms, chunk| {
+            let r = ms.start * per..ms.end * per;
+            let bs = &b[ms.start * pb..ms.end * pb];
+            self.bwd_members([&y[r.clone()], bs, &g[r]], chunk, (ms.len(), rows, o))
+        })?;
+        // SAFETY: as in `fwd`.
+        Ok(unsafe { gy.assume_init() })
+    }
+}
+
+/// Below this many multiply-adds (or their equivalent) per call the work stays on
+/// the calling thread: starting a thread costs tens of microseconds.
+const MIN_PARALLEL_WORK: usize = 1 << 17;
+
+/// The cost of one element of the [`SiluTangent`] map in multiply-adds (a sigmoid).
+const SILU_COST: usize = 16;
+
+/// Runs `f(members, slots)` for contiguous groups of the `e` members of a
+/// member-major output (`per` slots each), one group per thread, at most `threads`
+/// groups; `work` is the cost per member, for [`MIN_PARALLEL_WORK`].
+///
+/// Every member's numbers are computed by the same code on the same inputs
+/// whichever group it lands in, so the result does not depend on `threads`. Plain
+/// scoped threads, not rayon's pool: those workers spin while they wait, which on a
+/// busy machine costs more than it gains.
+pub(crate) fn by_member<S: Send, F>(
+    threads: usize,
+    e: usize,
+    work: usize,
+    out: &mut [S],
+    per: usize,
+    f: F,
+) -> candle_core::Result<()>
+where
+    F: Fn(std::ops::Range<usize>, &mut [S]) -> candle_core::Result<()> + Sync,
+{
+    let t = threads.min(e);
+    if t <= 1 || e.saturating_mul(work) < MIN_PARALLEL_WORK {
+        return f(0..e, out);
+    }
+    let size = e.div_ceil(t);
+    let mut groups = Vec::with_capacity(t);
+    let mut rest = out;
+    let mut first = 0;
+    while first < e {
+        let n = size.min(e - first);
+        let (chunk, tail) = rest.split_at_mut(n * per);
+        groups.push((first..first + n, chunk));
+        rest = tail;
+        first += n;
+    }
+    std::thread::scope(|s| {
+        let mut groups = groups.into_iter();
+        let own = groups.next();
+        let handles: Vec<_> = groups
+            .map(|(ms, chunk)| s.spawn(|| f(ms, chunk)))
+            .collect();
+        let mut result = match own {
+            Some((ms, chunk)) => f(ms, chunk),
+            None => Ok(()),
+        };
+        for h in handles {
+            match h.join() {
+                Ok(r) => result = result.and(r),
+                Err(panic) => std::panic::resume_unwind(panic),
             }
         }
-        self.bwd_impl(y, b, g, e, rows, o)
-    }
+        result
+    })
 }
 
 /// One hidden layer on CPU as a single graph node: `y = h W` (one matmul for the
@@ -373,13 +461,16 @@ impl SiluTangent {
 /// constants (a frozen view).
 pub(crate) struct HiddenLayer {
     op: SiluTangent,
+    /// Threads the members are spread over ([`by_member`]).
+    threads: usize,
     y: std::sync::Mutex<Option<CpuStorage>>,
 }
 
 impl HiddenLayer {
-    pub(crate) fn new(op: SiluTangent) -> Self {
+    pub(crate) fn new(op: SiluTangent, threads: usize) -> Self {
         Self {
             op,
+            threads,
             y: std::sync::Mutex::new(None),
         }
     }
@@ -419,6 +510,7 @@ fn batched_gemm<T: Real>(
     (m, n, k): (usize, usize, usize),
     lhs: Operand<T>,
     rhs: Operand<T>,
+    threads: usize,
 ) -> candle_core::Result<Vec<T>> {
     if e == 0 || m == 0 || n == 0 || k == 0 {
         return Ok(vec![T::ZERO; e * m * n]);
@@ -426,40 +518,46 @@ fn batched_gemm<T: Real>(
     if lhs.data.len() < lhs.extent(e, m, k) || rhs.data.len() < rhs.extent(e, k, n) {
         candle_core::bail!("batched-gemm: operand smaller than {e} x ({m} x {k}) ({k} x {n})")
     }
+    // With the members spread over threads each product runs on one; otherwise
+    // gemm may use candle's rayon pool, as candle's own matmul does.
     let parallelism = match candle_core::utils::get_num_threads() {
-        t if t > 1 => gemm::Parallelism::Rayon(t),
+        t if t > 1 && threads <= 1 => gemm::Parallelism::Rayon(t),
         _ => gemm::Parallelism::None,
     };
     let mut out = Uninit::new(e * m * n);
-    let dst = out.slots().as_mut_ptr().cast::<T>();
-    for step in 0..e {
-        // SAFETY: the extents checked above keep every read inside `lhs` and `rhs`;
-        // the destination block `step` lies inside `out` (e * m * n elements) and
-        // gemm with `read_dst = false` only writes it, each element once.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                dst.add(step * m * n),
-                1,
-                n as isize,
-                false,
-                lhs.data.as_ptr().add(step * lhs.skip),
-                lhs.cs as isize,
-                lhs.rs as isize,
-                rhs.data.as_ptr().add(step * rhs.skip),
-                rhs.cs as isize,
-                rhs.rs as isize,
-                T::ZERO,
-                T::ONE,
-                false,
-                false,
-                false,
-                parallelism,
-            );
+    let (lhs, rhs) = (&lhs, &rhs);
+    by_member(threads, e, m * n * k, out.slots(), m * n, |steps, chunk| {
+        let dst = chunk.as_mut_ptr().cast::<T>();
+        for (i, step) in steps.enumerate() {
+            // SAFETY: the extents checked above keep every read inside `lhs` and `rhs`;
+            // block `i` of `chunk` (member `step`'s m * n slots) lies inside it, and
+            // gemm with `read_dst = false` only writes it, each element once.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    dst.add(i * m * n),
+                    1,
+                    n as isize,
+                    false,
+                    lhs.data.as_ptr().add(step * lhs.skip),
+                    lhs.cs as isize,
+                    lhs.rs as isize,
+                    rhs.data.as_ptr().add(step * rhs.skip),
+                    rhs.cs as isize,
+                    rhs.rs as isize,
+                    T::ZERO,
+                    T::ONE,
+                    false,
+                    false,
+                    false,
+                    parallelism,
+                );
+            }
         }
-    }
+        Ok(())
+    })?;
     // SAFETY: the `e` products wrote every element.
     Ok(unsafe { out.assume_init() })
 }
@@ -484,8 +582,8 @@ impl HiddenLayer {
             cs: 1,
             rs: o,
         };
-        let y = batched_gemm(e, (rows, o, k), lhs, rhs)?;
-        let out = self.op.fwd(&y, b, e, rows, o)?;
+        let y = batched_gemm(e, (rows, o, k), lhs, rhs, self.threads)?;
+        let out = self.op.fwd(&y, b, (e, rows, o), self.threads)?;
         Ok((y, out))
     }
 
@@ -497,7 +595,7 @@ impl HiddenLayer {
         (e, rows, k, o): (usize, usize, usize, usize),
         want: [bool; 3],
     ) -> candle_core::Result<(Option<Vec<T>>, Option<Vec<T>>, Option<Vec<T>>)> {
-        let gy = self.op.bwd(y, b, g, e, rows, o)?;
+        let gy = self.op.bwd([y, b, g], (e, rows, o), self.threads)?;
         let gh = if want[0] {
             // gy W^T: W^T's element (j, c) is W[c * o + j].
             let lhs = Operand {
@@ -512,7 +610,7 @@ impl HiddenLayer {
                 cs: o,
                 rs: 1,
             };
-            Some(batched_gemm(e, (rows, k, o), lhs, rhs)?)
+            Some(batched_gemm(e, (rows, k, o), lhs, rhs, self.threads)?)
         } else {
             None
         };
@@ -530,7 +628,7 @@ impl HiddenLayer {
                 cs: 1,
                 rs: o,
             };
-            Some(batched_gemm(e, (k, o, rows), lhs, rhs)?)
+            Some(batched_gemm(e, (k, o, rows), lhs, rhs, self.threads)?)
         } else {
             None
         };
@@ -723,7 +821,7 @@ impl CustomOp2 for ConstWeightMatmul {
 /// one gemm call per product, whose fixed cost dominates at these sizes (a few
 /// dozen multiply-adds each, thousands of products per minibatch).
 #[derive(Clone, Copy)]
-pub(crate) enum SmallBatchedMatmul {
+pub(crate) enum SmallProduct {
     /// `(V, J) -> V J`
     Forward,
     /// `(G, J) -> G J^T`, the gradient for `V`.
@@ -732,15 +830,35 @@ pub(crate) enum SmallBatchedMatmul {
     GradRhs,
 }
 
-impl SmallBatchedMatmul {
-    fn run<T: Real>(self, a: &[T], b: &[T], p: usize, k: usize, ind: usize, od: usize) -> Vec<T> {
+/// One of the [`SmallProduct`]s, its `P` products spread over up to `threads`
+/// threads ([`by_member`]: each product is computed the same way on any thread).
+#[derive(Clone, Copy)]
+pub(crate) struct SmallBatchedMatmul {
+    pub kind: SmallProduct,
+    pub threads: usize,
+}
+
+impl SmallProduct {
+    /// Products `qs` of `a` and `b` into `out` (zeroed, the products' outputs only).
+    #[allow(clippy::too_many_arguments)]
+    fn run<T: Real>(
+        self,
+        a: &[T],
+        b: &[T],
+        qs: std::ops::Range<usize>,
+        k: usize,
+        ind: usize,
+        od: usize,
+        out: &mut [T],
+    ) {
+        let q0 = qs.start;
         match self {
-            SmallBatchedMatmul::Forward => {
-                let mut out = vec![T::ZERO; p * k * od];
-                for q in 0..p {
+            SmallProduct::Forward => {
+                for q in qs {
                     let j = &b[q * ind * od..(q + 1) * ind * od];
                     for i in 0..k {
-                        let o = &mut out[(q * k + i) * od..(q * k + i + 1) * od];
+                        let r = (q - q0) * k + i;
+                        let o = &mut out[r * od..(r + 1) * od];
                         let v = &a[(q * k + i) * ind..(q * k + i + 1) * ind];
                         for c in 0..ind {
                             let (s, jc) = (v[c], &j[c * od..(c + 1) * od]);
@@ -750,15 +868,14 @@ impl SmallBatchedMatmul {
                         }
                     }
                 }
-                out
             }
-            SmallBatchedMatmul::GradLhs => {
-                let mut out = vec![T::ZERO; p * k * ind];
-                for q in 0..p {
+            SmallProduct::GradLhs => {
+                for q in qs {
                     let j = &b[q * ind * od..(q + 1) * ind * od];
                     for i in 0..k {
                         let g = &a[(q * k + i) * od..(q * k + i + 1) * od];
-                        let o = &mut out[(q * k + i) * ind..(q * k + i + 1) * ind];
+                        let r = (q - q0) * k + i;
+                        let o = &mut out[r * ind..(r + 1) * ind];
                         for c in 0..ind {
                             let mut acc = T::ZERO;
                             for (&gg, &jj) in g.iter().zip(&j[c * od..(c + 1) * od]) {
@@ -768,12 +885,10 @@ impl SmallBatchedMatmul {
                         }
                     }
                 }
-                out
             }
-            SmallBatchedMatmul::GradRhs => {
-                let mut out = vec![T::ZERO; p * ind * od];
-                for q in 0..p {
-                    let o = &mut out[q * ind * od..(q + 1) * ind * od];
+            SmallProduct::GradRhs => {
+                for q in qs {
+                    let o = &mut out[(q - q0) * ind * od..(q - q0 + 1) * ind * od];
                     for i in 0..k {
                         let v = &a[(q * k + i) * ind..(q * k + i + 1) * ind];
                         let g = &b[(q * k + i) * od..(q * k + i + 1) * od];
@@ -785,9 +900,32 @@ impl SmallBatchedMatmul {
                         }
                     }
                 }
-                out
             }
         }
+    }
+}
+
+impl SmallBatchedMatmul {
+    fn run<T: Real>(
+        self,
+        a: &[T],
+        b: &[T],
+        p: usize,
+        k: usize,
+        ind: usize,
+        od: usize,
+    ) -> candle_core::Result<Vec<T>> {
+        let per = match self.kind {
+            SmallProduct::Forward => k * od,
+            SmallProduct::GradLhs => k * ind,
+            SmallProduct::GradRhs => ind * od,
+        };
+        let mut out = vec![T::ZERO; p * per];
+        by_member(self.threads, p, k * ind * od, &mut out, per, |qs, chunk| {
+            self.kind.run(a, b, qs, k, ind, od, chunk);
+            Ok(())
+        })?;
+        Ok(out)
     }
 }
 
@@ -806,10 +944,10 @@ impl CustomOp2 for SmallBatchedMatmul {
         let (p, a1, a2) = dims3(l1)?;
         let (p2, b1, b2) = dims3(l2)?;
         // (P, k, in, out) and the output shape for each kind.
-        let (k, ind, od, shape) = match self {
-            SmallBatchedMatmul::Forward if a2 == b1 => (a1, a2, b2, (p, a1, b2)),
-            SmallBatchedMatmul::GradLhs if a2 == b2 => (a1, b1, b2, (p, a1, b1)),
-            SmallBatchedMatmul::GradRhs if a1 == b1 => (a1, a2, b2, (p, a2, b2)),
+        let (k, ind, od, shape) = match self.kind {
+            SmallProduct::Forward if a2 == b1 => (a1, a2, b2, (p, a1, b2)),
+            SmallProduct::GradLhs if a2 == b2 => (a1, b1, b2, (p, a1, b1)),
+            SmallProduct::GradRhs if a1 == b1 => (a1, a2, b2, (p, a2, b2)),
             _ => candle_core::bail!("small-batched-matmul: {:?} and {:?}", l1.dims(), l2.dims()),
         };
         if p != p2 {
@@ -823,7 +961,7 @@ impl CustomOp2 for SmallBatchedMatmul {
                 k,
                 ind,
                 od,
-            )),
+            )?),
             (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(self.run::<f64>(
                 contiguous(s1, l1)?,
                 contiguous(s2, l2)?,
@@ -831,7 +969,7 @@ impl CustomOp2 for SmallBatchedMatmul {
                 k,
                 ind,
                 od,
-            )),
+            )?),
             _ => candle_core::bail!("small-batched-matmul: f32 or f64 inputs of one dtype"),
         };
         Ok((out, Shape::from(shape)))
@@ -845,14 +983,15 @@ impl CustomOp2 for SmallBatchedMatmul {
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let g = g.contiguous()?;
+        let op = |kind| SmallBatchedMatmul { kind, threads: self.threads };
         // The directions are data in training; their gradient only when asked for.
         let gv = if v.track_op() {
-            Some(g.apply_op2_no_bwd(j, &SmallBatchedMatmul::GradLhs)?)
+            Some(g.apply_op2_no_bwd(j, &op(SmallProduct::GradLhs))?)
         } else {
             None
         };
         let gj = if j.track_op() {
-            Some(v.apply_op2_no_bwd(&g, &SmallBatchedMatmul::GradRhs)?)
+            Some(v.apply_op2_no_bwd(&g, &op(SmallProduct::GradRhs))?)
         } else {
             None
         };

@@ -14,7 +14,9 @@
 //! Jacobian's columns and contracts them with the neighbour directions, which is
 //! cheaper than propagating the directions. Binaries should call
 //! [`tune_allocator`] at start-up; on a small or shared machine also set
-//! `RAYON_NUM_THREADS=1`, since candle's CPU thread pool spin-waits. The
+//! `RAYON_NUM_THREADS=1`, since candle's CPU thread pool spin-waits. The fused
+//! kernels spread the members over their own threads instead ([`model_threads`],
+//! [`ProbabilisticEnsemble::set_threads`]), with results independent of the count. The
 //! criterion bench `ensemble_step` measures a training step at MBPO size; the
 //! example `train_timing` whole training calls at the shapes of real runs.
 //!
@@ -88,6 +90,25 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// The default thread count of a new ensemble's CPU kernels
+/// ([`ProbabilisticEnsemble::set_threads`]): `DDPPO_MODEL_THREADS` when set (a
+/// positive integer), else the number of cores this process may use. These are
+/// plain threads started per kernel call, not rayon's spin-waiting pool, so
+/// they do not slow other work on a busy machine while idle; the members are
+/// split over them, so the results do not depend on the count.
+pub fn model_threads() -> Result<usize> {
+    match std::env::var("DDPPO_MODEL_THREADS") {
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => Err(Error::Config {
+                field: "DDPPO_MODEL_THREADS".into(),
+                reason: format!("must be a positive integer, got {v:?}"),
+            }),
+        },
+        Err(_) => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
+    }
+}
 
 /// Opt-in allocator tuning for candle on CPU (Linux/glibc only; a no-op elsewhere).
 ///
