@@ -101,7 +101,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let total = agent.config().total_steps();
     let every = agent.config().checkpoint_every;
     let mut report = Reporter::new(&dir, total, agent.env_steps)?;
-    if agent.env_steps == 0 && !agent.is_mid_step() {
+    // The evaluation before the first step, unless a checkpoint (taken after
+    // it, by a signal) says it is written already.
+    if agent.env_steps == 0 && saved.is_none() {
         report.eval(&agent.evaluate()?)?;
     }
     while !agent.finished() && !stopped() {

@@ -44,10 +44,11 @@ fn uninterrupted(tmp: &Path, cfg: &Path) -> Vec<serde_json::Value> {
     m
 }
 
-/// A second process on a running run's directory (the same command, or
+/// A second process on a held run directory (the same command, or
 /// `--resume`) waits up to `--lock-wait`, then refuses with one line naming
-/// the holder; the first run finishes untouched. A requeued job that starts
-/// while its predecessor still checkpoints waits for it and continues.
+/// the holder; the kernel releases a killed holder's lock; a waiting process
+/// goes on when the holder lets go. A requeued job that starts while its
+/// predecessor still checkpoints waits for it and continues.
 #[test]
 fn a_second_process_on_a_run_directory_waits_then_refuses_naming_the_holder() {
     let tmp = tempdir("lock");
@@ -55,22 +56,45 @@ fn a_second_process_on_a_run_directory_waits_then_refuses_naming_the_holder() {
     std::fs::write(&cfg, TINY).unwrap();
     let expected = uninterrupted(&tmp, &cfg);
 
+    // A run killed early, whose lock this test then holds (as a running
+    // process would: the lock file names the holder).
     let run = tmp.join("run");
-    let first = train(&cfg, &run, &[]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut first = train(&cfg, &run, &[]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let lock = run.join("lock");
-    wait_for("the first run's lock", || std::fs::read_to_string(&lock).is_ok_and(|t| t.contains("pid")));
-    for extra in [vec!["--lock-wait", "1"]] {
-        let o = train(&cfg, &run, &extra).output().unwrap();
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(1), "{err}");
-        let last = err.trim().lines().last().unwrap_or_default().to_string();
-        assert!(last.starts_with("error: ") && last.contains(&format!("pid {}", first.id())), "{err}");
-    }
+    wait_for("the first run's config", || run.join("config.toml").exists());
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let mut holder = std::fs::OpenOptions::new().write(true).open(&lock).unwrap();
+    holder.try_lock().expect("the killed run's lock was released by the kernel");
+    let me = format!("test-host pid {}", std::process::id());
+    holder.set_len(0).unwrap();
+    std::io::Write::write_all(&mut holder, me.as_bytes()).unwrap();
+
+    let t = std::time::Instant::now();
+    let o = train(&cfg, &run, &["--lock-wait", "1"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(t.elapsed() >= std::time::Duration::from_secs(1), "did not wait");
+    let last = err.trim().lines().last().unwrap_or_default().to_string();
+    assert!(last.starts_with("error: ") && last.contains(&me), "{err}");
     let o = ddppo(&["train", "--resume", s(&run), "--lock-wait", "0"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(err.contains("in use by") && err.trim().lines().count() == 1, "{err}");
+    assert!(err.contains("in use by") && err.contains(&me) && err.trim().lines().count() == 1, "{err}");
 
+    // A waiting process goes on once the holder lets go, and the run ends as
+    // the uninterrupted one.
+    let mut waiter = train(&cfg, &run, &["--lock-wait", "120"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(waiter.try_wait().unwrap().is_none(), "the waiter did not wait for the lock");
+    drop(holder);
+    assert!(waiter.wait().unwrap().success());
+    assert_eq!(metrics(&run), expected);
+
+    let run = tmp.join("requeued");
+    let first = train(&cfg, &run, &[]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let lock = run.join("lock");
+    wait_for("the first run's lock", || std::fs::read_to_string(&lock).is_ok_and(|t| t.contains("pid")));
     // The requeue: SIGTERM to the first, and at once the same command again.
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
