@@ -22,14 +22,15 @@
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
-//! use ddppo_models::{EnsembleConfig, PredictionEnsemble, TransitionData};
+//! use ddppo_models::{EnsembleConfig, ModelEnsemble, TransitionData};
 //! use rand::SeedableRng;
 //!
 //! # fn main() -> ddppo_models::Result<()> {
 //! let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
 //! let cfg = EnsembleConfig { ensemble_size: 3, elites: 2, hidden: 16, hidden_layers: 2,
 //!     weight_decay: vec![0.0; 3], max_epochs: Some(2), ..Default::default() };
-//! let mut model = PredictionEnsemble::new(1, 1, &cfg, &Device::Cpu, DType::F32, &mut rng)?;
+//! // `None`: the prediction model; `Some(&GradientLossConfig)` adds `w R`.
+//! let mut model = ModelEnsemble::new(1, 1, &cfg, None, &Device::Cpu, DType::F32, &mut rng)?;
 //! // s' = s + a, r = -s^2 on 64 random rows.
 //! let obs: Vec<f32> = (0..64).map(|i| (i as f32 / 32.0) - 1.0).collect();
 //! let act: Vec<f32> = (0..64).map(|i| ((i * 7 % 64) as f32 / 64.0) - 0.5).collect();
@@ -64,8 +65,8 @@ pub use config::{EnsembleConfig, GradientLossConfig};
 pub use ensemble::{EnsembleSnapshot, ModelStep, ProbabilisticEnsemble, softplus};
 pub use layer::EnsembleLinear;
 pub use train::{
-    EpochStats, GradBatch, GradientEnsemble, LossBatch, LossTerms, PredictionEnsemble, TrainReport,
-    TrainingSnapshot, TransitionData,
+    DirectionalDerivativeLoss, EpochStats, LossBatch, LossTerms, ModelEnsemble, NeighbourBatch, TrainReport,
+    TrainingSnapshot, TransitionData, directional_derivative_loss,
 };
 
 /// Errors of this crate.

@@ -1,7 +1,7 @@
 //! The rollout API, checkpoints, config validation and non-finite recovery.
 use candle_core::{DType, Device, Tensor};
 use ddppo_models::{
-    EnsembleConfig, Error, GradientLossConfig, PredictionEnsemble, ProbabilisticEnsemble,
+    EnsembleConfig, Error, GradientLossConfig, ModelEnsemble, ProbabilisticEnsemble,
     TransitionData,
 };
 use rand::{Rng, SeedableRng};
@@ -214,7 +214,7 @@ fn configs_are_validated_with_named_fields() {
 fn non_finite_loss_stops_training_and_keeps_previous_weights() {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let mut model =
-        PredictionEnsemble::new(1, 1, &cfg(), &Device::Cpu, DType::F32, &mut rng).unwrap();
+        ModelEnsemble::new(1, 1, &cfg(), None, &Device::Cpu, DType::F32, &mut rng).unwrap();
     let n = 40;
     let obs: Vec<f32> = (0..n).map(|i| i as f32 / n as f32).collect();
     let act = obs.clone();

@@ -2,7 +2,7 @@
 //! it makes no host round trip per minibatch, and it trains exactly as the
 //! host path does.
 use candle_core::{DType, Device};
-use ddppo_models::{EnsembleConfig, GradientEnsemble, GradientLossConfig, TrainReport, TransitionData, transfer};
+use ddppo_models::{EnsembleConfig, GradientLossConfig, ModelEnsemble, TrainReport, TransitionData, transfer};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -45,7 +45,7 @@ fn train(device_batches: bool, batch_size: usize) -> (TrainReport, u64, Vec<Vec<
     // k = 6 > in = 5: the Jacobian-column branch of the gradient loss.
     let grad = GradientLossConfig { neighbours: 6, neighbour_set: 80, weight: 1.0, ..Default::default() };
     let mut rng = ChaCha8Rng::seed_from_u64(3);
-    let mut model = GradientEnsemble::new(OBS, ACT, &cfg, &grad, &Device::Cpu, DType::F32, &mut rng).unwrap();
+    let mut model = ModelEnsemble::new(OBS, ACT, &cfg, Some(&grad), &Device::Cpu, DType::F32, &mut rng).unwrap();
     model.ensemble_mut().set_device_batches(device_batches);
     let d = data();
     let td = TransitionData { obs: &d.obs, act: &d.act, rew: &d.rew, next_obs: &d.next };
@@ -90,7 +90,7 @@ fn device_batches_train_exactly_as_the_host_path() {
         assert_eq!(dev.holdout_mse, host.holdout_mse);
         assert_eq!(dev.train_loss, host.train_loss);
         // The mean R is summed in another order (per member over the epoch).
-        let (a, b) = (dev.grad_loss.unwrap(), host.grad_loss.unwrap());
+        let (a, b) = (dev.derivative_loss.unwrap(), host.derivative_loss.unwrap());
         assert!((a - b).abs() <= 1e-12 * b.abs(), "{a} vs {b}");
     }
 }

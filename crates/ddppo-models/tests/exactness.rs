@@ -1,7 +1,7 @@
 //! Exactness of the tangent directional derivatives and of the loss gradients,
 //! against central finite differences in f64.
 use candle_core::{DType, Device, Tensor};
-use ddppo_models::{EnsembleConfig, GradBatch, LossBatch, ProbabilisticEnsemble};
+use ddppo_models::{EnsembleConfig, LossBatch, NeighbourBatch, ProbabilisticEnsemble};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -156,10 +156,10 @@ fn loss_gradients_match(k: usize) {
     let batch = LossBatch {
         x: t3(rand_vec(&mut rng, e * b * IN, 1.5), e, b, IN),
         y: t3(rand_vec(&mut rng, e * b * OUT, 1.0), e, b, OUT),
-        grad: Some(GradBatch {
-            xg: t3(rand_vec(&mut rng, e * bg * IN, 1.5), e, bg, IN),
-            t0: t3(rand_vec(&mut rng, e * bg * k * IN, 0.5), e, bg * k, IN),
-            dy: t3(rand_vec(&mut rng, e * bg * k * OUT, 0.5), e, bg * k, OUT),
+        neighbours: Some(NeighbourBatch {
+            points: t3(rand_vec(&mut rng, e * bg * IN, 1.5), e, bg, IN),
+            directions: t3(rand_vec(&mut rng, e * bg * k * IN, 0.5), e, bg * k, IN),
+            differences: t3(rand_vec(&mut rng, e * bg * k * OUT, 0.5), e, bg * k, OUT),
             k,
         }),
     };
