@@ -172,8 +172,14 @@ pub struct GradientLossConfig {
     pub standardise_search: bool,
     /// `m`: neighbours per point in each minibatch, drawn afresh from its `n`
     /// (an unbiased estimate of `R` at `m / n` of the cost); `0` (the default)
-    /// uses all `n`.
+    /// uses all `n`. Left out of a written config when 0, so that configs
+    /// without the option read and write as before it existed.
+    #[serde(skip_serializing_if = "uses_all_neighbours")]
     pub directions_per_step: usize,
+}
+
+fn uses_all_neighbours(directions_per_step: &usize) -> bool {
+    *directions_per_step == 0
 }
 
 impl Default for GradientLossConfig {
