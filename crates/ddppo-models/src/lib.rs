@@ -5,8 +5,11 @@
 //! `M^p`, equation 2) and the gradient model `M^g`, trained with the
 //! directional-derivative loss `w * R` added (equations 9 and 10). `J · v` is
 //! computed by forward-mode tangents written as ordinary tensor ops, so only
-//! first-order autograd is needed. The rollout API picks one elite per row and
-//! runs only that member on it (ALGORITHM.md sections 2 and 3).
+//! first-order autograd is needed. Both models are one type, [`ModelEnsemble`],
+//! built with or without a [`GradientLossConfig`];
+//! [`directional_derivative_loss`] computes equations 9 and 10. The rollout API
+//! picks one elite per row and runs only that member on it (ALGORITHM.md
+//! sections 2 and 3).
 //!
 //! CPU speed: on CPU each hidden layer is one fused autograd node (matmul, then
 //! bias, SiLU and the tangent scaling in one pass, vectorised for AVX-512/AVX2).
