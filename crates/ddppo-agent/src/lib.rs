@@ -31,7 +31,7 @@
 //! let y = critic_target(&r, &r, &q, &a.logp, 0.2, 0.99)?; // equation 12's target
 //! assert_eq!(y.dims(), &[4]);
 //!
-//! // A whole (tiny) run is `Agent::new(config)?.train(&mut observer)`:
+//! // A whole run is `Agent::new(config)?.train(Some(&checkpoints), &mut observer)`:
 //! let cfg = ddppo_agent::AgentConfig::preset("inverted-pendulum")?;
 //! assert_eq!((cfg.horizon, cfg.gradient.neighbours), (3, 10));
 //! # Ok(())
@@ -45,12 +45,16 @@ pub mod error;
 pub mod grad_error;
 pub mod jacobian_error;
 pub mod nn;
+pub mod params;
 pub mod policy_update;
 pub mod rollout;
+pub mod run_state;
 pub mod sac;
 
-pub use agent::{Agent, EvalRecord, EvalSummary, NoObserver, Observer, PhaseTimes, evaluate_policy};
+pub use agent::{Agent, EvalRecord, EvalSummary, NoObserver, Observer, ObserverError, PhaseTimes, evaluate_policy};
 pub use checkpoint::Checkpoints;
 pub use config::{AgentConfig, RolloutSchedule, Variant};
 pub use error::{Error, Result};
+pub use params::ParamTree;
 pub use rollout::{DynamicsModel, ModelRollout};
+pub use run_state::RunState;
