@@ -63,7 +63,7 @@ fn identical_after_reload(name: &str, task: &str, variant: &str) {
     let names = |f: &[(String, Vec<u8>)]| f.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
     assert_eq!(names(&got), names(&want), "{name}: the checkpoints hold different files");
     let differ: Vec<&str> = want.iter().zip(&got).filter(|(a, b)| a.1 != b.1).map(|(a, _)| a.0.as_str()).collect();
-    assert!(differ.is_empty(), "{name}: {differ:?} differ between the uninterrupted run and the one reloaded at step 330");
+    assert!(differ.is_empty(), "{name}: {differ:?} differ from the uninterrupted run's after a reload at step 330");
     assert_eq!(metrics(&second), metrics(&first), "{name}: metrics");
     let _ = std::fs::remove_dir_all(&tmp);
 }
