@@ -19,6 +19,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::Checkpoints;
 use crate::config::{AgentConfig, Variant};
 use crate::jacobian_error::JacobianProbe;
 use crate::nn::{Adam, upload};
@@ -26,7 +27,6 @@ use crate::policy_update::policy_objective;
 use crate::rollout::ModelRollout;
 use crate::run_state::{AgentRngs, ModelStats, RunState};
 use crate::sac::{GaussianPolicy, PolicySnapshot, SacCritic, Temperature};
-use crate::checkpoint::Checkpoints;
 use crate::{Error, Result};
 
 /// Rows per chunk of the critic-data model rollout (bounds peak memory of a

@@ -10,7 +10,10 @@
 //!   from the gradient model via `sg(p) + g - sg(g)`.
 //! - [`policy_update`]: equation 11 and its adjoint-recursion check.
 //! - [`config`] and [`agent`]: the typed config (presets in `configs/`) and
-//!   the loop of Algorithm 1.
+//!   the loop of Algorithm 1, [`Agent::train`], the one `ddppo train` runs.
+//! - [`run_state`] and [`params`]: a run's state as one serialisable
+//!   [`RunState`], its networks and optimiser states as one [`ParamTree`];
+//!   [`checkpoint`] writes both whole.
 //! - [`jacobian_error`]: the models' Jacobian error against the true step
 //!   Jacobians on fixed held-out states, logged at every evaluation.
 //!

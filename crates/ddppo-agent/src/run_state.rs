@@ -69,7 +69,7 @@ impl RunState {
 /// A running mean, emptied when read.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct Mean {
-    /// Sum of the values added since the last [`Mean::take`].
+    /// Sum of the values added since the last evaluation took the mean.
     pub sum: f64,
     /// Their number.
     pub n: usize,

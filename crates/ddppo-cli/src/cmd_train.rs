@@ -386,7 +386,7 @@ impl Reporter {
     fn progress(&mut self, steps: usize) {
         if let Some(bar) = &self.bar {
             bar.set_position(steps as u64);
-            if steps % 50 == 0 {
+            if steps.is_multiple_of(50) {
                 let ret = self.last_return.map(|r| format!("return {r:.1}")).unwrap_or_default();
                 bar.set_message(format!("{ret}  {:.0} steps/s", self.rate(steps)));
             }
