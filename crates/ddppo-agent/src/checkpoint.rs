@@ -10,8 +10,7 @@
 //! | file | holds |
 //! |---|---|
 //! | `state.json` | format, config, the env's simulator state, and the [`RunState`]: counters, observation, episode bookkeeping, metric accumulators, the four random streams (seed, stream, word position), `mid_step` |
-//! | `networks.safetensors` | the parameter tree: policy, critic, target critic, temperature, and the Adam states (moments, step count) of all five optimisers |
-//! | `prediction.safetensors`, `gradient.safetensors` | the ensembles (weights, scaler, elites) |
+//! | `networks.safetensors` | the parameter tree: policy, critic, target critic, temperature, the ensembles (weights, scaler, elites), and the Adam states (moments, step count) of all five optimisers |
 //! | `env_buffer.bin`, `model_buffer.bin` | `D_env` and `D_model` |
 //! | `jacobian_probe.safetensors` | the Jacobian diagnostics' held-out states, true Jacobians and directions (once drawn) |
 //! | `clock.json` | wall-clock figures (`wall_s`, `phase_s`): the one file that differs between two otherwise identical checkpoints, so it is outside the manifest |
@@ -49,8 +48,6 @@ const STATE: &str = "state.json";
 const CLOCK: &str = "clock.json";
 const MANIFEST: &str = "MANIFEST.json";
 const NETWORKS: &str = "networks.safetensors";
-const PREDICTION: &str = "prediction.safetensors";
-const GRADIENT: &str = "gradient.safetensors";
 const ENV_BUFFER: &str = "env_buffer.bin";
 const MODEL_BUFFER: &str = "model_buffer.bin";
 /// The held-out states of the Jacobian diagnostics, once drawn.
@@ -136,18 +133,6 @@ impl Agent {
         self.params()?.save(&path)?;
         sync_file(&path)?;
         files.push(NETWORKS);
-        if let Some(models) = &self.models {
-            let mut ensembles = vec![(PREDICTION, &models.prediction)];
-            if let Some(g) = &models.gradient {
-                ensembles.push((GRADIENT, g));
-            }
-            for (file, e) in ensembles {
-                let path = dir.join(file);
-                e.ensemble().save(&path)?;
-                sync_file(&path)?;
-                files.push(file);
-            }
-        }
         if let Some(probe) = &self.jacobian_probe {
             let path = dir.join(JACOBIAN_PROBE);
             probe.save(&path)?;
@@ -190,19 +175,6 @@ impl Agent {
         let path = dir.join(NETWORKS);
         let tree = ParamTree::load(&path, &device)?;
         agent.load_params(&tree).map_err(|e| ck(&path, e.to_string()))?;
-        if let Some(models) = agent.models.as_mut() {
-            let mut ensembles = vec![(PREDICTION, &mut models.prediction)];
-            if let Some(g) = models.gradient.as_mut() {
-                ensembles.push((GRADIENT, g));
-            }
-            for (file, e) in ensembles {
-                let epath = dir.join(file);
-                if !epath.exists() {
-                    return Err(ck(&epath, "missing"));
-                }
-                e.ensemble_mut().load(&epath)?;
-            }
-        }
         let probe = dir.join(JACOBIAN_PROBE);
         if probe.exists() {
             agent.jacobian_probe = Some(JacobianProbe::load(&probe, agent.env.obs_dim(), agent.env.act_dim())?);

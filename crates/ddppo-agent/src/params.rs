@@ -12,7 +12,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
-use ddppo_models::OptimizerState;
+use ddppo_models::{OptimizerState, ProbabilisticEnsemble};
 
 use crate::nn::{Adam, sorted_vars};
 use crate::{Error, Result};
@@ -136,6 +136,20 @@ impl ParamTree {
         opt.restore(s.step, to(s.m)?, to(s.v)?)
     }
 
+    /// Adds an ensemble's weights, input scaler and elites as `prefix/NAME`.
+    pub fn add_ensemble(&mut self, prefix: &str, ensemble: &ProbabilisticEnsemble) -> Result<()> {
+        for (name, t) in ensemble.tensors()? {
+            self.insert(format!("{prefix}/{name}"), t)?;
+        }
+        Ok(())
+    }
+
+    /// Sets an ensemble from `prefix/NAME` (every tensor present, same shapes).
+    pub fn load_ensemble(&self, prefix: &str, ensemble: &mut ProbabilisticEnsemble) -> Result<()> {
+        let get = |name: &str| self.get(&format!("{prefix}/{name}")).cloned().map_err(|e| e.to_string());
+        ensemble.load_tensors(&get).map_err(|e| Error::Shape(format!("ensemble `{prefix}`: {e}")))
+    }
+
     /// Fails when a tensor of the tree was never read by a `load_` method
     /// (a network saved but not loaded).
     pub fn finish(&self) -> Result<()> {
@@ -166,10 +180,10 @@ impl ParamTree {
 
 impl crate::Agent {
     /// Every network and optimiser state of the agent as one tree: `policy/`,
-    /// `critic/`, `critic_target/`, `temperature/log_alpha`, and under `opt/`
-    /// the Adam states of the policy, critic and temperature and, once
-    /// trained, of the ensembles (whose weights, scaler and elites are the
-    /// ensemble files of the checkpoint).
+    /// `critic/`, `critic_target/`, `temperature/log_alpha`, the ensembles'
+    /// weights, input scaler and elites under `prediction/` and `gradient/`,
+    /// and under `opt/` the Adam states of the policy, critic and temperature
+    /// and, once trained, of the ensembles.
     pub fn params(&self) -> Result<ParamTree> {
         let mut t = ParamTree::new();
         t.add_varmap("policy", self.policy.varmap())?;
@@ -180,6 +194,10 @@ impl crate::Agent {
         t.add_adam("opt/critic", &self.critic_opt)?;
         t.add_adam("opt/alpha", &self.alpha_opt)?;
         if let Some(models) = &self.models {
+            t.add_ensemble("prediction", models.prediction.ensemble())?;
+            if let Some(g) = &models.gradient {
+                t.add_ensemble("gradient", g.ensemble())?;
+            }
             let s = models.prediction.optimizer_state();
             t.add_optimizer("opt/prediction", s.as_ref().map(|s| (s.step, &s.m[..], &s.v[..])))?;
             if let Some(g) = &models.gradient {
@@ -201,6 +219,10 @@ impl crate::Agent {
         t.load_adam("opt/critic", &mut self.critic_opt)?;
         t.load_adam("opt/alpha", &mut self.alpha_opt)?;
         if let Some(models) = self.models.as_mut() {
+            t.load_ensemble("prediction", models.prediction.ensemble_mut())?;
+            if let Some(g) = models.gradient.as_mut() {
+                t.load_ensemble("gradient", g.ensemble_mut())?;
+            }
             models.prediction.restore_optimizer_state(t.load_optimizer("opt/prediction")?)?;
             if let Some(g) = models.gradient.as_mut() {
                 g.restore_optimizer_state(t.load_optimizer("opt/gradient")?)?;
