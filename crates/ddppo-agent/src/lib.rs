@@ -5,9 +5,11 @@
 //!
 //! - [`sac`]: tanh-Gaussian policy, twin Q with targets (equation 12),
 //!   learned temperature (equation 13).
-//! - [`rollout`]: [`ModelRollout`], the one place that picks an elite,
-//!   samples and terminates; values from the prediction model, derivatives
-//!   from the gradient model via `sg(p) + g - sg(g)`.
+//! - [`rollout`]: [`ModelEnv`], the one place that picks an elite, samples
+//!   and terminates, for the critic's `k`-step rollouts into `D_model` and the
+//!   policy update's `H` steps (values from the rollout model, derivatives
+//!   from the gradient model via `sg(p) + g - sg(g)`).
+//! - [`variant`]: the table of variants ([`Variant::spec`]).
 //! - [`policy_update`]: equation 11 and its adjoint-recursion check.
 //! - [`config`] and [`agent`]: the typed config (presets in `configs/`) and
 //!   the loop of Algorithm 1.
@@ -48,9 +50,11 @@ pub mod nn;
 pub mod policy_update;
 pub mod rollout;
 pub mod sac;
+pub mod variant;
 
 pub use agent::{Agent, EvalRecord, EvalSummary, NoObserver, Observer, PhaseTimes, evaluate_policy};
 pub use checkpoint::Checkpoints;
 pub use config::{AgentConfig, RolloutSchedule, Variant};
 pub use error::{Error, Result};
-pub use rollout::{DynamicsModel, ModelRollout};
+pub use rollout::{DynamicsModel, ModelEnv};
+pub use variant::{GradientSource, PolicyUpdate, RolloutModel, VariantSpec};
