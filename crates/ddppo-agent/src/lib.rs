@@ -43,6 +43,7 @@
 pub mod agent;
 pub mod checkpoint;
 pub mod config;
+pub mod device_check;
 pub mod error;
 pub mod grad_error;
 pub mod jacobian_error;
