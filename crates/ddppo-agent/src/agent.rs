@@ -247,7 +247,9 @@ impl LearnedModels {
                 Some(g) => {
                     TrainedEnsemble::Gradient(GradientEnsemble::new(obs_dim, act_dim, c, g, device, DType::F32, rng)?)
                 }
-                None => TrainedEnsemble::Prediction(PredictionEnsemble::new(obs_dim, act_dim, c, device, DType::F32, rng)?),
+                None => {
+                    TrainedEnsemble::Prediction(PredictionEnsemble::new(obs_dim, act_dim, c, device, DType::F32, rng)?)
+                }
             })
         };
         let spec = variant.spec();

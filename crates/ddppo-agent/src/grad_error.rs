@@ -169,6 +169,10 @@ impl StudyConfig {
 
 /// The two trained variants.
 pub const VARIANTS: [&str; 2] = ["gradient_loss", "no_gradient_loss"];
+/// The agent variant whose rollout ensemble each study variant trains (one
+/// ensemble, with and without the gradient loss): its row of the variant
+/// table decides the training.
+const AGENT_VARIANTS: [crate::Variant; 2] = [crate::Variant::SingleModel, crate::Variant::NoGradLoss];
 
 /// One point of a learning curve.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -420,7 +424,8 @@ fn run_variant(
     };
     let (obs_dim, act_dim) = (data.obs_dim, data.act_dim);
     let dev = Device::Cpu;
-    let result = if variant == VARIANTS[0] {
+    let agent_variant = VARIANTS.iter().position(|v| *v == variant).map(|i| AGENT_VARIANTS[i]);
+    let result = if agent_variant.is_some_and(|v| v.spec().gradient_loss) {
         let mut m = GradientEnsemble::new(
             obs_dim,
             act_dim,

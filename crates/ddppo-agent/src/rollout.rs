@@ -164,7 +164,11 @@ pub struct ModelEnv<'a> {
 
 impl<'a> ModelEnv<'a> {
     /// The env of a rollout model, a source of derivatives and a termination function.
-    pub fn new(prediction: Box<dyn DynamicsModel + 'a>, derivatives: Derivatives<'a>, terminal: Termination<'a>) -> Self {
+    pub fn new(
+        prediction: Box<dyn DynamicsModel + 'a>,
+        derivatives: Derivatives<'a>,
+        terminal: Termination<'a>,
+    ) -> Self {
         Self { prediction, derivatives, terminal }
     }
 
@@ -192,7 +196,7 @@ impl<'a> ModelEnv<'a> {
     }
 
     fn terminal_rows(&self, flat: &[f32], dim: usize) -> Vec<bool> {
-        flat.chunks(dim).map(|row| (self.terminal)(row)).collect()
+        flat.chunks(dim.max(1)).map(|row| (self.terminal)(row)).collect()
     }
 
     /// The termination function on the states of several steps (each rows x
@@ -200,6 +204,9 @@ impl<'a> ModelEnv<'a> {
     pub fn terminations_of_steps(&self, states: &[Tensor]) -> Result<Vec<Vec<bool>>> {
         let Some(first) = states.first() else { return Ok(Vec::new()) };
         let (rows, dim) = first.dims2()?;
+        if rows * dim == 0 {
+            return Ok(vec![Vec::new(); states.len()]);
+        }
         let flat = transfer::download_f32(&Tensor::stack(states, 0)?)?;
         Ok(flat.chunks(rows * dim).map(|step| self.terminal_rows(step, dim)).collect())
     }

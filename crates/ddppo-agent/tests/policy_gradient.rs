@@ -67,7 +67,13 @@ impl DynamicsModel for RandomEnsemble {
     fn noise_width(&self) -> usize {
         OBS + 1
     }
-    fn sample(&self, obs: &Tensor, act: &Tensor, members: &Members, noise: Option<&Tensor>) -> ddppo_agent::Result<Prediction> {
+    fn sample(
+        &self,
+        obs: &Tensor,
+        act: &Tensor,
+        members: &Members,
+        noise: Option<&Tensor>,
+    ) -> ddppo_agent::Result<Prediction> {
         let out = self.select(obs, act, &members.rows);
         let out = (out + noise.unwrap().affine(self.noise, 0.0).unwrap()).unwrap();
         Ok(Self::split(out, obs))
