@@ -71,6 +71,15 @@ impl CudaToolkit {
     }
 }
 
+impl CudaToolkit {
+    /// Lets a test binary built against the toolkit find its runtime libraries
+    /// (cuBLAS, cuRAND, NVRTC; `ddppo` itself has them in its rpath); the
+    /// driver's `libcuda.so.1` comes from the system.
+    pub fn apply_runtime(&self, cmd: &mut Command) {
+        cmd.env("LD_LIBRARY_PATH", prepend_path(&self.lib_dir, std::env::var_os("LD_LIBRARY_PATH")));
+    }
+}
+
 /// `CUDA_COMPUTE_CAP` to set: none when the user set one or `nvidia-smi`
 /// reports a GPU (candle-kernels then asks it), 90 otherwise.
 pub fn default_compute_cap() -> Option<&'static str> {

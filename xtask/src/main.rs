@@ -38,6 +38,12 @@ enum Task {
     /// Set up, then run the whole test suite and `cargo check` the workspace
     /// with `--features cuda` (what CI runs).
     Test {
+        /// Instead, on a machine with a GPU: build with the CUDA toolkit of
+        /// `setup --cuda` (into <target>/cuda, as `build --cuda`) and run the
+        /// CUDA tests (CPU/CUDA agreement, a short InvertedPendulum run on the
+        /// GPU, a checkpoint moved between the devices).
+        #[arg(long)]
+        cuda: bool,
         /// Extra arguments passed to `cargo test`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -146,7 +152,18 @@ fn run() -> Result<()> {
             let ddppo = build_cli(&root, cuda)?;
             println!("{}", ddppo.display());
         }
-        Task::Test { args } => {
+        Task::Test { cuda: true, args } => {
+            let paths = mujoco::ensure(&root)?;
+            let tk = cuda::ensure(&root)?;
+            let mut cmd = cargo(&root, &paths);
+            cmd.args(cuda_test_args()).arg(target_dir(&root).join("cuda")).args(&args);
+            tk.apply(&mut cmd);
+            tk.apply_runtime(&mut cmd);
+            // One test at a time (they share the GPU), their lines shown.
+            cmd.args(["--", "--nocapture", "--test-threads=1"]);
+            status(cmd, "cargo test --features cuda")?;
+        }
+        Task::Test { cuda: false, args } => {
             let paths = mujoco::ensure(&root)?;
             let mut cmd = cargo(&root, &paths);
             cmd.args(["test", "--workspace"]).args(&args);
@@ -335,6 +352,11 @@ fn build_cli(root: &Path, cuda: bool) -> Result<PathBuf> {
     Ok(target.join("release").join("ddppo"))
 }
 
+/// `cargo test` of the CUDA tests, up to the target dir (shared with `build --cuda`).
+fn cuda_test_args() -> Vec<&'static str> {
+    vec!["test", "--release", "-p", "ddppo-agent", "--features", "cuda", "--test", "cuda_agreement", "--target-dir"]
+}
+
 /// Off a terminal cargo would print a line per crate; errors show either way.
 fn release_build_args(on_terminal: bool, cuda: bool) -> Vec<&'static str> {
     let mut args = vec!["build", "--release", "-p", "ddppo-cli"];
@@ -485,5 +507,8 @@ mod tests {
         assert!(!release_build_args(true, false).contains(&"--quiet"));
         assert!(release_build_args(false, false).contains(&"--quiet"));
         assert!(release_build_args(true, true).ends_with(&["--features", "cuda"]));
+        let t = cuda_test_args();
+        assert!(t.windows(2).any(|w| w == ["--features", "cuda"]) && t.contains(&"cuda_agreement"));
+        assert_eq!(t.last(), Some(&"--target-dir"));
     }
 }

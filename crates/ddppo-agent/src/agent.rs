@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use ddppo_buffer::{Batch, ReplayBuffer};
-use ddppo_env::{Env, EnvFactory, Task, evaluate_episodes, is_terminal};
-use ddppo_models::{EnsembleConfig, GradientLossConfig, ModelEnsemble, TransitionData};
+use ddppo_env::{Env, EnvFactory, Task, evaluate_episodes};
+use ddppo_models::{EnsembleConfig, GradientLossConfig, ModelEnsemble, TransitionData, transfer};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use rand::{Rng, SeedableRng};
@@ -18,17 +18,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::Checkpoints;
 use crate::config::{AgentConfig, Variant};
+use crate::variant::{GradientSource, PolicyUpdate, RolloutModel};
 use crate::jacobian_error::JacobianProbe;
 use crate::nn::{Adam, upload};
 use crate::policy_update::policy_objective;
-use crate::rollout::ModelRollout;
+use crate::rollout::ModelEnv;
 use crate::run_state::{AgentRngs, ModelStats, RunState};
 use crate::sac::{GaussianPolicy, PolicySnapshot, SacCritic, Temperature};
 use crate::{Error, Result};
-
-/// Rows per chunk of the critic-data model rollout (bounds peak memory of a
-/// 100 000-row rollout).
-const ROLLOUT_CHUNK: usize = 25_000;
 
 /// What one evaluation reports (one line of `metrics.jsonl`).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -156,25 +153,29 @@ impl LearnedModels {
         device: &Device,
         rng: &mut ChaCha8Rng,
     ) -> Result<Option<Self>> {
-        let pred = |c: &EnsembleConfig, rng: &mut ChaCha8Rng| -> Result<ModelEnsemble> {
-            Ok(ModelEnsemble::new(obs_dim, act_dim, c, None, device, DType::F32, rng)?)
+        // The gradient loss's settings for an ensemble trained with it, `None` for plain NLL.
+        let ensemble = |c: &EnsembleConfig,
+                        loss: Option<&GradientLossConfig>,
+                        rng: &mut ChaCha8Rng|
+         -> Result<ModelEnsemble> {
+            Ok(ModelEnsemble::new(obs_dim, act_dim, c, loss, device, DType::F32, rng)?)
         };
-        let grad = |c: &EnsembleConfig, g: &GradientLossConfig, rng: &mut ChaCha8Rng| -> Result<ModelEnsemble> {
-            Ok(ModelEnsemble::new(obs_dim, act_dim, c, Some(g), device, DType::F32, rng)?)
-        };
-        Ok(match variant {
-            Variant::Sac => None,
-            Variant::Ddppo => {
-                Some(Self { prediction: pred(&cfg.model, rng)?, gradient: Some(grad(&cfg.model, &cfg.gradient, rng)?) })
-            }
-            Variant::NoGradLoss | Variant::Mbpo => Some(Self { prediction: pred(&cfg.model, rng)?, gradient: None }),
-            Variant::SingleModel => Some(Self { prediction: grad(&cfg.model, &cfg.gradient, rng)?, gradient: None }),
-            Variant::DoubleParams => {
+        let spec = variant.spec();
+        let prediction = match spec.rollout_model {
+            RolloutModel::None => return Ok(None),
+            RolloutModel::Prediction => ensemble(&cfg.model, None, rng)?,
+            RolloutModel::Wide => {
                 let mut wide = cfg.model.clone();
                 wide.hidden = cfg.double_params_width(obs_dim, act_dim);
-                Some(Self { prediction: pred(&wide, rng)?, gradient: None })
+                ensemble(&wide, None, rng)?
             }
-        })
+            RolloutModel::WithGradientLoss => ensemble(&cfg.model, Some(&cfg.gradient), rng)?,
+        };
+        let gradient = match spec.gradient_source {
+            GradientSource::SeparateEnsemble => Some(ensemble(&cfg.model, Some(&cfg.gradient), rng)?),
+            GradientSource::RolloutMean | GradientSource::None => None,
+        };
+        Ok(Some(Self { prediction, gradient }))
     }
 }
 
@@ -408,7 +409,7 @@ impl Agent {
 
         // Lines 5-11: every model_train_freq steps, train both models on D_env
         // and roll the prediction model out into D_model.
-        if self.models.is_some()
+        if self.cfg.variant.spec().uses_model()
             && self.run.env_steps >= self.cfg.min_pool_size
             && self.run.env_steps.is_multiple_of(self.cfg.model_train_freq)
         {
@@ -420,9 +421,10 @@ impl Agent {
             self.times.model_rollout += secs(t);
         }
 
-        let ready = match self.models {
-            Some(_) => self.run.model_trainings > 0,
-            None => self.run.env_steps >= self.cfg.min_pool_size,
+        let ready = if self.cfg.variant.spec().uses_model() {
+            self.run.model_trainings > 0
+        } else {
+            self.run.env_steps >= self.cfg.min_pool_size
         };
         if ready {
             // Lines 13-15: G2 critic updates (equation 12), capped.
@@ -434,10 +436,9 @@ impl Agent {
             // Lines 16-19: G1 policy updates (equation 11, or SAC's for the baselines).
             let t = Instant::now();
             for _ in 0..self.cfg.policy_updates_per_step {
-                if self.cfg.variant.backprop_policy() {
-                    self.update_policy_through_model()?;
-                } else {
-                    self.update_policy_sac()?;
+                match self.cfg.variant.spec().policy_update {
+                    PolicyUpdate::ThroughModel => self.update_policy_through_model()?,
+                    PolicyUpdate::Sac => self.update_policy_sac()?,
                 }
             }
             self.times.policy += secs(t);
@@ -583,10 +584,11 @@ impl Agent {
     }
 
     /// Section 1 step 3: set `k`, resize `D_model`, and push `k`-step rollouts
-    /// of the current (stochastic) policy on the prediction model from
-    /// `rollout_batch_size` states of `D_env`, dropping terminated rows.
+    /// of the current (stochastic) policy on the rollout model from
+    /// `rollout_batch_size` states of `D_env`, dropping terminated rows
+    /// ([`ModelEnv::rollout_into`]).
     pub fn rollout_models(&mut self) -> Result<()> {
-        let Some(models) = self.models.as_ref() else {
+        let Some(env) = self.model_env()? else {
             return Ok(());
         };
         let epoch = self.run.env_steps / self.cfg.epoch_length;
@@ -596,42 +598,14 @@ impl Agent {
         if self.model_buffer.capacity() != pool {
             self.model_buffer.resize(pool);
         }
-        let (od, ad) = (self.env_buffer.obs_dim(), self.env_buffer.act_dim());
-        let task = self.task;
-        let terminal = move |s: &[f32]| is_terminal(task, s);
-        let prediction = models.prediction.ensemble().frozen();
-        let rollout =
-            ModelRollout { prediction: &prediction, gradient: None, share_members: false, terminal: &terminal };
-        let mut remaining = self.cfg.rollout_batch_size;
-        while remaining > 0 {
-            let rows = remaining.min(ROLLOUT_CHUNK);
-            remaining -= rows;
-            let mut start = Batch::new(rows, od, ad);
-            self.env_buffer.try_sample_into(&mut self.run.rngs.model, &mut start)?;
-            let mut obs = start.obs;
-            let mut n = rows;
-            for _ in 0..k {
-                let s = upload(&obs, n, od, DType::F32, &self.device)?;
-                let a = self.policy.sample(&s, &mut self.run.rngs.model)?.action.detach();
-                let step = rollout.step(&s, &a, &mut self.run.rngs.model)?;
-                let act = a.flatten_all()?.to_vec1::<f32>()?;
-                let rew = step.reward.to_vec1::<f32>()?;
-                let next = step.next_obs.flatten_all()?.to_vec1::<f32>()?;
-                let mask: Vec<f32> = step.done.iter().map(|d| if *d { 0.0 } else { 1.0 }).collect();
-                let done: Vec<f32> = step.done.iter().map(|d| if *d { 1.0 } else { 0.0 }).collect();
-                if next.iter().any(|v| !v.is_finite()) || rew.iter().any(|v| !v.is_finite()) {
-                    return Err(Error::Diverged("model rollout produced a non-finite state".into()));
-                }
-                self.model_buffer.push_batch(&obs, &act, &rew, &next, &mask, &done)?;
-                let alive: Vec<usize> = (0..n).filter(|&i| !step.done[i]).collect();
-                if alive.is_empty() {
-                    break;
-                }
-                obs = alive.iter().flat_map(|&i| next[i * od..(i + 1) * od].iter().copied()).collect();
-                n = alive.len();
-            }
-        }
-        Ok(())
+        let starts = self.cfg.rollout_batch_size;
+        env.rollout_into(&self.policy, &self.env_buffer, starts, k, &mut self.run.rngs.model, &mut self.model_buffer)
+    }
+
+    /// The model env of the learned models as the variant table says (`None` without models).
+    fn model_env(&self) -> Result<Option<ModelEnv<'static>>> {
+        let source = self.cfg.variant.spec().gradient_source;
+        self.models.as_ref().map(|m| ModelEnv::of_models(m, source, self.task)).transpose()
     }
 
     fn critic_updates_due(&self) -> usize {
@@ -644,7 +618,8 @@ impl Agent {
     /// Draws a batch: the `real_ratio` mix of `D_env` and `D_model`, or only
     /// `D_env` for `sac`.
     fn draw_batch(&mut self) -> Result<()> {
-        if self.cfg.variant == Variant::Sac {
+        // Without a model there is no `D_model` to mix in.
+        if !self.cfg.variant.spec().uses_model() {
             self.env_buffer.try_sample_into(&mut self.run.rngs.update, &mut self.batch)?;
         } else {
             ddppo_buffer::try_sample_mixed(
@@ -704,41 +679,17 @@ impl Agent {
     /// One policy update by back-propagating equation 11 through `H` model
     /// steps (section 4), then the temperature (equation 13).
     pub fn update_policy_through_model(&mut self) -> Result<()> {
-        let Some(models) = self.models.as_ref() else {
+        let Some(env) = self.model_env()? else {
             return Err(Error::Config("back-prop policy update without a model".into()));
         };
         self.env_buffer.try_sample_into(&mut self.run.rngs.update, &mut self.batch)?;
         let (b, od) = (self.batch.size, self.env_buffer.obs_dim());
         let start = upload(&self.batch.obs, b, od, DType::F32, &self.device)?;
-        let task = self.task;
-        let terminal = move |s: &[f32]| is_terminal(task, s);
-        // Frozen views: the backward pass forms gradients for the policy only,
-        // none for the ensembles' weights.
-        let prediction = models.prediction.ensemble().frozen();
-        let gradient_view = models.gradient.as_ref().map(|g| g.ensemble().frozen());
-        let (gradient, share) = match &gradient_view {
-            Some(g) => (g, false),
-            None => (&prediction, true),
-        };
-        let rollout = ModelRollout {
-            prediction: &prediction,
-            gradient: Some(gradient),
-            share_members: share,
-            terminal: &terminal,
-        };
         let alpha = self.temperature.alpha()?;
-        let out = policy_objective(
-            &self.policy,
-            &self.critic,
-            &rollout,
-            &start,
-            self.cfg.horizon,
-            self.cfg.gamma,
-            alpha,
-            &mut self.run.rngs.update,
-        )?;
+        let (h, gamma) = (self.cfg.horizon, self.cfg.gamma);
+        let out = policy_objective(&self.policy, &self.critic, &env, &start, h, gamma, alpha, &mut self.run.rngs.update)?;
         let loss = out.objective.neg()?;
-        self.run.policy_loss.add(finite("policy loss", loss.to_scalar::<f32>()? as f64)?);
+        self.run.policy_loss.add(finite("policy loss", transfer::download_scalar(&loss)?)?);
         self.policy_opt.backward_step(&loss)?;
         self.snapshot = None;
         self.run.policy_updates += 1;
@@ -755,7 +706,7 @@ impl Agent {
         let sample = self.policy.sample(&obs, &mut self.run.rngs.update)?;
         let q = self.critic.min_q_frozen(&obs, &sample.action)?;
         let loss = ((&sample.logp * alpha)? - q)?.mean_all()?;
-        self.run.policy_loss.add(finite("policy loss", loss.to_scalar::<f32>()? as f64)?);
+        self.run.policy_loss.add(finite("policy loss", transfer::download_scalar(&loss)?)?);
         self.policy_opt.backward_step(&loss)?;
         self.snapshot = None;
         self.run.policy_updates += 1;

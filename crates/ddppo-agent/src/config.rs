@@ -11,60 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
-/// The algorithms of ALGORITHM.md section 6.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Variant {
-    /// Prediction ensemble rolls out, gradient ensemble (with `w R`) differentiates.
-    Ddppo,
-    /// Prediction ensemble for both value and derivative; no gradient loss.
-    NoGradLoss,
-    /// One ensemble trained with the gradient loss, for both.
-    SingleModel,
-    /// One ensemble with about twice the parameters (wider layers), no gradient loss.
-    DoubleParams,
-    /// MBPO: model rollouts for the critic, SAC policy loss on the mixed batch.
-    Mbpo,
-    /// Model-free SAC.
-    Sac,
-}
-
-impl Variant {
-    /// All variants, in the order of section 6.
-    pub const ALL: [Variant; 6] =
-        [Variant::Ddppo, Variant::NoGradLoss, Variant::SingleModel, Variant::DoubleParams, Variant::Mbpo, Variant::Sac];
-
-    /// The name used in configs and on the command line.
-    pub fn name(self) -> &'static str {
-        match self {
-            Variant::Ddppo => "ddppo",
-            Variant::NoGradLoss => "no-grad-loss",
-            Variant::SingleModel => "single-model",
-            Variant::DoubleParams => "double-params",
-            Variant::Mbpo => "mbpo",
-            Variant::Sac => "sac",
-        }
-    }
-
-    /// Parses a variant name; the error lists the valid ones.
-    pub fn from_name(name: &str) -> Result<Self> {
-        Self::ALL.into_iter().find(|v| v.name() == name).ok_or_else(|| {
-            let names: Vec<&str> = Self::ALL.iter().map(|v| v.name()).collect();
-            Error::Config(format!("unknown variant `{name}`; valid: {}", names.join(", ")))
-        })
-    }
-
-    /// Whether the variant learns a dynamics model at all.
-    pub fn uses_model(self) -> bool {
-        self != Variant::Sac
-    }
-
-    /// Whether the policy is trained by back-propagating through the model
-    /// (equation 11) rather than by the SAC policy loss.
-    pub fn backprop_policy(self) -> bool {
-        !matches!(self, Variant::Mbpo | Variant::Sac)
-    }
-}
+pub use crate::variant::Variant;
 
 /// The rollout-length schedule `[min_epoch, max_epoch, min_len, max_len]`:
 /// `k` grows linearly from `min_len` at `min_epoch` to `max_len` at
@@ -464,7 +411,7 @@ impl AgentConfig {
                 )));
             }
         }
-        if matches!(self.variant, Variant::Ddppo | Variant::SingleModel) {
+        if self.variant.spec().gradient_loss {
             self.gradient.validate()?;
             // The first model training searches neighbours among min_pool_size rows.
             if self.gradient.neighbours >= self.min_pool_size {

@@ -169,6 +169,10 @@ impl StudyConfig {
 
 /// The two trained variants.
 pub const VARIANTS: [&str; 2] = ["gradient_loss", "no_gradient_loss"];
+/// The agent variant whose rollout ensemble each study variant trains (one
+/// ensemble, with and without the gradient loss): its row of the variant
+/// table decides the training.
+const AGENT_VARIANTS: [crate::Variant; 2] = [crate::Variant::SingleModel, crate::Variant::NoGradLoss];
 
 /// One point of a learning curve.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -421,7 +425,8 @@ fn run_variant(
     let (obs_dim, act_dim) = (data.obs_dim, data.act_dim);
     let dev = Device::Cpu;
     // The gradient model is the one trained with the directional-derivative loss.
-    let derivative_loss = (variant == VARIANTS[0]).then_some(&cfg.gradient);
+    let agent_variant = VARIANTS.iter().position(|v| *v == variant).map(|i| AGENT_VARIANTS[i]);
+    let derivative_loss = agent_variant.is_some_and(|v| v.spec().gradient_loss).then_some(&cfg.gradient);
     let mut m = ModelEnsemble::new(obs_dim, act_dim, &mcfg, derivative_loss, &dev, DType::F32, &mut rng)?;
     let result = m.train_with(&td, &mut rng, &mut on_epoch);
     if let Some(e) = error {

@@ -5,9 +5,11 @@
 //!
 //! - [`sac`]: tanh-Gaussian policy, twin Q with targets (equation 12),
 //!   learned temperature (equation 13).
-//! - [`rollout`]: [`ModelRollout`], the one place that picks an elite,
-//!   samples and terminates; values from the prediction model, derivatives
-//!   from the gradient model via `sg(p) + g - sg(g)`.
+//! - [`rollout`]: [`ModelEnv`], the one place that picks an elite, samples
+//!   and terminates, for the critic's `k`-step rollouts into `D_model` and the
+//!   policy update's `H` steps (values from the rollout model, derivatives
+//!   from the gradient model via `sg(p) + g - sg(g)`).
+//! - [`variant`]: the table of variants ([`Variant::spec`]).
 //! - [`policy_update`]: equation 11 and its adjoint-recursion check.
 //! - [`config`] and [`agent`]: the typed config (presets in `configs/`) and
 //!   the loop of Algorithm 1, [`Agent::train`], the one `ddppo train` runs.
@@ -44,6 +46,7 @@
 pub mod agent;
 pub mod checkpoint;
 pub mod config;
+pub mod device_check;
 pub mod error;
 pub mod grad_error;
 pub mod jacobian_error;
@@ -53,11 +56,13 @@ pub mod policy_update;
 pub mod rollout;
 pub mod run_state;
 pub mod sac;
+pub mod variant;
 
 pub use agent::{Agent, EvalRecord, EvalSummary, NoObserver, Observer, ObserverError, PhaseTimes, evaluate_policy};
 pub use checkpoint::Checkpoints;
 pub use config::{AgentConfig, RolloutSchedule, Variant};
 pub use error::{Error, Result};
 pub use params::ParamTree;
-pub use rollout::{DynamicsModel, ModelRollout};
+pub use rollout::{DynamicsModel, ModelEnv};
 pub use run_state::RunState;
+pub use variant::{GradientSource, PolicyUpdate, RolloutModel, VariantSpec};

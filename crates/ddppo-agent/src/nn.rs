@@ -226,13 +226,14 @@ pub fn sorted_vars(vm: &VarMap) -> Vec<(String, Var)> {
     v
 }
 
-/// Uploads host rows (`rows x cols`, f32) as a tensor of `dtype`.
+/// Uploads host rows (`rows x cols`, f32) as a tensor of `dtype` (one counted
+/// copy, `ddppo_models::transfer`).
 pub fn upload(data: &[f32], rows: usize, cols: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    Ok(Tensor::from_slice(data, (rows, cols), device)?.to_dtype(dtype)?)
+    Ok(ddppo_models::transfer::upload(data.to_vec(), &[rows, cols], device)?.to_dtype(dtype)?)
 }
 
-/// A `rows x cols` tensor of standard normal draws from `rng`.
+/// A `rows x cols` tensor of standard normal draws from `rng` (one counted copy).
 pub fn host_randn(rng: &mut impl Rng, rows: usize, cols: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     let v: Vec<f64> = (0..rows * cols).map(|_| rng.sample(rand_distr::StandardNormal)).collect();
-    Ok(Tensor::from_vec(v, (rows, cols), device)?.to_dtype(dtype)?)
+    Ok(ddppo_models::transfer::upload_f64(v, &[rows, cols], dtype, device)?)
 }

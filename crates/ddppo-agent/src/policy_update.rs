@@ -5,8 +5,9 @@
 use candle_core::{DType, Device, Tensor, Var};
 use rand_chacha::ChaCha8Rng;
 
-use crate::nn::host_randn;
-use crate::rollout::{DynamicsModel, ModelRollout};
+use ddppo_models::transfer;
+
+use crate::rollout::{DynamicsModel, Members, ModelEnv};
 use crate::sac::{GaussianPolicy, SacCritic};
 use crate::{Error, Result};
 
@@ -44,14 +45,19 @@ fn mask_tensor(alive: &[f64], dtype: DType, device: &Device) -> Result<Tensor> {
 /// `J = sum_{t<H} gamma^t alive_t (r_t - alpha log pi(a_t|s_t))
 ///      + gamma^H alive_H (min(Q1, Q2)(s_H, a_H) - alpha log pi(a_H|s_H))`,
 ///
-/// `a_t = pi(s_t)` reparameterised, `(r_t, s_{t+1})` from `rollout.step`
-/// (prediction-model value, gradient-model derivative), `alive_t = 0` once
+/// `a_t = pi(s_t)` reparameterised, `(r_t, s_{t+1})` from the model env
+/// (rollout-model value, gradient-model derivative), `alive_t = 0` once
 /// any earlier step hit the termination function. Returns `J / B`.
+///
+/// Everything random is drawn before the first step ([`ModelEnv::draw`]);
+/// the states of all steps are then read back once for the termination
+/// function and the masks uploaded once, so the host-device copies do not
+/// grow with `H`.
 #[allow(clippy::too_many_arguments)]
 pub fn policy_objective(
     policy: &GaussianPolicy,
     critic: &SacCritic,
-    rollout: &ModelRollout,
+    env: &ModelEnv,
     start: &Tensor,
     horizon: usize,
     gamma: f64,
@@ -63,48 +69,60 @@ pub fn policy_objective(
     }
     let (rows, _) = start.dims2()?;
     let (dtype, device) = (policy.dtype(), policy.device().clone());
+    let draws = env.draw(rows, policy.act_dim(), horizon, dtype, &device, rng)?;
     let mut s = start.detach();
-    let mut alive = vec![1.0f64; rows];
     let mut record = ImaginedTrajectory {
         states: vec![s.detach()],
-        noise: Vec::new(),
-        gradient_members: Vec::new(),
-        alive: vec![alive.clone()],
+        noise: Vec::with_capacity(horizon + 1),
+        gradient_members: Vec::with_capacity(horizon),
+        alive: Vec::with_capacity(horizon + 1),
     };
-    let mut total: Option<Tensor> = None;
+    // Per step `r_t - alpha log pi(a_t|s_t)`, masked once the dones are known.
+    let mut rewards = Vec::with_capacity(horizon);
+    let mut sampled = Vec::with_capacity(horizon);
     let mut logp0 = None;
-    let mut discount = 1.0;
-    for _ in 0..horizon {
-        let eps = host_randn(rng, rows, policy.act_dim(), dtype, &device)?;
+    for t in 0..horizon {
+        let eps = draws.policy_noise(t)?;
         let a = policy.sample_with_noise(&s, &eps)?;
         if logp0.is_none() {
             logp0 = Some(a.logp.detach());
         }
-        let step = rollout.step(&s, &a.action, rng)?;
-        let m = mask_tensor(&alive, dtype, &device)?;
-        let term = ((&step.reward - (&a.logp * alpha)?)? * &m)?.affine(discount, 0.0)?;
-        total = Some(match total {
-            None => term,
-            Some(t) => (t + term)?,
-        });
-        for (al, d) in alive.iter_mut().zip(&step.done) {
+        let step = env.imagine_step(&s, &a.action, &draws, t)?;
+        rewards.push((&step.reward - (&a.logp * alpha)?)?);
+        sampled.push(step.sampled_next_obs);
+        record.noise.push(eps);
+        record.gradient_members.push(draws.gradient_members(t).to_vec());
+        s = step.next_obs;
+        record.states.push(s.detach());
+    }
+    let eps = draws.policy_noise(horizon)?;
+    let a = policy.sample_with_noise(&s, &eps)?;
+    record.noise.push(eps);
+    let q = critic.min_q_frozen(&s, &a.action)?;
+    let terminal = (q - (&a.logp * alpha)?)?;
+
+    let mut alive = vec![1.0f64; rows];
+    record.alive.push(alive.clone());
+    for done in env.terminations_of_steps(&sampled)? {
+        for (al, d) in alive.iter_mut().zip(&done) {
             if *d {
                 *al = 0.0;
             }
         }
-        record.noise.push(eps);
-        record.gradient_members.push(step.gradient_members);
         record.alive.push(alive.clone());
-        s = step.next_obs;
-        record.states.push(s.detach());
+    }
+    let masks = transfer::upload_f64(record.alive.concat(), &[horizon + 1, rows], dtype, &device)?;
+    let mut total: Option<Tensor> = None;
+    let mut discount = 1.0;
+    for (t, r) in rewards.into_iter().enumerate() {
+        let term = (r * masks.get(t)?)?.affine(discount, 0.0)?;
+        total = Some(match total {
+            None => term,
+            Some(t) => (t + term)?,
+        });
         discount *= gamma;
     }
-    let eps = host_randn(rng, rows, policy.act_dim(), dtype, &device)?;
-    let a = policy.sample_with_noise(&s, &eps)?;
-    record.noise.push(eps);
-    let q = critic.min_q_frozen(&s, &a.action)?;
-    let m = mask_tensor(&alive, dtype, &device)?;
-    let terminal = ((q - (&a.logp * alpha)?)? * m)?.affine(discount, 0.0)?;
+    let terminal = (terminal * masks.get(horizon)?)?.affine(discount, 0.0)?;
     let total = match total {
         None => terminal,
         Some(t) => (t + terminal)?,
@@ -162,7 +180,7 @@ pub fn adjoint_policy_gradient(
     for t in (0..horizon).rev() {
         let s_t = Var::from_tensor(&trajectory.states[t])?;
         let a = policy.sample_with_noise(s_t.as_tensor(), &trajectory.noise[t])?;
-        let g = gradient.mean(s_t.as_tensor(), &a.action, &trajectory.gradient_members[t])?;
+        let g = gradient.mean(s_t.as_tensor(), &a.action, &Members::host(trajectory.gradient_members[t].clone()))?;
         let m = mask_tensor(&trajectory.alive[t], dtype, &device)?;
         let reward_part = ((g.reward - (&a.logp * alpha)?)? * m)?.sum_all()?.affine(gamma.powi(t as i32) * scale, 0.0)?;
         let adjoint_part = (g.next_obs * &p_next)?.sum_all()?;

@@ -360,7 +360,8 @@ impl Temperature {
 
     /// Current `alpha`.
     pub fn alpha(&self) -> Result<f64> {
-        Ok(self.log_alpha.as_tensor().to_dtype(DType::F64)?.to_vec1::<f64>()?[0].exp())
+        let log_alpha = ddppo_models::transfer::download_f64(self.log_alpha.as_tensor())?;
+        Ok(log_alpha.first().copied().unwrap_or(f64::NAN).exp())
     }
 
     /// Equation 13, `J(alpha) = mean(-alpha (log pi + target_entropy))`, with

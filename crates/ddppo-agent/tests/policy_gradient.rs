@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use candle_core::{D, DType, Device, Tensor};
 use ddppo_agent::policy_update::{adjoint_policy_gradient, policy_objective};
-use ddppo_agent::rollout::{DynamicsModel, ModelRollout, Prediction};
+use ddppo_agent::rollout::{Derivatives, DynamicsModel, Members, ModelEnv, Prediction};
 use ddppo_agent::sac::{GaussianPolicy, SacCritic};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -64,15 +64,22 @@ impl DynamicsModel for RandomEnsemble {
     fn draw_members(&self, rows: usize, rng: &mut ChaCha8Rng) -> Vec<usize> {
         (0..rows).map(|_| rng.random_range(0..self.members.len())).collect()
     }
-    fn sample(&self, obs: &Tensor, act: &Tensor, members: &[usize], rng: &mut ChaCha8Rng) -> ddppo_agent::Result<Prediction> {
-        let out = self.select(obs, act, members);
-        let (r, c) = out.dims2().unwrap();
-        let e: Vec<f64> = (0..r * c).map(|_| self.noise * rng.sample::<f64, _>(rand_distr::StandardNormal)).collect();
-        let out = (out + Tensor::from_vec(e, (r, c), &Device::Cpu).unwrap()).unwrap();
+    fn noise_width(&self) -> usize {
+        OBS + 1
+    }
+    fn sample(
+        &self,
+        obs: &Tensor,
+        act: &Tensor,
+        members: &Members,
+        noise: Option<&Tensor>,
+    ) -> ddppo_agent::Result<Prediction> {
+        let out = self.select(obs, act, &members.rows);
+        let out = (out + noise.unwrap().affine(self.noise, 0.0).unwrap()).unwrap();
         Ok(Self::split(out, obs))
     }
-    fn mean(&self, obs: &Tensor, act: &Tensor, members: &[usize]) -> ddppo_agent::Result<Prediction> {
-        Ok(Self::split(self.select(obs, act, members), obs))
+    fn mean(&self, obs: &Tensor, act: &Tensor, members: &Members) -> ddppo_agent::Result<Prediction> {
+        Ok(Self::split(self.select(obs, act, &members.rows), obs))
     }
 }
 
@@ -88,7 +95,7 @@ fn check_adjoint(threshold: f32, expect_some_done: bool) {
     let prediction = RandomEnsemble::new(3, &mut rng, 0.1);
     let gradient = RandomEnsemble::new(2, &mut rng, 0.0);
     let terminal = move |s: &[f32]| s[0].abs() > threshold;
-    let rollout = ModelRollout { prediction: &prediction, gradient: Some(&gradient), share_members: false, terminal: &terminal };
+    let rollout = ModelEnv::new(Box::new(&prediction), Derivatives::Separate(Box::new(&gradient)), Box::new(terminal));
     let rows = 16;
     let s0: Vec<f64> = (0..rows * OBS).map(|_| rng.random_range(-1.0..1.0)).collect();
     let s0 = Tensor::from_vec(s0, (rows, OBS), &d).unwrap();
@@ -139,7 +146,7 @@ fn gradient_comes_from_the_gradient_model() {
     let never = |_: &[f32]| false;
     let s0 = Tensor::from_vec((0..8 * OBS).map(|i| (i as f64 * 0.37).sin()).collect::<Vec<_>>(), (8, OBS), &d).unwrap();
     let grad_with = |g: &dyn DynamicsModel| {
-        let rollout = ModelRollout { prediction: &prediction, gradient: Some(g), share_members: false, terminal: &never };
+        let rollout = ModelEnv::new(Box::new(&prediction), Derivatives::Separate(Box::new(g)), Box::new(never));
         let mut r = ChaCha8Rng::seed_from_u64(9);
         let out = policy_objective(&policy, &critic, &rollout, &s0, 2, 0.9, 0.1, &mut r).unwrap();
         let v = out.objective.to_scalar::<f64>().unwrap();
@@ -183,10 +190,13 @@ impl DynamicsModel for Linear {
     fn draw_members(&self, rows: usize, _: &mut ChaCha8Rng) -> Vec<usize> {
         vec![0; rows]
     }
-    fn sample(&self, obs: &Tensor, act: &Tensor, m: &[usize], _: &mut ChaCha8Rng) -> ddppo_agent::Result<Prediction> {
+    fn noise_width(&self) -> usize {
+        0
+    }
+    fn sample(&self, obs: &Tensor, act: &Tensor, m: &Members, _: Option<&Tensor>) -> ddppo_agent::Result<Prediction> {
         self.mean(obs, act, m)
     }
-    fn mean(&self, obs: &Tensor, act: &Tensor, _: &[usize]) -> ddppo_agent::Result<Prediction> {
+    fn mean(&self, obs: &Tensor, act: &Tensor, _: &Members) -> ddppo_agent::Result<Prediction> {
         let d = Device::Cpu;
         let at = Tensor::new(&self.a, &d).unwrap().t().unwrap();
         let bt = Tensor::new(&self.b, &d).unwrap().t().unwrap();
@@ -290,7 +300,7 @@ fn linear_dynamics_gradient_matches_finite_differences() {
     let critic = SacCritic::new(OBS, ACT, &[6], DType::F64, &d, &mut rng).unwrap();
     let sys = Linear::new();
     let never = |_: &[f32]| false;
-    let rollout = ModelRollout { prediction: &sys, gradient: Some(&sys), share_members: false, terminal: &never };
+    let rollout = ModelEnv::new(Box::new(&sys), Derivatives::Separate(Box::new(&sys)), Box::new(never));
     let rows = 5;
     let s0v: Vec<Vec<f64>> = (0..rows).map(|_| (0..OBS).map(|_| rng.random_range(-1.0..1.0)).collect()).collect();
     let s0 = Tensor::from_vec(s0v.concat(), (rows, OBS), &d).unwrap();

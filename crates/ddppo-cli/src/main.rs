@@ -23,6 +23,7 @@ macro_rules! note {
 }
 
 mod chart;
+mod cmd_device_check;
 mod cmd_env;
 mod cmd_eval;
 mod cmd_grad_error;
@@ -59,6 +60,8 @@ enum Command {
     Table(cmd_table::TableArgs),
     /// List the algorithm variants (`--variant`).
     Variant(cmd_variant::VariantArgs),
+    /// Check that a device (cuda) computes what the CPU does, within f32 tolerance.
+    DeviceCheck(cmd_device_check::DeviceCheckArgs),
 }
 
 fn main() {
@@ -79,6 +82,7 @@ fn main() {
         Command::Plot(args) => cmd_plot::run(args),
         Command::Table(args) => cmd_table::run(args),
         Command::Variant(args) => cmd_variant::run(args),
+        Command::DeviceCheck(args) => cmd_device_check::run(args),
     };
     if let Err(e) = result {
         if e.is::<cmd_train::Interrupted>() {

@@ -61,6 +61,17 @@ pub struct EnsembleSnapshot {
     elites: Vec<usize>,
 }
 
+/// The rows of one model step grouped by the member that predicts them, the row
+/// indices on the ensemble's device ([`ProbabilisticEnsemble::group_members`]).
+#[derive(Clone, Debug)]
+pub struct MemberGroups {
+    rows: usize,
+    /// Each used member with its rows (`None` when it is the only one used).
+    groups: Vec<(usize, Option<Tensor>)>,
+    /// Row `i`'s position among the concatenated groups (with more than one group).
+    inverse: Option<Tensor>,
+}
+
 pub struct ProbabilisticEnsemble {
     pub(crate) obs_dim: usize,
     pub(crate) act_dim: usize,
@@ -556,6 +567,63 @@ impl ProbabilisticEnsemble {
         Ok(b)
     }
 
+    /// Groups the rows of several model steps by member (`steps[t][row]` is the
+    /// member predicting `row` at step `t`), with every row index on the device
+    /// in one upload: a policy update draws the members of all its steps first,
+    /// so its steps make no host-device copy for them.
+    pub fn group_members(&self, steps: &[&[usize]]) -> Result<Vec<MemberGroups>> {
+        let mut flat: Vec<u32> = Vec::new();
+        // Per step: (member, start, len) of each used member's rows in `flat`, and
+        // where the inverse permutation starts (when more than one member is used).
+        let mut plans = Vec::with_capacity(steps.len());
+        for members in steps {
+            if let Some(m) = members.iter().find(|&&m| m >= self.cfg.ensemble_size) {
+                return Err(Error::Data(format!("member {m} out of range 0..{}", self.cfg.ensemble_size)));
+            }
+            let mut groups: Vec<Vec<u32>> = vec![Vec::new(); self.cfg.ensemble_size];
+            for (row, &m) in members.iter().enumerate() {
+                groups[m].push(row as u32);
+            }
+            let used: Vec<usize> = (0..groups.len()).filter(|&m| !groups[m].is_empty()).collect();
+            if used.len() <= 1 {
+                plans.push((members.len(), used, Vec::new(), None));
+                continue;
+            }
+            let mut spans = Vec::with_capacity(used.len());
+            let mut inverse = vec![0u32; members.len()];
+            let mut pos = 0u32;
+            for &m in &used {
+                spans.push((flat.len(), groups[m].len()));
+                flat.extend_from_slice(&groups[m]);
+                for &row in &groups[m] {
+                    inverse[row as usize] = pos;
+                    pos += 1;
+                }
+            }
+            let inv_start = flat.len();
+            flat.extend_from_slice(&inverse);
+            plans.push((members.len(), used, spans, Some(inv_start)));
+        }
+        let n = flat.len();
+        let all = if n == 0 { None } else { Some(crate::transfer::upload(flat, &[n], &self.device)?) };
+        plans
+            .into_iter()
+            .map(|(rows, used, spans, inv_start)| {
+                let Some(all) = all.as_ref().filter(|_| used.len() > 1) else {
+                    let groups = used.into_iter().map(|m| (m, None)).collect();
+                    return Ok(MemberGroups { rows, groups, inverse: None });
+                };
+                let groups = used
+                    .iter()
+                    .zip(&spans)
+                    .map(|(&m, &(start, len))| Ok((m, Some(all.narrow(0, start, len)?))))
+                    .collect::<Result<Vec<_>>>()?;
+                let inverse = inv_start.map(|s| all.narrow(0, s, rows)).transpose()?;
+                Ok(MemberGroups { rows, groups, inverse })
+            })
+            .collect()
+    }
+
     /// Mean and log-variance of `(r, ds)` of the given member for each row; only the
     /// members actually used run, each on its own rows (grouped with `index_select`,
     /// scattered back), never every member on every row.
@@ -565,38 +633,62 @@ impl ProbabilisticEnsemble {
         act: &Tensor,
         members: &[usize],
     ) -> Result<(Tensor, Tensor)> {
-        let b = self.check_rows(obs, act, members)?;
-        let x = self.standardise(&Tensor::cat(&[obs, act], 1)?)?;
-        let mut groups: Vec<Vec<u32>> = vec![Vec::new(); self.cfg.ensemble_size];
-        for (row, &m) in members.iter().enumerate() {
-            groups[m].push(row as u32);
+        self.check_rows(obs, act, members)?;
+        let groups = self
+            .group_members(&[members])?
+            .pop()
+            .ok_or_else(|| Error::Internal("no member groups".into()))?;
+        self.grouped_rows(obs, act, &groups)
+    }
+
+    /// [`member_rows`](Self::member_rows) on rows grouped beforehand.
+    fn grouped_rows(&self, obs: &Tensor, act: &Tensor, groups: &MemberGroups) -> Result<(Tensor, Tensor)> {
+        let ((b, od), (b2, ad)) = (obs.dims2()?, act.dims2()?);
+        if od != self.obs_dim || ad != self.act_dim || b != b2 || b != groups.rows {
+            return Err(Error::Data(format!(
+                "obs {b} x {od} and act {b2} x {ad} do not match the model's {} + {} and {} grouped rows",
+                self.obs_dim, self.act_dim, groups.rows
+            )));
         }
-        let used: Vec<usize> = (0..groups.len())
-            .filter(|&m| !groups[m].is_empty())
-            .collect();
-        if used.len() == 1 {
-            let out = self.forward_std(&x.unsqueeze(0)?, Some(used[0]), None)?;
+        let x = self.standardise(&Tensor::cat(&[obs, act], 1)?)?;
+        if let [(m, None)] = groups.groups.as_slice() {
+            let out = self.forward_std(&x.unsqueeze(0)?, Some(*m), None)?;
             return Ok((out.mean.squeeze(0)?, out.logvar.squeeze(0)?));
         }
-        let mut means = Vec::with_capacity(used.len());
-        let mut lvs = Vec::with_capacity(used.len());
-        let mut inverse = vec![0u32; b];
-        let mut pos = 0u32;
-        for &m in &used {
-            let idx = crate::transfer::upload(groups[m].clone(), &[groups[m].len()], &self.device)?;
-            let xm = x.index_select(&idx, 0)?.unsqueeze(0)?;
-            let out = self.forward_std(&xm, Some(m), None)?;
+        let inverse = groups.inverse.as_ref().ok_or_else(|| Error::Data("no rows to predict".into()))?;
+        let mut means = Vec::with_capacity(groups.groups.len());
+        let mut lvs = Vec::with_capacity(groups.groups.len());
+        for (m, idx) in &groups.groups {
+            let idx = idx.as_ref().ok_or_else(|| Error::Internal("member group without rows".into()))?;
+            let xm = x.index_select(idx, 0)?.unsqueeze(0)?;
+            let out = self.forward_std(&xm, Some(*m), None)?;
             means.push(out.mean.squeeze(0)?);
             lvs.push(out.logvar.squeeze(0)?);
-            for &row in &groups[m] {
-                inverse[row as usize] = pos;
-                pos += 1;
-            }
         }
-        let inv = crate::transfer::upload(inverse, &[b], &self.device)?;
-        let mean = Tensor::cat(&means, 0)?.index_select(&inv, 0)?;
-        let lv = Tensor::cat(&lvs, 0)?.index_select(&inv, 0)?;
+        let mean = Tensor::cat(&means, 0)?.index_select(inverse, 0)?;
+        let lv = Tensor::cat(&lvs, 0)?.index_select(inverse, 0)?;
         Ok((mean, lv))
+    }
+
+    /// [`mean`](Self::mean) on rows grouped by [`group_members`](Self::group_members).
+    pub fn mean_grouped(&self, obs: &Tensor, act: &Tensor, groups: &MemberGroups) -> Result<ModelStep> {
+        let (mean, _) = self.grouped_rows(obs, act, groups)?;
+        self.to_step(obs, &mean)
+    }
+
+    /// A sample `y = mu + exp(lv / 2) eps` for given standard-normal `eps` (`B x (1 + obs)`,
+    /// on the device), on rows grouped by [`group_members`](Self::group_members): the
+    /// value [`sample`](Self::sample) returns for the same draws.
+    pub fn sample_grouped(
+        &self,
+        obs: &Tensor,
+        act: &Tensor,
+        groups: &MemberGroups,
+        eps: &Tensor,
+    ) -> Result<ModelStep> {
+        let (mean, lv) = self.grouped_rows(obs, act, groups)?;
+        let y = (&mean + (lv * 0.5)?.exp()?.mul(eps)?)?;
+        self.to_step(obs, &y)
     }
 
     fn to_step(&self, obs: &Tensor, y: &Tensor) -> Result<ModelStep> {

@@ -65,7 +65,7 @@ pub mod transfer;
 
 pub use adam::{ModelOptimizer, OptimizerState};
 pub use config::{EnsembleConfig, GradientLossConfig};
-pub use ensemble::{EnsembleSnapshot, ModelStep, ProbabilisticEnsemble, softplus};
+pub use ensemble::{EnsembleSnapshot, MemberGroups, ModelStep, ProbabilisticEnsemble, softplus};
 pub use layer::EnsembleLinear;
 pub use train::{
     DirectionalDerivativeLoss, EpochStats, LossBatch, LossTerms, ModelEnsemble, NeighbourBatch, TrainReport,
