@@ -344,10 +344,18 @@ pub struct Agent {
     /// training was interrupted): the next [`Agent::step`] finishes it.
     pub(crate) mid_step: bool,
     pub(crate) interrupt: Option<Arc<AtomicBool>>,
+    /// Epochs and seconds of the last model training (`ddppo profile`).
+    pub(crate) last_training: Option<crate::profile::ModelTraining>,
 }
 
 fn secs(t: Instant) -> f64 {
     t.elapsed().as_secs_f64()
+}
+
+/// The result of `f` and its wall seconds.
+fn timed<T>(f: impl FnOnce() -> T) -> (T, f64) {
+    let t = Instant::now();
+    (f(), secs(t))
 }
 
 fn finite(what: &str, v: f64) -> Result<f64> {
@@ -424,6 +432,7 @@ impl Agent {
             jacobian_probe: None,
             mid_step: false,
             interrupt: None,
+            last_training: None,
             cfg,
         })
     }
@@ -637,17 +646,17 @@ impl Agent {
                 let prediction = &mut models.prediction;
                 let model_rng = &mut self.rngs.model;
                 std::thread::scope(|scope| {
-                    let handle = scope.spawn(|| g.train(&data, &mut grad_rng));
-                    let p = prediction.train(&data, model_rng);
+                    let handle = scope.spawn(|| timed(|| g.train(&data, &mut grad_rng)));
+                    let p = timed(|| prediction.train(&data, model_rng));
                     let g = handle
                         .join()
-                        .unwrap_or_else(|_| Err(Error::Diverged("gradient-model training panicked".into())));
+                        .unwrap_or_else(|_| (Err(Error::Diverged("gradient-model training panicked".into())), 0.0));
                     (p, Some(g))
                 })
             }
-            None => (models.prediction.train(&data, &mut self.rngs.model), None),
+            None => (timed(|| models.prediction.train(&data, &mut self.rngs.model)), None),
         };
-        let interrupted = |r: &Result<_>| matches!(r, Err(Error::Interrupted));
+        let interrupted = |r: &(Result<_>, f64)| matches!(r.0, Err(Error::Interrupted));
         if interrupted(&report) || grad_report.as_ref().is_some_and(interrupted) {
             if let Some((p, g, rng)) = undo {
                 models.prediction.restore_training_snapshot(&p)?;
@@ -658,14 +667,21 @@ impl Agent {
             }
             return Err(Error::Interrupted);
         }
-        let report = report?;
+        let (report, pred_s) = (report.0?, report.1);
         let elites = models.prediction.ensemble().elites().to_vec();
         let holdout = elites.iter().map(|&e| report.holdout_mse.get(e).copied().unwrap_or(f64::NAN)).sum::<f64>()
             / elites.len().max(1) as f64;
         let mut stats = ModelStats { loss: Some(report.train_loss), holdout: Some(holdout), grad: report.grad_loss };
-        if let Some(gr) = grad_report {
-            stats.grad = gr?.grad_loss;
+        let mut training = crate::profile::ModelTraining {
+            prediction: crate::profile::EnsembleTraining { epochs: report.epochs, seconds: pred_s },
+            gradient: None,
+        };
+        if let Some((gr, grad_s)) = grad_report {
+            let gr = gr?;
+            stats.grad = gr.grad_loss;
+            training.gradient = Some(crate::profile::EnsembleTraining { epochs: gr.epochs, seconds: grad_s });
         }
+        self.last_training = Some(training);
         self.model_stats = stats;
         self.model_trainings += 1;
         Ok(())

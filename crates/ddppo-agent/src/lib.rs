@@ -46,6 +46,7 @@ pub mod grad_error;
 pub mod jacobian_error;
 pub mod nn;
 pub mod policy_update;
+pub mod profile;
 pub mod rollout;
 pub mod sac;
 
