@@ -89,6 +89,9 @@ pub struct Profile {
     pub variant: String,
     pub device: String,
     pub rayon_threads: String,
+    /// `DDPPO_MODEL_THREADS` as set (empty: unset).
+    #[serde(default)]
+    pub model_threads: String,
     pub update_steps: usize,
     pub max_epochs: Option<usize>,
     pub model_train_freq: usize,
@@ -135,6 +138,7 @@ pub fn run(args: ProfileArgs) -> Result<()> {
         variant: cfg.variant.name().to_string(),
         device: args.device.clone(),
         rayon_threads: std::env::var("RAYON_NUM_THREADS").unwrap_or_default(),
+        model_threads: std::env::var("DDPPO_MODEL_THREADS").unwrap_or_default(),
         update_steps,
         max_epochs,
         model_train_freq: cfg.model_train_freq,
@@ -309,15 +313,13 @@ fn epochs_cell(epochs: Option<usize>, seconds: Option<f64>) -> (String, String) 
 /// The figures as a Markdown table.
 pub fn table(p: &Profile) -> String {
     let mut out = format!(
-        "ddppo profile: {} ({} preset), device {}, RAYON_NUM_THREADS={}, updates of {} env steps{}\n\n",
+        "ddppo profile: {} ({} preset), device {}, RAYON_NUM_THREADS={}, DDPPO_MODEL_THREADS={}, \
+         updates of {} env steps{}\n\n",
         p.task,
         p.variant,
         p.device,
-        if p.rayon_threads.is_empty() {
-            "unset"
-        } else {
-            &p.rayon_threads
-        },
+        or_unset(&p.rayon_threads),
+        or_unset(&p.model_threads),
         p.update_steps,
         p.max_epochs.map_or(String::new(), |m| format!(", --max-epochs {m}")),
     );
@@ -349,6 +351,10 @@ pub fn table(p: &Profile) -> String {
         fmt_ratio(1000.0 / p.eval_every as f64),
     ));
     out
+}
+
+fn or_unset(v: &str) -> &str {
+    if v.is_empty() { "unset" } else { v }
 }
 
 fn fmt_ratio(v: f64) -> String {
