@@ -12,7 +12,7 @@ use candle_core::{DType, Device};
 use ddppo_agent::AgentConfig;
 use ddppo_agent::jacobian_error::JacobianProbe;
 use ddppo_env::{EnvFactory, Task};
-use ddppo_models::PredictionEnsemble;
+use ddppo_models::ModelEnsemble;
 use rand::SeedableRng;
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -25,7 +25,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         JacobianProbe::draw(task, &factory, cfg.jacobian_states, cfg.jacobian_directions, 0, cfg.eval_workers)?;
     let draw = t.elapsed().as_secs_f64();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let ens = PredictionEnsemble::new(task.obs_dim(), task.act_dim(), &cfg.model, &Device::Cpu, DType::F32, &mut rng)?;
+    let ens =
+        ModelEnsemble::new(task.obs_dim(), task.act_dim(), &cfg.model, None, &Device::Cpu, DType::F32, &mut rng)?;
     let t = Instant::now();
     let reps = 3;
     for _ in 0..reps {

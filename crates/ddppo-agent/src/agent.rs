@@ -8,10 +8,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use ddppo_buffer::{Batch, ReplayBuffer};
 use ddppo_env::{Env, EnvFactory, Task, evaluate_episodes, is_terminal};
-use ddppo_models::{
-    EnsembleConfig, GradientEnsemble, GradientLossConfig, OptimizerState, PredictionEnsemble, ProbabilisticEnsemble,
-    TrainingSnapshot, TransitionData,
-};
+use ddppo_models::{EnsembleConfig, GradientLossConfig, ModelEnsemble, TransitionData};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use rand::{Rng, SeedableRng};
@@ -153,83 +150,14 @@ impl AgentRngs {
     }
 }
 
-/// An ensemble with its training rule.
-pub enum TrainedEnsemble {
-    /// Gaussian NLL only.
-    Prediction(PredictionEnsemble),
-    /// NLL plus `w R` (equation 10).
-    Gradient(GradientEnsemble),
-}
-
-impl TrainedEnsemble {
-    /// The shared core (rollout API).
-    pub fn ensemble(&self) -> &ProbabilisticEnsemble {
-        match self {
-            TrainedEnsemble::Prediction(e) => e.ensemble(),
-            TrainedEnsemble::Gradient(e) => e.ensemble(),
-        }
-    }
-    /// The shared core, mutable (loading a checkpoint).
-    pub fn ensemble_mut(&mut self) -> &mut ProbabilisticEnsemble {
-        match self {
-            TrainedEnsemble::Prediction(e) => e.ensemble_mut(),
-            TrainedEnsemble::Gradient(e) => e.ensemble_mut(),
-        }
-    }
-    /// The optimiser's state (`None` before the first training).
-    pub fn optimizer_state(&self) -> Option<OptimizerState> {
-        match self {
-            TrainedEnsemble::Prediction(e) => e.optimizer_state(),
-            TrainedEnsemble::Gradient(e) => e.optimizer_state(),
-        }
-    }
-    /// Restores a state from [`TrainedEnsemble::optimizer_state`].
-    pub fn restore_optimizer_state(&mut self, state: Option<OptimizerState>) -> Result<()> {
-        match self {
-            TrainedEnsemble::Prediction(e) => e.restore_optimizer_state(state)?,
-            TrainedEnsemble::Gradient(e) => e.restore_optimizer_state(state)?,
-        }
-        Ok(())
-    }
-    fn train(&mut self, data: &TransitionData, rng: &mut ChaCha8Rng) -> Result<ddppo_models::TrainReport> {
-        let report = match self {
-            TrainedEnsemble::Prediction(e) => e.train(data, rng),
-            TrainedEnsemble::Gradient(e) => e.train(data, rng),
-        };
-        match report {
-            Err(ddppo_models::Error::Interrupted) => Err(Error::Interrupted),
-            r => Ok(r?),
-        }
-    }
-    fn set_interrupt(&mut self, flag: Option<Arc<AtomicBool>>) {
-        match self {
-            TrainedEnsemble::Prediction(e) => e.set_interrupt(flag),
-            TrainedEnsemble::Gradient(e) => e.set_interrupt(flag),
-        }
-    }
-    fn training_snapshot(&self) -> Result<TrainingSnapshot> {
-        Ok(match self {
-            TrainedEnsemble::Prediction(e) => e.training_snapshot()?,
-            TrainedEnsemble::Gradient(e) => e.training_snapshot()?,
-        })
-    }
-    fn restore_training_snapshot(&mut self, s: &TrainingSnapshot) -> Result<()> {
-        match self {
-            TrainedEnsemble::Prediction(e) => e.restore_training_snapshot(s)?,
-            TrainedEnsemble::Gradient(e) => e.restore_training_snapshot(s)?,
-        }
-        Ok(())
-    }
-}
-
 /// The learned models of a variant (section 6): the rollout ensemble and,
 /// for `ddppo`, a separate gradient ensemble. Without one, derivatives come
 /// from the rollout ensemble's mean.
 pub struct LearnedModels {
     /// Rolls out (values).
-    pub prediction: TrainedEnsemble,
+    pub prediction: ModelEnsemble,
     /// Differentiates, when separate.
-    pub gradient: Option<TrainedEnsemble>,
+    pub gradient: Option<ModelEnsemble>,
 }
 
 impl LearnedModels {
@@ -241,11 +169,11 @@ impl LearnedModels {
         device: &Device,
         rng: &mut ChaCha8Rng,
     ) -> Result<Option<Self>> {
-        let pred = |c: &EnsembleConfig, rng: &mut ChaCha8Rng| -> Result<TrainedEnsemble> {
-            Ok(TrainedEnsemble::Prediction(PredictionEnsemble::new(obs_dim, act_dim, c, device, DType::F32, rng)?))
+        let pred = |c: &EnsembleConfig, rng: &mut ChaCha8Rng| -> Result<ModelEnsemble> {
+            Ok(ModelEnsemble::new(obs_dim, act_dim, c, None, device, DType::F32, rng)?)
         };
-        let grad = |c: &EnsembleConfig, g: &GradientLossConfig, rng: &mut ChaCha8Rng| -> Result<TrainedEnsemble> {
-            Ok(TrainedEnsemble::Gradient(GradientEnsemble::new(obs_dim, act_dim, c, g, device, DType::F32, rng)?))
+        let grad = |c: &EnsembleConfig, g: &GradientLossConfig, rng: &mut ChaCha8Rng| -> Result<ModelEnsemble> {
+            Ok(ModelEnsemble::new(obs_dim, act_dim, c, Some(g), device, DType::F32, rng)?)
         };
         Ok(match variant {
             Variant::Sac => None,
@@ -638,26 +566,32 @@ impl Agent {
             )),
             None => None,
         };
+        let train = |ens: &mut ModelEnsemble, rng: &mut ChaCha8Rng| -> Result<ddppo_models::TrainReport> {
+            match ens.train(&data, rng) {
+                Err(ddppo_models::Error::Interrupted) => Err(Error::Interrupted),
+                r => Ok(r?),
+            }
+        };
         // The two ensembles are independent: train them on two threads, the
         // gradient ensemble with its own generator seeded from the model stream.
-        let (report, grad_report) = match models.gradient.as_mut() {
+        let (report, gradient_report) = match models.gradient.as_mut() {
             Some(g) => {
-                let mut grad_rng = ChaCha8Rng::from_seed(self.rngs.model.random::<[u8; 32]>());
+                let mut gradient_rng = ChaCha8Rng::from_seed(self.rngs.model.random::<[u8; 32]>());
                 let prediction = &mut models.prediction;
                 let model_rng = &mut self.rngs.model;
                 std::thread::scope(|scope| {
-                    let handle = scope.spawn(|| timed(|| g.train(&data, &mut grad_rng)));
-                    let p = timed(|| prediction.train(&data, model_rng));
+                    let handle = scope.spawn(|| timed(|| train(g, &mut gradient_rng)));
+                    let p = timed(|| train(prediction, model_rng));
                     let g = handle
                         .join()
                         .unwrap_or_else(|_| (Err(Error::Diverged("gradient-model training panicked".into())), 0.0));
                     (p, Some(g))
                 })
             }
-            None => (timed(|| models.prediction.train(&data, &mut self.rngs.model)), None),
+            None => (timed(|| train(&mut models.prediction, &mut self.rngs.model)), None),
         };
         let interrupted = |r: &(Result<_>, f64)| matches!(r.0, Err(Error::Interrupted));
-        if interrupted(&report) || grad_report.as_ref().is_some_and(interrupted) {
+        if interrupted(&report) || gradient_report.as_ref().is_some_and(interrupted) {
             if let Some((p, g, rng)) = undo {
                 models.prediction.restore_training_snapshot(&p)?;
                 if let (Some(ens), Some(s)) = (models.gradient.as_mut(), g) {
@@ -667,19 +601,21 @@ impl Agent {
             }
             return Err(Error::Interrupted);
         }
-        let (report, pred_s) = (report.0?, report.1);
+        let (report, prediction_s) = (report.0?, report.1);
         let elites = models.prediction.ensemble().elites().to_vec();
         let holdout = elites.iter().map(|&e| report.holdout_mse.get(e).copied().unwrap_or(f64::NAN)).sum::<f64>()
             / elites.len().max(1) as f64;
-        let mut stats = ModelStats { loss: Some(report.train_loss), holdout: Some(holdout), grad: report.grad_loss };
+        // The `grad_loss` column: R of the ensemble trained with it.
+        let mut stats =
+            ModelStats { loss: Some(report.train_loss), holdout: Some(holdout), grad: report.derivative_loss };
         let mut training = crate::profile::ModelTraining {
-            prediction: crate::profile::EnsembleTraining { epochs: report.epochs, seconds: pred_s },
+            prediction: crate::profile::EnsembleTraining { epochs: report.epochs, seconds: prediction_s },
             gradient: None,
         };
-        if let Some((gr, grad_s)) = grad_report {
+        if let Some((gr, gradient_s)) = gradient_report {
             let gr = gr?;
-            stats.grad = gr.grad_loss;
-            training.gradient = Some(crate::profile::EnsembleTraining { epochs: gr.epochs, seconds: grad_s });
+            stats.grad = gr.derivative_loss;
+            training.gradient = Some(crate::profile::EnsembleTraining { epochs: gr.epochs, seconds: gradient_s });
         }
         self.last_training = Some(training);
         self.model_stats = stats;

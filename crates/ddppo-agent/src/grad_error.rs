@@ -21,7 +21,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use ddppo_env::{AnalyticDynamics, Env, LinearEnv, LinearSystem, Pendulum};
 use ddppo_models::{
-    EnsembleConfig, EpochStats, GradientEnsemble, GradientLossConfig, PredictionEnsemble,
+    EnsembleConfig, EpochStats, GradientLossConfig, ModelEnsemble,
     ProbabilisticEnsemble, TransitionData,
 };
 use rand::{Rng, SeedableRng};
@@ -420,21 +420,10 @@ fn run_variant(
     };
     let (obs_dim, act_dim) = (data.obs_dim, data.act_dim);
     let dev = Device::Cpu;
-    let result = if variant == VARIANTS[0] {
-        let mut m = GradientEnsemble::new(
-            obs_dim,
-            act_dim,
-            &mcfg,
-            &cfg.gradient,
-            &dev,
-            DType::F32,
-            &mut rng,
-        )?;
-        m.train_with(&td, &mut rng, &mut on_epoch)
-    } else {
-        let mut m = PredictionEnsemble::new(obs_dim, act_dim, &mcfg, &dev, DType::F32, &mut rng)?;
-        m.train_with(&td, &mut rng, &mut on_epoch)
-    };
+    // The gradient model is the one trained with the directional-derivative loss.
+    let derivative_loss = (variant == VARIANTS[0]).then_some(&cfg.gradient);
+    let mut m = ModelEnsemble::new(obs_dim, act_dim, &mcfg, derivative_loss, &dev, DType::F32, &mut rng)?;
+    let result = m.train_with(&td, &mut rng, &mut on_epoch);
     if let Some(e) = error {
         return Err(e);
     }

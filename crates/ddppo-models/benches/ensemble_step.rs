@@ -9,7 +9,7 @@ use std::hint::black_box;
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{Criterion, criterion_group, criterion_main};
-use ddppo_models::{EnsembleConfig, GradBatch, LossBatch, ModelOptimizer, ProbabilisticEnsemble};
+use ddppo_models::{EnsembleConfig, LossBatch, ModelOptimizer, NeighbourBatch, ProbabilisticEnsemble};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -55,15 +55,15 @@ fn bench(c: &mut Criterion) {
     let nll_batch = LossBatch {
         x: x.clone(),
         y: y.clone(),
-        grad: None,
+        neighbours: None,
     };
     let grad_batch = LossBatch {
         x: x.clone(),
         y: y.clone(),
-        grad: Some(GradBatch {
-            xg: xg.clone(),
-            t0: t0.clone(),
-            dy: dy.clone(),
+        neighbours: Some(NeighbourBatch {
+            points: xg.clone(),
+            directions: t0.clone(),
+            differences: dy.clone(),
             k: N,
         }),
     };

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 use ddppo_models::{
-    EnsembleConfig, GradientEnsemble, GradientLossConfig, PredictionEnsemble, TransitionData,
+    EnsembleConfig, GradientLossConfig, ModelEnsemble, TransitionData,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -178,10 +178,10 @@ fn main() -> ddppo_models::Result<()> {
         };
         if pred {
             let mut rng = ChaCha8Rng::seed_from_u64(7);
-            let mut m = PredictionEnsemble::new(
+            let mut m = ModelEnsemble::new(
                 shape.obs,
                 shape.act,
-                &cfg,
+                &cfg, None,
                 &Device::Cpu,
                 DType::F32,
                 &mut rng,
@@ -194,11 +194,10 @@ fn main() -> ddppo_models::Result<()> {
         }
         if grad {
             let mut rng = ChaCha8Rng::seed_from_u64(7);
-            let mut m = GradientEnsemble::new(
+            let mut m = ModelEnsemble::new(
                 shape.obs,
                 shape.act,
-                &cfg,
-                &gcfg,
+                &cfg, Some(&gcfg),
                 &Device::Cpu,
                 DType::F32,
                 &mut rng,

@@ -124,14 +124,14 @@ impl ModelOptimizer {
         self.update(&grads)
     }
 
-    /// One step on `batch` with gradient-loss weight `w`; returns the loss value.
+    /// One step on `batch`, `weight` being `w` of equation 10; returns the loss value.
     pub fn step(
         &mut self,
         ens: &ProbabilisticEnsemble,
         batch: &crate::LossBatch,
-        w: f64,
+        weight: f64,
     ) -> Result<f64> {
-        let terms = ens.loss(batch, w)?;
+        let terms = ens.loss(batch, weight)?;
         self.apply(&terms.total)
     }
 

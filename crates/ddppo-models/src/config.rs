@@ -170,6 +170,16 @@ pub struct GradientLossConfig {
     pub neighbour_set: usize,
     /// Search neighbours in standardised input space instead of raw `x` (the reference's choice).
     pub standardise_search: bool,
+    /// `m`: neighbours per point in each minibatch, drawn afresh from its `n`
+    /// (an unbiased estimate of `R` at `m / n` of the cost); `0` (the default)
+    /// uses all `n`. Left out of a written config when 0, so that configs
+    /// without the option read and write as before it existed.
+    #[serde(skip_serializing_if = "uses_all_neighbours")]
+    pub directions_per_step: usize,
+}
+
+fn uses_all_neighbours(directions_per_step: &usize) -> bool {
+    *directions_per_step == 0
 }
 
 impl Default for GradientLossConfig {
@@ -179,6 +189,7 @@ impl Default for GradientLossConfig {
             weight: 0.1,
             neighbour_set: 10_000,
             standardise_search: false,
+            directions_per_step: 0,
         }
     }
 }
@@ -200,6 +211,20 @@ impl GradientLossConfig {
                 "must be larger than the number of neighbours",
             ));
         }
+        if self.directions_per_step > self.neighbours {
+            return Err(bad(
+                "directions_per_step",
+                format!(
+                    "must be in 1..={} (neighbours), or 0 for all, got {}",
+                    self.neighbours, self.directions_per_step
+                ),
+            ));
+        }
         Ok(())
+    }
+
+    /// Neighbours per point in a minibatch: `directions_per_step`, or all `n`.
+    pub fn directions(&self) -> usize {
+        if self.directions_per_step == 0 { self.neighbours } else { self.directions_per_step }
     }
 }

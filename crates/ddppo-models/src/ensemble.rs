@@ -849,7 +849,7 @@ impl ProbabilisticEnsemble {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{GradBatch, LossBatch};
+    use crate::{LossBatch, NeighbourBatch};
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
 
@@ -935,10 +935,10 @@ mod tests {
             let batch = LossBatch {
                 x: randt(&mut rng, &[e, b, 4], dtype),
                 y: randt(&mut rng, &[e, b, 3], dtype),
-                grad: Some(GradBatch {
-                    xg: randt(&mut rng, &[e, bg, 4], dtype),
-                    t0: randt(&mut rng, &[e, bg * k, 4], dtype),
-                    dy: randt(&mut rng, &[e, bg * k, 3], dtype),
+                neighbours: Some(NeighbourBatch {
+                    points: randt(&mut rng, &[e, bg, 4], dtype),
+                    directions: randt(&mut rng, &[e, bg * k, 4], dtype),
+                    differences: randt(&mut rng, &[e, bg * k, 3], dtype),
                     k,
                 }),
             };

@@ -124,10 +124,4 @@ impl EnsembleLinear {
             Some(m) => Ok((w.narrow(0, m, 1)?, b.narrow(0, m, 1)?)),
         }
     }
-
-    /// `x`: `E' x B x in` with `E'` = members (or 1 for one member) -> `E' x B x out`.
-    pub fn forward(&self, x: &Tensor, member: Option<usize>) -> Result<Tensor> {
-        let (w, b) = self.params(member, false)?;
-        Ok(x.matmul(&w)?.broadcast_add(&b)?)
-    }
 }

@@ -5,8 +5,11 @@
 //! `M^p`, equation 2) and the gradient model `M^g`, trained with the
 //! directional-derivative loss `w * R` added (equations 9 and 10). `J · v` is
 //! computed by forward-mode tangents written as ordinary tensor ops, so only
-//! first-order autograd is needed. The rollout API picks one elite per row and
-//! runs only that member on it (ALGORITHM.md sections 2 and 3).
+//! first-order autograd is needed. Both models are one type, [`ModelEnsemble`],
+//! built with or without a [`GradientLossConfig`];
+//! [`directional_derivative_loss`] computes equations 9 and 10. The rollout API
+//! picks one elite per row and runs only that member on it (ALGORITHM.md
+//! sections 2 and 3).
 //!
 //! CPU speed: on CPU each hidden layer is one fused autograd node (matmul, then
 //! bias, SiLU and the tangent scaling in one pass, vectorised for AVX-512/AVX2).
@@ -22,14 +25,15 @@
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
-//! use ddppo_models::{EnsembleConfig, PredictionEnsemble, TransitionData};
+//! use ddppo_models::{EnsembleConfig, ModelEnsemble, TransitionData};
 //! use rand::SeedableRng;
 //!
 //! # fn main() -> ddppo_models::Result<()> {
 //! let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
 //! let cfg = EnsembleConfig { ensemble_size: 3, elites: 2, hidden: 16, hidden_layers: 2,
 //!     weight_decay: vec![0.0; 3], max_epochs: Some(2), ..Default::default() };
-//! let mut model = PredictionEnsemble::new(1, 1, &cfg, &Device::Cpu, DType::F32, &mut rng)?;
+//! // `None`: the prediction model; `Some(&GradientLossConfig)` adds `w R`.
+//! let mut model = ModelEnsemble::new(1, 1, &cfg, None, &Device::Cpu, DType::F32, &mut rng)?;
 //! // s' = s + a, r = -s^2 on 64 random rows.
 //! let obs: Vec<f32> = (0..64).map(|i| (i as f32 / 32.0) - 1.0).collect();
 //! let act: Vec<f32> = (0..64).map(|i| ((i * 7 % 64) as f32 / 64.0) - 0.5).collect();
@@ -64,8 +68,8 @@ pub use config::{EnsembleConfig, GradientLossConfig};
 pub use ensemble::{EnsembleSnapshot, ModelStep, ProbabilisticEnsemble, softplus};
 pub use layer::EnsembleLinear;
 pub use train::{
-    EpochStats, GradBatch, GradientEnsemble, LossBatch, LossTerms, PredictionEnsemble, TrainReport,
-    TrainingSnapshot, TransitionData,
+    DirectionalDerivativeLoss, EpochStats, LossBatch, LossTerms, ModelEnsemble, NeighbourBatch, TrainReport,
+    TrainingSnapshot, TransitionData, directional_derivative_loss,
 };
 
 /// Errors of this crate.

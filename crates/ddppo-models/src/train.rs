@@ -1,8 +1,13 @@
-//! Training of the ensembles: MBPO's schedule (ALGORITHM.md section 2) and the
-//! directional-derivative loss of the gradient model (section 3, equations 9 and 10).
+//! Training of an ensemble: MBPO's schedule (ALGORITHM.md section 2), with the
+//! directional-derivative loss of the gradient model optional (section 3,
+//! equations 9 and 10). A training call runs four named steps: the holdout
+//! split and scaler ([`SplitData::new`]), the neighbour set of the
+//! directional-derivative loss ([`NeighbourSet::new`]), epochs ([`run_epoch`]),
+//! and MBPO's early stopping ([`EarlyStopping`]).
 use candle_core::{DType, Device, Tensor, Var};
 use rand::Rng;
 use rand::seq::SliceRandom;
+use rand::seq::index;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -51,8 +56,9 @@ pub struct TrainReport {
     pub holdout_mse: Vec<f64>,
     /// Mean total loss over the minibatches of the last epoch.
     pub train_loss: f64,
-    /// Mean `R` over the minibatches of the last epoch (gradient model only).
-    pub grad_loss: Option<f64>,
+    /// Mean `R` (equation 9) over the minibatches of the last epoch; `None`
+    /// without the directional-derivative loss.
+    pub derivative_loss: Option<f64>,
 }
 
 /// Passed to the per-epoch observer.
@@ -63,26 +69,32 @@ pub struct EpochStats {
     /// Holdout MSE of `(r, ds)` per member, current weights.
     pub holdout_mse: Vec<f64>,
     pub train_loss: f64,
-    pub grad_loss: Option<f64>,
+    /// Mean `R` over the epoch's minibatches (with the directional-derivative loss).
+    pub derivative_loss: Option<f64>,
 }
 
 /// One minibatch for the loss, in standardised inputs (host-built, member-major).
 ///
-/// `x`: `E x B x in`, `y`: `E x B x out` targets `(r, ds)`; with the gradient loss
-/// also `xg`: `E x Bg x in` points, `t0`: `E x (Bg * k) x in` the standardised
-/// directions `x_i - x_j` to their `k` neighbours and `dy`: `E x (Bg * k) x out`
-/// the differences `y_i - y_j` (equation 9; the `s` part of `s'` cancels against the
-/// identity in `g = s + ds`, so the `ds` difference is the target for `J_ds · v`).
+/// `x`: `E x B x in`, `y`: `E x B x out` targets `(r, ds)`; with the
+/// directional-derivative loss also the [`NeighbourBatch`].
 pub struct LossBatch {
     pub x: Tensor,
     pub y: Tensor,
-    pub grad: Option<GradBatch>,
+    pub neighbours: Option<NeighbourBatch>,
 }
 
-pub struct GradBatch {
-    pub xg: Tensor,
-    pub t0: Tensor,
-    pub dy: Tensor,
+/// The directional-derivative loss's part of a minibatch (equation 9).
+///
+/// `points`: `E x Bg x in` points `x_j`; `directions`: `E x (Bg * k) x in` the
+/// standardised directions `v_ij = x_i - x_j` to `k` of their neighbours (row-major:
+/// point, then neighbour); `differences`: `E x (Bg * k) x out` the differences
+/// `y_i - y_j` (the `s` part of `s'` cancels against the identity in `g = s + ds`,
+/// so the `ds` difference is the target for `J_ds · v`).
+pub struct NeighbourBatch {
+    pub points: Tensor,
+    pub directions: Tensor,
+    pub differences: Tensor,
+    /// Directions per point: all `n` neighbours, or the `m` drawn for this minibatch.
     pub k: usize,
 }
 
@@ -93,15 +105,42 @@ pub struct LossTerms {
     /// `E`: Gaussian NLL per member.
     pub nll: Tensor,
     /// `E`: `R` per member (mean over points, neighbours and dims).
-    pub grad: Option<Tensor>,
+    pub derivative_loss: Option<Tensor>,
+}
+
+/// The directional-derivative loss of equations 9 and 10.
+pub struct DirectionalDerivativeLoss {
+    /// Equation 9 per member (`E`): `R = mean (J_g(x_j) v_ij - (y_i - y_j))^2` over
+    /// points, neighbours and output dims.
+    pub per_member: Tensor,
+    /// Equation 10's term `w R`, `R` averaged over the members (a scalar).
+    pub weighted: Tensor,
+}
+
+/// Equations 9 and 10 from the model's directional derivatives `tangent`
+/// (`J_g(x_j) v_ij`, `E x (Bg * k) x out`), the targets `differences`
+/// (`y_i - y_j`, same shape) and the weight `w`.
+///
+/// With `m` of the `n` neighbours of each point drawn uniformly without
+/// replacement (`gradient.directions_per_step`), the mean over the drawn ones
+/// is an unbiased estimate of the mean over all `n`: each neighbour is drawn
+/// with probability `m / n` and counted with weight `1 / m`.
+pub fn directional_derivative_loss(
+    tangent: &Tensor,
+    differences: &Tensor,
+    weight: f64,
+) -> Result<DirectionalDerivativeLoss> {
+    let per_member = (tangent - differences)?.sqr()?.mean((1, 2))?;
+    let weighted = (per_member.mean_all()? * weight)?;
+    Ok(DirectionalDerivativeLoss { per_member, weighted })
 }
 
 impl ProbabilisticEnsemble {
-    /// The training loss on one minibatch. `w` weighs `R` (mean over members).
-    pub fn loss(&self, batch: &LossBatch, w: f64) -> Result<LossTerms> {
+    /// The training loss on one minibatch; `weight` is `w` of equation 10.
+    pub fn loss(&self, batch: &LossBatch, weight: f64) -> Result<LossTerms> {
         let b = batch.x.dim(1)?;
-        let out = match &batch.grad {
-            Some(g) => self.forward_jv(&Tensor::cat(&[&batch.x, &g.xg], 1)?, b, &g.t0, g.k)?,
+        let out = match &batch.neighbours {
+            Some(nb) => self.forward_jv(&Tensor::cat(&[&batch.x, &nb.points], 1)?, b, &nb.directions, nb.k)?,
             None => self.forward_std(&batch.x, None, None)?,
         };
         let mean = out.mean.narrow(1, 0, b)?;
@@ -111,12 +150,11 @@ impl ProbabilisticEnsemble {
             .add(&lv)?
             .mean((1, 2))?;
         let mut total = nll.sum_all()?;
-        let mut grad = None;
-        if let (Some(g), Some(t)) = (&batch.grad, out.tangent) {
-            // Equation 9: (J_g(x_j) v_ij - (y_i - y_j))^2, mean over points, neighbours, dims.
-            let r = (t - &g.dy)?.sqr()?.mean((1, 2))?;
-            total = (total + (r.mean_all()? * w)?)?;
-            grad = Some(r);
+        let mut derivative_loss = None;
+        if let (Some(nb), Some(tangent)) = (&batch.neighbours, out.tangent) {
+            let term = directional_derivative_loss(&tangent, &nb.differences, weight)?;
+            total = (total + term.weighted)?;
+            derivative_loss = Some(term.per_member);
         }
         let c = self.cfg.logvar_bound_penalty;
         let penalty = ((self.param(&self.max_logvar).sum_all()?
@@ -128,7 +166,7 @@ impl ProbabilisticEnsemble {
                 total = (total + (self.param(&layer.weight).sqr()?.sum_all()? * (0.5 * d))?)?;
             }
         }
-        Ok(LossTerms { total, nll, grad })
+        Ok(LossTerms { total, nll, derivative_loss })
     }
 }
 
@@ -169,42 +207,168 @@ impl Snapshot {
     }
 }
 
-/// Neighbour table (`N x n`, row-major) over `points` (`N x dim`): each point's `n`
-/// nearest others by squared Euclidean distance.
-fn neighbour_table(points: &[f32], dim: usize, n: usize, standardise: bool) -> Result<Vec<u32>> {
-    let opts = ddppo_buffer::NeighbourOptions { standardise };
-    let index = ddppo_buffer::NeighbourIndex::build(points, dim, n, &opts)
-        .map_err(|e| Error::Data(format!("neighbour search failed: {e}")))?;
-    Ok(index.table().to_vec())
+/// Step 1 of a training call: the data as the model sees it. The raw inputs
+/// `x = (s, a)` and targets `y = (r, s' - s)`, the holdout split (one shuffle),
+/// the input scaler fitted on the training rows, and the standardised rows
+/// minibatches are drawn from.
+struct SplitData {
+    /// Raw inputs, `N x in` (the neighbour search's space).
+    raw_x: Vec<f64>,
+    rows: StandardRows,
+    /// Row numbers of the training split, in shuffled order.
+    train: Vec<usize>,
+    /// Standardised holdout inputs and their targets, on the model's device.
+    x_hold: Tensor,
+    y_hold: Tensor,
 }
 
 /// The rows minibatches are drawn from: standardised inputs `xs` (`N x ind`) and
 /// targets `yd` (`N x od`), host-side in f64.
-struct BatchRows<'a> {
-    xs: &'a [f64],
-    yd: &'a [f64],
+struct StandardRows {
+    xs: Vec<f64>,
+    yd: Vec<f64>,
     ind: usize,
     od: usize,
 }
 
-impl BatchRows<'_> {
+impl SplitData {
+    /// Draws the holdout split from `rng` and sets `ens`'s scaler.
+    fn new(ens: &mut ProbabilisticEnsemble, data: &TransitionData, rng: &mut impl Rng) -> Result<Self> {
+        let (obs_dim, act_dim) = (ens.obs_dim, ens.act_dim);
+        let n = data.rows(obs_dim, act_dim)?;
+        let (ind, od) = (ens.in_dim(), ens.out_dim());
+        let n_hold = ((n as f64 * ens.cfg.holdout_ratio).round() as usize).clamp(1, ens.cfg.max_holdout);
+        if n < 2 || n_hold >= n {
+            return Err(Error::Data(format!("need at least 2 rows with one left for training, got {n}")));
+        }
+        let mut raw_x = vec![0.0f64; n * ind];
+        let mut yd = vec![0.0f64; n * od];
+        for r in 0..n {
+            for j in 0..obs_dim {
+                raw_x[r * ind + j] = data.obs[r * obs_dim + j] as f64;
+                yd[r * od + 1 + j] = data.next_obs[r * obs_dim + j] as f64 - data.obs[r * obs_dim + j] as f64;
+            }
+            for j in 0..act_dim {
+                raw_x[r * ind + obs_dim + j] = data.act[r * act_dim + j] as f64;
+            }
+            yd[r * od] = data.rew[r] as f64;
+        }
+        let mut perm: Vec<usize> = (0..n).collect();
+        perm.shuffle(rng);
+        let (hold, train) = perm.split_at(n_hold);
+        let train = train.to_vec();
+        // Scaler fitted on the training split.
+        let mut mu = vec![0.0; ind];
+        let mut sd = vec![0.0; ind];
+        for &r in &train {
+            for j in 0..ind {
+                mu[j] += raw_x[r * ind + j];
+            }
+        }
+        mu.iter_mut().for_each(|m| *m /= train.len() as f64);
+        for &r in &train {
+            for j in 0..ind {
+                sd[j] += (raw_x[r * ind + j] - mu[j]).powi(2);
+            }
+        }
+        sd.iter_mut().for_each(|s| *s = (*s / train.len() as f64).sqrt());
+        ens.set_scaler(mu, sd)?;
+        // The scaler as set (a degenerate spread is replaced there).
+        let (mu, sd) = (&ens.scaler_mean, &ens.scaler_std);
+        let xs: Vec<f64> = raw_x.iter().enumerate().map(|(i, v)| (v - mu[i % ind]) / sd[i % ind]).collect();
+        let gather = |rows: &[usize], src: &[f64], width: usize| -> Vec<f64> {
+            let mut v = Vec::with_capacity(rows.len() * width);
+            for &r in rows {
+                v.extend_from_slice(&src[r * width..(r + 1) * width]);
+            }
+            v
+        };
+        let (dtype, device) = (ens.dtype, &ens.device);
+        let x_hold = host_tensor(gather(hold, &xs, ind), &[n_hold, ind], dtype, device)?;
+        let y_hold = host_tensor(gather(hold, &yd, od), &[n_hold, od], dtype, device)?;
+        Ok(Self { raw_x, rows: StandardRows { xs, yd, ind, od }, train, x_hold, y_hold })
+    }
+}
+
+/// Step 2 (with the directional-derivative loss): the neighbour set, the newest
+/// `neighbour_set` rows with each point's `n` nearest others (searched once per
+/// training call), and each member's own order through its points.
+struct NeighbourSet {
+    /// Data row of the set's first point.
+    first: usize,
+    /// `n`.
+    neighbours: usize,
+    /// `size x n`, row-major, indices into the set.
+    table: Vec<u32>,
+    /// `m`: neighbours per point in a minibatch; `m < n` draws them afresh each time.
+    per_minibatch: usize,
+    /// Each member's shuffle of the set's points and its position in it.
+    order: Vec<Vec<usize>>,
+    pos: Vec<usize>,
+}
+
+impl NeighbourSet {
+    fn new(cfg: &GradientLossConfig, raw_x: &[f64], ind: usize, members: usize) -> Result<Self> {
+        cfg.validate()?;
+        let n = raw_x.len() / ind;
+        let size = n.min(cfg.neighbour_set);
+        if size <= cfg.neighbours {
+            return Err(Error::Data(format!(
+                "the gradient loss needs more than n = {} rows, got {size}",
+                cfg.neighbours
+            )));
+        }
+        let first = n - size;
+        let points: Vec<f32> = raw_x[first * ind..].iter().map(|&v| v as f32).collect();
+        let opts = ddppo_buffer::NeighbourOptions { standardise: cfg.standardise_search };
+        let index = ddppo_buffer::NeighbourIndex::build(&points, ind, cfg.neighbours, &opts)
+            .map_err(|e| Error::Data(format!("neighbour search failed: {e}")))?;
+        Ok(Self {
+            first,
+            neighbours: cfg.neighbours,
+            table: index.table().to_vec(),
+            per_minibatch: cfg.directions(),
+            order: vec![(0..size).collect(); members],
+            // Past the end: each member shuffles before its first point.
+            pos: vec![usize::MAX; members],
+        })
+    }
+
+    /// Member `m`'s next point (a data row), its order reshuffled when used up,
+    /// and that point's neighbours for this minibatch (data rows) appended to
+    /// `out`: all `n`, or `m` of them drawn uniformly without replacement.
+    fn next_point(&mut self, member: usize, rng: &mut impl Rng, out: &mut Vec<usize>) -> usize {
+        let order = &mut self.order[member];
+        if self.pos[member] >= order.len() {
+            order.shuffle(rng);
+            self.pos[member] = 0;
+        }
+        let j = order[self.pos[member]];
+        self.pos[member] += 1;
+        let row = &self.table[j * self.neighbours..(j + 1) * self.neighbours];
+        if self.per_minibatch < self.neighbours {
+            out.extend(index::sample(rng, self.neighbours, self.per_minibatch).iter().map(|c| self.first + row[c] as usize));
+        } else {
+            out.extend(row.iter().map(|&i| self.first + i as usize));
+        }
+        self.first + j
+    }
+}
+
+impl StandardRows {
     /// One minibatch (section 2: rows `lo..hi` of each member's own shuffle `idx`;
-    /// section 3: with `nb = (k, first, ns, table)` as many points from each member's
-    /// own shuffle of the neighbour set, with their `k` neighbours), written straight
-    /// into the model's element type (the same rounding as converting afterwards).
-    #[allow(clippy::too_many_arguments)]
+    /// section 3: as many points from each member's own order through the
+    /// neighbour set, with their neighbours), written straight into the model's
+    /// element type (the same rounding as converting afterwards).
     fn minibatch<T: candle_core::WithDType>(
         &self,
         idx: &[Vec<usize>],
-        lo: usize,
-        hi: usize,
-        nb: Option<(usize, usize, usize, &[u32])>,
-        gperm: &mut Vec<Vec<usize>>,
-        gpos: &mut [usize],
+        (lo, hi): (usize, usize),
+        set: Option<&mut NeighbourSet>,
         rng: &mut impl Rng,
         device: &Device,
     ) -> Result<LossBatch> {
-        let (xs, yd, ind, od) = (self.xs, self.yd, self.ind, self.od);
+        let (xs, yd, ind, od) = (&self.xs, &self.yd, self.ind, self.od);
         let (e, b) = (idx.len(), hi - lo);
         let cast = |v: &[f64], out: &mut Vec<T>| out.extend(v.iter().map(|&x| T::from_f64(x)));
         let mut x = Vec::with_capacity(e * b * ind);
@@ -215,31 +379,30 @@ impl BatchRows<'_> {
                 cast(&yd[r * od..(r + 1) * od], &mut y);
             }
         }
-        let grad = match nb {
-            Some((k, first, ns, table)) => {
-                let mut xg = Vec::with_capacity(e * b * ind);
-                let mut t0 = Vec::with_capacity(e * b * k * ind);
-                let mut dy = Vec::with_capacity(e * b * k * od);
-                init_points(gperm, e, ns);
+        let neighbours = match set {
+            Some(set) => {
+                let k = set.per_minibatch;
+                let mut points = Vec::with_capacity(e * b * ind);
+                let mut directions = Vec::with_capacity(e * b * k * ind);
+                let mut differences = Vec::with_capacity(e * b * k * od);
+                let mut near = Vec::with_capacity(k);
                 for m in 0..e {
                     for _ in 0..b {
-                        let j = next_point(gperm, gpos, m, rng);
-                        let rj = first + j;
+                        near.clear();
+                        let rj = set.next_point(m, rng, &mut near);
                         let (xj, yj) = (&xs[rj * ind..(rj + 1) * ind], &yd[rj * od..(rj + 1) * od]);
-                        cast(xj, &mut xg);
-                        for &i in &table[j * k..(j + 1) * k] {
-                            let ri = first + i as usize;
-                            let (xi, yi) =
-                                (&xs[ri * ind..(ri + 1) * ind], &yd[ri * od..(ri + 1) * od]);
-                            t0.extend(xi.iter().zip(xj).map(|(a, c)| T::from_f64(a - c)));
-                            dy.extend(yi.iter().zip(yj).map(|(a, c)| T::from_f64(a - c)));
+                        cast(xj, &mut points);
+                        for &ri in &near {
+                            let (xi, yi) = (&xs[ri * ind..(ri + 1) * ind], &yd[ri * od..(ri + 1) * od]);
+                            directions.extend(xi.iter().zip(xj).map(|(a, c)| T::from_f64(a - c)));
+                            differences.extend(yi.iter().zip(yj).map(|(a, c)| T::from_f64(a - c)));
                         }
                     }
                 }
-                Some(GradBatch {
-                    xg: crate::transfer::upload(xg, &[e, b, ind], device)?,
-                    t0: crate::transfer::upload(t0, &[e, b * k, ind], device)?,
-                    dy: crate::transfer::upload(dy, &[e, b * k, od], device)?,
+                Some(NeighbourBatch {
+                    points: crate::transfer::upload(points, &[e, b, ind], device)?,
+                    directions: crate::transfer::upload(directions, &[e, b * k, ind], device)?,
+                    differences: crate::transfer::upload(differences, &[e, b * k, od], device)?,
                     k,
                 })
             }
@@ -248,35 +411,18 @@ impl BatchRows<'_> {
         Ok(LossBatch {
             x: crate::transfer::upload(x, &[e, b, ind], device)?,
             y: crate::transfer::upload(y, &[e, b, od], device)?,
-            grad,
+            neighbours,
         })
     }
 }
 
-/// Sets up the per-member shuffles of the neighbour set (`ns` points) once.
-fn init_points(gperm: &mut Vec<Vec<usize>>, e: usize, ns: usize) {
-    if gperm.len() != e {
-        *gperm = vec![(0..ns).collect(); e];
-    }
-}
-
-/// Member `m`'s next point of the neighbour set: an independent shuffle per
-/// member, reshuffled when used up.
-fn next_point(gperm: &mut [Vec<usize>], gpos: &mut [usize], m: usize, rng: &mut impl Rng) -> usize {
-    if gpos[m] >= gperm[m].len() {
-        gperm[m].shuffle(rng);
-        gpos[m] = 0;
-    }
-    gpos[m] += 1;
-    gperm[m][gpos[m] - 1]
-}
-
 /// Minibatches gathered on the device (section 2 and 3 as in
-/// [`BatchRows::minibatch`]): the standardised inputs and targets are uploaded
+/// [`StandardRows::minibatch`]): the standardised inputs and targets are uploaded
 /// once per training call, in f64 so that gathered rows and neighbour
 /// differences round to the model's dtype exactly as the host path's do; the
 /// row indices of a whole epoch go up in one upload. Off the CPU this replaces
-/// one upload of every minibatch's data.
+/// one upload of every minibatch's data. Drawn neighbours
+/// (`gradient.directions_per_step`) are drawn on the host as in the host path.
 struct DeviceRows {
     /// `N x in`, f64.
     xs: Tensor,
@@ -285,47 +431,50 @@ struct DeviceRows {
 }
 
 /// One epoch's row indices on the device: per minibatch `E * B` rows for `x`
-/// and `y`, then with the gradient loss `E * B` points and their `E * B * k`
-/// neighbours; `spans` holds each minibatch's offset and `B`.
+/// and `y`, then with the directional-derivative loss `E * B` points and their
+/// `E * B * k` neighbours; `spans` holds each minibatch's offset and `B`.
 struct EpochRows {
     rows: Tensor,
     spans: Vec<(usize, usize)>,
 }
 
 impl DeviceRows {
+    fn new(rows: &StandardRows, device: &Device) -> Result<Self> {
+        let n = rows.yd.len() / rows.od;
+        Ok(Self {
+            xs: crate::transfer::upload(rows.xs.clone(), &[n, rows.ind], device)?,
+            yd: crate::transfer::upload(rows.yd.clone(), &[n, rows.od], device)?,
+        })
+    }
+
     /// Draws the epoch's minibatches with the same random calls, in the same
     /// order, as the host path, and uploads their rows.
-    #[allow(clippy::too_many_arguments)]
     fn epoch(
         idx: &[Vec<usize>],
-        bs: usize,
-        nb: Option<(usize, usize, usize, &[u32])>,
-        gperm: &mut Vec<Vec<usize>>,
-        gpos: &mut [usize],
+        batch_size: usize,
+        mut set: Option<&mut NeighbourSet>,
         rng: &mut impl Rng,
         device: &Device,
     ) -> Result<EpochRows> {
         let (e, n) = (idx.len(), idx.first().map_or(0, Vec::len));
         let mut rows: Vec<u32> = Vec::new();
         let mut spans = Vec::new();
+        let mut near = Vec::new();
         let mut lo = 0;
         while lo < n {
-            let hi = (lo + bs).min(n);
+            let hi = (lo + batch_size).min(n);
             spans.push((rows.len(), hi - lo));
             for p in idx {
                 rows.extend(p[lo..hi].iter().map(|&r| r as u32));
             }
-            if let Some((k, first, ns, table)) = nb {
-                init_points(gperm, e, ns);
-                let mut neighbours = Vec::with_capacity(e * (hi - lo) * k);
+            if let Some(set) = set.as_deref_mut() {
+                near.clear();
                 for m in 0..e {
                     for _ in lo..hi {
-                        let j = next_point(gperm, gpos, m, rng);
-                        rows.push((first + j) as u32);
-                        neighbours.extend(table[j * k..(j + 1) * k].iter().map(|&i| first as u32 + i));
+                        rows.push(set.next_point(m, rng, &mut near) as u32);
                     }
                 }
-                rows.extend(neighbours);
+                rows.extend(near.iter().map(|&i| i as u32));
             }
             lo = hi;
         }
@@ -333,28 +482,29 @@ impl DeviceRows {
         Ok(EpochRows { rows: crate::transfer::upload(rows, &[len], device)?, spans })
     }
 
-    /// Minibatch `i` of `epoch`, gathered and converted on the device.
+    /// Minibatch `i` of `epoch` (`k` directions per point with the
+    /// directional-derivative loss), gathered and converted on the device.
     fn minibatch(&self, epoch: &EpochRows, i: usize, e: usize, k: Option<usize>, dtype: DType) -> Result<LossBatch> {
         let (off, b) = epoch.spans[i];
         let (ind, od) = (self.xs.dim(1)?, self.yd.dim(1)?);
         let rows = epoch.rows.narrow(0, off, e * b)?;
         let x = self.xs.index_select(&rows, 0)?.to_dtype(dtype)?.reshape((e, b, ind))?;
         let y = self.yd.index_select(&rows, 0)?.to_dtype(dtype)?.reshape((e, b, od))?;
-        let grad = match k {
+        let neighbours = match k {
             Some(k) => {
                 let points = epoch.rows.narrow(0, off + e * b, e * b)?;
-                let neighbours = epoch.rows.narrow(0, off + 2 * e * b, e * b * k)?;
+                let near = epoch.rows.narrow(0, off + 2 * e * b, e * b * k)?;
                 let (xj, yj) = (self.xs.index_select(&points, 0)?, self.yd.index_select(&points, 0)?);
-                let xi = self.xs.index_select(&neighbours, 0)?.reshape((e * b, k, ind))?;
-                let yi = self.yd.index_select(&neighbours, 0)?.reshape((e * b, k, od))?;
+                let xi = self.xs.index_select(&near, 0)?.reshape((e * b, k, ind))?;
+                let yi = self.yd.index_select(&near, 0)?.reshape((e * b, k, od))?;
                 // x_i - x_j and y_i - y_j in f64, then rounded (equation 9).
-                let t0 = xi.broadcast_sub(&xj.unsqueeze(1)?)?.to_dtype(dtype)?.reshape((e, b * k, ind))?;
-                let dy = yi.broadcast_sub(&yj.unsqueeze(1)?)?.to_dtype(dtype)?.reshape((e, b * k, od))?;
-                Some(GradBatch { xg: xj.to_dtype(dtype)?.reshape((e, b, ind))?, t0, dy, k })
+                let directions = xi.broadcast_sub(&xj.unsqueeze(1)?)?.to_dtype(dtype)?.reshape((e, b * k, ind))?;
+                let differences = yi.broadcast_sub(&yj.unsqueeze(1)?)?.to_dtype(dtype)?.reshape((e, b * k, od))?;
+                Some(NeighbourBatch { points: xj.to_dtype(dtype)?.reshape((e, b, ind))?, directions, differences, k })
             }
             None => None,
         };
-        Ok(LossBatch { x, y, grad })
+        Ok(LossBatch { x, y, neighbours })
     }
 }
 
@@ -366,303 +516,272 @@ pub struct TrainingSnapshot {
     opt: Option<OptimizerState>,
 }
 
-/// The training loop shared by both ensembles.
-pub(crate) fn train_core(
-    ens: &mut ProbabilisticEnsemble,
-    opt: &mut Option<ModelOptimizer>,
-    data: &TransitionData,
-    grad_cfg: Option<&GradientLossConfig>,
+/// What every epoch of one training call reads.
+struct EpochInputs<'a> {
+    split: &'a SplitData,
+    /// The rows on the device, when minibatches are gathered there.
+    device_rows: Option<&'a DeviceRows>,
+    batch_size: usize,
+    /// `w` of equation 10 (0 without the directional-derivative loss).
+    weight: f64,
+    interrupt: Option<&'a AtomicBool>,
+}
+
+/// What one epoch reports: sums over its minibatches.
+struct EpochSums {
+    /// Total losses.
+    loss: f64,
+    /// `R`, averaged over the members (0 without the directional-derivative loss).
+    derivative_loss: f64,
+    minibatches: usize,
+}
+
+/// Step 3: one epoch, each member through its own shuffle of the training
+/// split. A non-finite loss is [`Error::NonFinite`] (the caller puts the
+/// weights back).
+fn run_epoch(
+    ens: &ProbabilisticEnsemble,
+    optimizer: &mut ModelOptimizer,
+    inputs: &EpochInputs,
+    mut set: Option<&mut NeighbourSet>,
+    epoch: usize,
     rng: &mut impl Rng,
-    interrupt: Option<&AtomicBool>,
-    on_epoch: &mut dyn FnMut(&ProbabilisticEnsemble, &EpochStats) -> Result<()>,
-) -> Result<TrainReport> {
-    let (obs_dim, act_dim) = (ens.obs_dim, ens.act_dim);
-    let n = data.rows(obs_dim, act_dim)?;
-    let cfg: EnsembleConfig = ens.cfg.clone();
-    let (ind, od, e) = (ens.in_dim(), ens.out_dim(), cfg.ensemble_size);
-    let n_hold = ((n as f64 * cfg.holdout_ratio).round() as usize).clamp(1, cfg.max_holdout);
-    if n < 2 || n_hold >= n {
-        return Err(Error::Data(format!(
-            "need at least 2 rows with one left for training, got {n}"
-        )));
+) -> Result<EpochSums> {
+    let train = &inputs.split.train;
+    let e = ens.cfg.ensemble_size;
+    let mut idx: Vec<Vec<usize>> = Vec::with_capacity(e);
+    for _ in 0..e {
+        let mut p = train.clone();
+        p.shuffle(rng);
+        idx.push(p);
     }
-    // Host columns: raw x = (s, a) and targets (r, s' - s).
-    let mut xr = vec![0.0f64; n * ind];
-    let mut yd = vec![0.0f64; n * od];
-    for r in 0..n {
-        for j in 0..obs_dim {
-            xr[r * ind + j] = data.obs[r * obs_dim + j] as f64;
-            yd[r * od + 1 + j] =
-                data.next_obs[r * obs_dim + j] as f64 - data.obs[r * obs_dim + j] as f64;
-        }
-        for j in 0..act_dim {
-            xr[r * ind + obs_dim + j] = data.act[r * act_dim + j] as f64;
-        }
-        yd[r * od] = data.rew[r] as f64;
-    }
-    let mut perm: Vec<usize> = (0..n).collect();
-    perm.shuffle(rng);
-    let (hold, train) = perm.split_at(n_hold);
-    let train = train.to_vec();
-    // Scaler fitted on the training split.
-    let mut mu = vec![0.0; ind];
-    let mut sd = vec![0.0; ind];
-    for &r in &train {
-        for j in 0..ind {
-            mu[j] += xr[r * ind + j];
-        }
-    }
-    mu.iter_mut().for_each(|m| *m /= train.len() as f64);
-    for &r in &train {
-        for j in 0..ind {
-            sd[j] += (xr[r * ind + j] - mu[j]).powi(2);
-        }
-    }
-    sd.iter_mut()
-        .for_each(|s| *s = (*s / train.len() as f64).sqrt());
-    ens.set_scaler(mu, sd)?;
-    let (mu, sd) = (ens.scaler_mean.clone(), ens.scaler_std.clone());
-    let xs: Vec<f64> = xr
-        .iter()
-        .enumerate()
-        .map(|(i, v)| (v - mu[i % ind]) / sd[i % ind])
-        .collect();
-
-    let (dtype, device) = (ens.dtype, ens.device.clone());
-    let gather = |rows: &[usize], src: &[f64], width: usize| -> Vec<f64> {
-        let mut v = Vec::with_capacity(rows.len() * width);
-        for &r in rows {
-            v.extend_from_slice(&src[r * width..(r + 1) * width]);
-        }
-        v
-    };
-    let x_hold = host_tensor(gather(hold, &xs, ind), &[n_hold, ind], dtype, &device)?;
-    let y_hold = host_tensor(gather(hold, &yd, od), &[n_hold, od], dtype, &device)?;
-
-    // Neighbour set: the newest rows; neighbours searched once per training call.
-    let grad = match grad_cfg {
-        Some(g) => {
-            g.validate()?;
-            let ns = n.min(g.neighbour_set);
-            if ns <= g.neighbours {
-                return Err(Error::Data(format!(
-                    "the gradient loss needs more than n = {} rows, got {ns}",
-                    g.neighbours
-                )));
+    let (dtype, device) = (ens.dtype, &ens.device);
+    // Checked per minibatch: a signal must be answered within seconds even when
+    // one epoch takes a minute.
+    let interrupted = || inputs.interrupt.is_some_and(|f| f.load(Ordering::Relaxed));
+    if let Some(rows) = inputs.device_rows {
+        let k = set.as_ref().map(|s| s.per_minibatch);
+        let epoch_rows = DeviceRows::epoch(&idx, inputs.batch_size, set, rng, device)?;
+        // Sums on the device, read back once at the end of the epoch: a
+        // non-finite loss is caught there (the weights before this training call
+        // are restored either way).
+        let mut sums: Option<(Tensor, Tensor, Option<Tensor>)> = None;
+        for i in 0..epoch_rows.spans.len() {
+            if interrupted() {
+                return Err(Error::Interrupted);
             }
-            let first = n - ns;
-            let pts: Vec<f32> = xr[first * ind..].iter().map(|&v| v as f32).collect();
-            let table = neighbour_table(&pts, ind, g.neighbours, g.standardise_search)?;
-            Some((g.clone(), first, ns, table))
+            let batch = rows.minibatch(&epoch_rows, i, e, k, dtype)?;
+            let terms = ens.loss(&batch, inputs.weight)?;
+            let total = terms.total.to_dtype(DType::F64)?;
+            let nll = terms.nll.to_dtype(DType::F64)?;
+            let r = terms.derivative_loss.as_ref().map(|r| r.to_dtype(DType::F64)).transpose()?;
+            sums = Some(match sums {
+                None => (total, nll, r),
+                Some((t, n, rs)) => (
+                    (t + total)?,
+                    (n + nll)?,
+                    match (rs, r) {
+                        (Some(a), Some(b)) => Some((a + b)?),
+                        _ => None,
+                    },
+                ),
+            });
+            optimizer.backward_step(&terms.total)?;
         }
-        None => None,
-    };
-
-    let vars = ens.vars();
-    if opt.is_none() {
-        *opt = Some(ModelOptimizer::new(ens)?);
-    }
-    let device_rows = if ens.device_batches {
-        Some(DeviceRows {
-            xs: crate::transfer::upload(xs.clone(), &[n, ind], &device)?,
-            yd: crate::transfer::upload(yd.clone(), &[n, od], &device)?,
-        })
-    } else {
-        None
-    };
-    let before = Snapshot::take(&vars)?;
-    let mut best = Snapshot::take(&vars)?;
-    let mut best_mse = vec![f64::INFINITY; e];
-    let mut since = 0usize;
-    let mut epoch = 0usize;
-    let (mut last_loss, mut last_grad): (f64, Option<f64>);
-    let bs = cfg.batch_size;
-    let mut gperm: Vec<Vec<usize>> = Vec::new();
-    let mut gpos = vec![usize::MAX; e];
-    loop {
-        epoch += 1;
-        let mut idx: Vec<Vec<usize>> = Vec::with_capacity(e);
-        for _ in 0..e {
-            let mut p = train.clone();
-            p.shuffle(rng);
-            idx.push(p);
-        }
-        let nb = grad
-            .as_ref()
-            .map(|(g, first, ns, table)| (g.neighbours, *first, *ns, table.as_slice()));
-        let w = grad.as_ref().map_or(0.0, |g| g.0.weight);
-        let optimizer = opt.as_mut().ok_or_else(|| Error::Internal("optimiser missing".into()))?;
-        let (loss_sum, grad_sum, batches) = match &device_rows {
-            Some(rows) => {
-                let epoch_rows = DeviceRows::epoch(&idx, bs, nb, &mut gperm, &mut gpos, rng, &device)?;
-                // Sums on the device, read back once at the end of the epoch: a
-                // non-finite loss is caught there (the weights before this
-                // training call are restored either way).
-                let mut sums: Option<(Tensor, Tensor, Option<Tensor>)> = None;
-                for i in 0..epoch_rows.spans.len() {
-                    // Checked per minibatch: a signal must be answered within seconds
-                    // even when one epoch takes a minute.
-                    if interrupt.is_some_and(|f| f.load(Ordering::Relaxed)) {
-                        return Err(Error::Interrupted);
-                    }
-                    let batch = rows.minibatch(&epoch_rows, i, e, nb.map(|n| n.0), dtype)?;
-                    let terms = ens.loss(&batch, w)?;
-                    let total = terms.total.to_dtype(DType::F64)?;
-                    let nll = terms.nll.to_dtype(DType::F64)?;
-                    let r = terms.grad.as_ref().map(|r| r.to_dtype(DType::F64)).transpose()?;
-                    sums = Some(match sums {
-                        None => (total, nll, r),
-                        Some((t, n, rs)) => (
-                            (t + total)?,
-                            (n + nll)?,
-                            match (rs, r) {
-                                (Some(a), Some(b)) => Some((a + b)?),
-                                _ => None,
-                            },
-                        ),
-                    });
-                    optimizer.backward_step(&terms.total)?;
-                }
-                let (t, n, rs) = sums.ok_or_else(|| Error::Internal("an epoch without minibatches".into()))?;
-                let mut parts = vec![t.reshape(1)?, n];
-                parts.extend(rs);
-                let v = crate::transfer::download_f64(&Tensor::cat(&parts, 0)?)?;
-                let (nll, r) = (&v[1..1 + e], v.get(1 + e..));
-                if !v[0].is_finite() {
-                    let member = (0..e).find(|&m| !nll[m].is_finite() || r.is_some_and(|r| !r[m].is_finite()));
-                    before.restore(&vars)?;
-                    *opt = None;
-                    return Err(Error::NonFinite { member, epoch });
-                }
-                (v[0], r.map_or(0.0, |r| r.iter().sum::<f64>() / e as f64), epoch_rows.spans.len())
-            }
-            None => {
-                let (mut loss_sum, mut grad_sum, mut batches) = (0.0, 0.0, 0usize);
-                let mut lo = 0;
-                while lo < train.len() {
-                    // Checked per minibatch: a signal must be answered within seconds
-                    // even when one epoch takes a minute.
-                    if interrupt.is_some_and(|f| f.load(Ordering::Relaxed)) {
-                        return Err(Error::Interrupted);
-                    }
-                    let hi = (lo + bs).min(train.len());
-                    let src = BatchRows { xs: &xs, yd: &yd, ind, od };
-                    let batch = match dtype {
-                        DType::F32 => src.minibatch::<f32>(&idx, lo, hi, nb, &mut gperm, &mut gpos, rng, &device)?,
-                        DType::F64 => src.minibatch::<f64>(&idx, lo, hi, nb, &mut gperm, &mut gpos, rng, &device)?,
-                        d => return Err(Error::Internal(format!("dtype {d:?}"))),
-                    };
-                    let terms = ens.loss(&batch, w)?;
-                    let total = crate::transfer::download_scalar(&terms.total)?;
-                    let rvals = terms.grad.as_ref().map(crate::transfer::download_f64).transpose()?;
-                    if !total.is_finite() {
-                        let nll = crate::transfer::download_f64(&terms.nll)?;
-                        let member = (0..e).find(|&m| {
-                            !nll[m].is_finite() || rvals.as_ref().is_some_and(|r| !r[m].is_finite())
-                        });
-                        before.restore(&vars)?;
-                        *opt = None;
-                        return Err(Error::NonFinite { member, epoch });
-                    }
-                    optimizer.backward_step(&terms.total)?;
-                    loss_sum += total;
-                    if let Some(r) = rvals {
-                        grad_sum += r.iter().sum::<f64>() / e as f64;
-                    }
-                    batches += 1;
-                    lo = hi;
-                }
-                (loss_sum, grad_sum, batches)
-            }
-        };
-        last_loss = loss_sum / batches as f64;
-        last_grad = grad.as_ref().map(|_| grad_sum / batches as f64);
-        let mse = ens.member_mse(&x_hold, &y_hold)?;
-        if mse.iter().any(|v| !v.is_finite()) {
-            let member = mse.iter().position(|v| !v.is_finite());
-            before.restore(&vars)?;
-            *opt = None;
+        let (t, n, rs) = sums.ok_or_else(|| Error::Internal("an epoch without minibatches".into()))?;
+        let mut parts = vec![t.reshape(1)?, n];
+        parts.extend(rs);
+        let v = crate::transfer::download_f64(&Tensor::cat(&parts, 0)?)?;
+        let (nll, r) = (&v[1..1 + e], v.get(1 + e..));
+        if !v[0].is_finite() {
+            let member = (0..e).find(|&m| !nll[m].is_finite() || r.is_some_and(|r| !r[m].is_finite()));
             return Err(Error::NonFinite { member, epoch });
         }
-        on_epoch(
-            ens,
-            &EpochStats {
-                epoch,
-                holdout_mse: mse.clone(),
-                train_loss: last_loss,
-                grad_loss: last_grad,
-            },
-        )?;
-        // MBPO's early stopping: a member improves when its holdout loss drops by more
-        // than `improvement` relative to its best; its weights are snapshotted then.
+        return Ok(EpochSums {
+            loss: v[0],
+            derivative_loss: r.map_or(0.0, |r| r.iter().sum::<f64>() / e as f64),
+            minibatches: epoch_rows.spans.len(),
+        });
+    }
+    let mut sums = EpochSums { loss: 0.0, derivative_loss: 0.0, minibatches: 0 };
+    let mut lo = 0;
+    while lo < train.len() {
+        if interrupted() {
+            return Err(Error::Interrupted);
+        }
+        let hi = (lo + inputs.batch_size).min(train.len());
+        let rows = &inputs.split.rows;
+        let set = set.as_deref_mut();
+        let batch = match dtype {
+            DType::F32 => rows.minibatch::<f32>(&idx, (lo, hi), set, rng, device)?,
+            DType::F64 => rows.minibatch::<f64>(&idx, (lo, hi), set, rng, device)?,
+            d => return Err(Error::Internal(format!("dtype {d:?}"))),
+        };
+        let terms = ens.loss(&batch, inputs.weight)?;
+        let total = crate::transfer::download_scalar(&terms.total)?;
+        let r = terms.derivative_loss.as_ref().map(crate::transfer::download_f64).transpose()?;
+        if !total.is_finite() {
+            let nll = crate::transfer::download_f64(&terms.nll)?;
+            let member =
+                (0..e).find(|&m| !nll[m].is_finite() || r.as_ref().is_some_and(|r| !r[m].is_finite()));
+            return Err(Error::NonFinite { member, epoch });
+        }
+        optimizer.backward_step(&terms.total)?;
+        sums.loss += total;
+        if let Some(r) = r {
+            sums.derivative_loss += r.iter().sum::<f64>() / e as f64;
+        }
+        sums.minibatches += 1;
+        lo = hi;
+    }
+    Ok(sums)
+}
+
+/// Step 4: MBPO's early stopping. A member improves when its holdout loss
+/// drops by more than `improvement` relative to its best; its weights are
+/// snapshotted then, and restored at the end of the call.
+struct EarlyStopping {
+    best: Snapshot,
+    best_mse: Vec<f64>,
+    /// Epochs since any member last improved.
+    since: usize,
+}
+
+impl EarlyStopping {
+    fn new(vars: &[Var], members: usize) -> Result<Self> {
+        Ok(Self { best: Snapshot::take(vars)?, best_mse: vec![f64::INFINITY; members], since: 0 })
+    }
+
+    /// Takes one epoch's holdout MSE per member.
+    fn observe(&mut self, vars: &[Var], mse: &[f64], improvement: f64) -> Result<()> {
+        let e = self.best_mse.len();
         let mut improved = false;
         for m in 0..e {
-            let gain = if best_mse[m].is_finite() {
-                (best_mse[m] - mse[m]) / best_mse[m]
+            let gain = if self.best_mse[m].is_finite() {
+                (self.best_mse[m] - mse[m]) / self.best_mse[m]
             } else {
                 f64::INFINITY
             };
-            if gain > cfg.improvement {
-                best_mse[m] = mse[m];
-                best.update_member(&vars, e, m)?;
+            if gain > improvement {
+                self.best_mse[m] = mse[m];
+                self.best.update_member(vars, e, m)?;
                 improved = true;
             }
         }
         if improved {
-            best.update_shared(&vars, e)?;
-            since = 0;
+            self.best.update_shared(vars, e)?;
+            self.since = 0;
         } else {
-            since += 1;
+            self.since += 1;
         }
-        if since >= cfg.patience || cfg.max_epochs.is_some_and(|max| epoch >= max) {
-            break;
-        }
+        Ok(())
     }
-    best.restore(&vars)?;
-    let mut order: Vec<usize> = (0..e).collect();
-    order.sort_by(|&a, &b| best_mse[a].total_cmp(&best_mse[b]));
-    ens.elites = order[..cfg.elites].to_vec();
-    Ok(TrainReport {
-        epochs: epoch,
-        holdout_mse: best_mse,
-        train_loss: last_loss,
-        grad_loss: last_grad,
-    })
 }
 
-/// The prediction model: the ensemble trained by Gaussian NLL (section 2).
-pub struct PredictionEnsemble {
+/// One training call: the four steps, with the weights before the call put
+/// back (and Adam restarted) on a non-finite loss.
+fn train_ensemble(
+    ens: &mut ProbabilisticEnsemble,
+    opt: &mut Option<ModelOptimizer>,
+    data: &TransitionData,
+    derivative_loss: Option<&GradientLossConfig>,
+    rng: &mut impl Rng,
+    interrupt: Option<&AtomicBool>,
+    on_epoch: &mut dyn FnMut(&ProbabilisticEnsemble, &EpochStats) -> Result<()>,
+) -> Result<TrainReport> {
+    let split = SplitData::new(ens, data, rng)?;
+    let cfg = ens.cfg.clone();
+    let e = cfg.ensemble_size;
+    let mut set = derivative_loss
+        .map(|c| NeighbourSet::new(c, &split.raw_x, split.rows.ind, e))
+        .transpose()?;
+    let vars = ens.vars();
+    if opt.is_none() {
+        *opt = Some(ModelOptimizer::new(ens)?);
+    }
+    let device_rows = if ens.device_batches { Some(DeviceRows::new(&split.rows, &ens.device)?) } else { None };
+    let inputs = EpochInputs {
+        split: &split,
+        device_rows: device_rows.as_ref(),
+        batch_size: cfg.batch_size,
+        weight: derivative_loss.map_or(0.0, |c| c.weight),
+        interrupt,
+    };
+    let before = Snapshot::take(&vars)?;
+    let mut stop = EarlyStopping::new(&vars, e)?;
+    let mut epoch = 0usize;
+    let (train_loss, derivative_mean) = loop {
+        epoch += 1;
+        let optimizer = opt.as_mut().ok_or_else(|| Error::Internal("optimiser missing".into()))?;
+        let epoch_result = run_epoch(ens, optimizer, &inputs, set.as_mut(), epoch, rng).and_then(|sums| {
+            let mse = ens.member_mse(&split.x_hold, &split.y_hold)?;
+            match mse.iter().position(|v| !v.is_finite()) {
+                Some(member) => Err(Error::NonFinite { member: Some(member), epoch }),
+                None => Ok((sums, mse)),
+            }
+        });
+        let (sums, mse) = match epoch_result {
+            Err(err @ Error::NonFinite { .. }) => {
+                before.restore(&vars)?;
+                *opt = None;
+                return Err(err);
+            }
+            r => r?,
+        };
+        let train_loss = sums.loss / sums.minibatches as f64;
+        let derivative_mean = set.as_ref().map(|_| sums.derivative_loss / sums.minibatches as f64);
+        on_epoch(
+            ens,
+            &EpochStats { epoch, holdout_mse: mse.clone(), train_loss, derivative_loss: derivative_mean },
+        )?;
+        stop.observe(&vars, &mse, cfg.improvement)?;
+        if stop.since >= cfg.patience || cfg.max_epochs.is_some_and(|max| epoch >= max) {
+            break (train_loss, derivative_mean);
+        }
+    };
+    stop.best.restore(&vars)?;
+    let mut order: Vec<usize> = (0..e).collect();
+    order.sort_by(|&a, &b| stop.best_mse[a].total_cmp(&stop.best_mse[b]));
+    ens.elites = order[..cfg.elites].to_vec();
+    Ok(TrainReport { epochs: epoch, holdout_mse: stop.best_mse, train_loss, derivative_loss: derivative_mean })
+}
+
+/// A probabilistic ensemble with its training rule: Gaussian NLL (the
+/// prediction model, section 2), plus `w R`, the directional-derivative loss
+/// (the gradient model, section 3, equation 10), when built with a
+/// [`GradientLossConfig`].
+pub struct ModelEnsemble {
     core: ProbabilisticEnsemble,
     opt: Option<ModelOptimizer>,
+    derivative_loss: Option<GradientLossConfig>,
     interrupt: Option<Arc<AtomicBool>>,
 }
 
-impl PredictionEnsemble {
+impl ModelEnsemble {
+    /// `derivative_loss`: `None` trains by NLL only; `Some` adds `w R` with the
+    /// neighbours searched among the newest `neighbour_set` rows of each call's data.
     pub fn new(
         obs_dim: usize,
         act_dim: usize,
         cfg: &EnsembleConfig,
+        derivative_loss: Option<&GradientLossConfig>,
         device: &Device,
         dtype: DType,
         rng: &mut impl Rng,
     ) -> Result<Self> {
+        if let Some(c) = derivative_loss {
+            c.validate()?;
+        }
         Ok(Self {
             core: ProbabilisticEnsemble::new(obs_dim, act_dim, cfg, device, dtype, rng)?,
             opt: None,
+            derivative_loss: derivative_loss.cloned(),
             interrupt: None,
         })
     }
     /// Trains on all of `data` with early stopping; restores each member's best weights.
     pub fn train(&mut self, data: &TransitionData, rng: &mut impl Rng) -> Result<TrainReport> {
-        train_core(
-            &mut self.core,
-            &mut self.opt,
-            data,
-            None,
-            rng,
-            self.interrupt.as_deref(),
-            &mut |_, _| Ok(()),
-        )
+        self.train_with(data, rng, &mut |_, _| Ok(()))
     }
     /// As [`train`](Self::train), calling `on_epoch` after every epoch's holdout evaluation.
     pub fn train_with(
@@ -671,102 +790,11 @@ impl PredictionEnsemble {
         rng: &mut impl Rng,
         on_epoch: &mut dyn FnMut(&ProbabilisticEnsemble, &EpochStats) -> Result<()>,
     ) -> Result<TrainReport> {
-        train_core(&mut self.core, &mut self.opt, data, None, rng, self.interrupt.as_deref(), on_epoch)
-    }
-    pub fn ensemble(&self) -> &ProbabilisticEnsemble {
-        &self.core
-    }
-    pub fn ensemble_mut(&mut self) -> &mut ProbabilisticEnsemble {
-        &mut self.core
-    }
-    /// The optimiser's state for a checkpoint; `None` before the first training call
-    /// (and after a training call stopped by a non-finite loss, which resets it).
-    /// Together with [`ProbabilisticEnsemble::save`] this is everything training
-    /// carries from one call to the next.
-    pub fn optimizer_state(&self) -> Option<OptimizerState> {
-        self.opt.as_ref().map(ModelOptimizer::state)
-    }
-    /// Restores a state read by [`optimizer_state`](Self::optimizer_state) (`None`:
-    /// the next training call starts Adam afresh). The moments must match this
-    /// model's parameters in number and shape; on a mismatch nothing is changed.
-    pub fn restore_optimizer_state(&mut self, state: Option<OptimizerState>) -> Result<()> {
-        self.opt = match state {
-            Some(s) => Some(ModelOptimizer::from_state(&self.core, &s)?),
-            None => None,
-        };
-        Ok(())
-    }
-    /// A flag that stops a training call between two minibatches with
-    /// [`Error::Interrupted`] (the ensemble is then part-trained: restore a
-    /// [`TrainingSnapshot`] taken before the call).
-    pub fn set_interrupt(&mut self, flag: Option<Arc<AtomicBool>>) {
-        self.interrupt = flag;
-    }
-    /// A copy of everything a training call changes.
-    pub fn training_snapshot(&self) -> Result<TrainingSnapshot> {
-        Ok(TrainingSnapshot { ensemble: self.core.snapshot()?, opt: self.optimizer_state() })
-    }
-    /// Puts back a [`training_snapshot`](Self::training_snapshot): parameters,
-    /// scaler, elites and optimiser state are as when it was taken.
-    pub fn restore_training_snapshot(&mut self, s: &TrainingSnapshot) -> Result<()> {
-        self.core.restore(&s.ensemble)?;
-        self.restore_optimizer_state(s.opt.clone())
-    }
-}
-
-/// The gradient model: NLL plus `w * R`, the directional-derivative loss (equation 10).
-pub struct GradientEnsemble {
-    core: ProbabilisticEnsemble,
-    opt: Option<ModelOptimizer>,
-    grad: GradientLossConfig,
-    interrupt: Option<Arc<AtomicBool>>,
-}
-
-impl GradientEnsemble {
-    pub fn new(
-        obs_dim: usize,
-        act_dim: usize,
-        cfg: &EnsembleConfig,
-        grad: &GradientLossConfig,
-        device: &Device,
-        dtype: DType,
-        rng: &mut impl Rng,
-    ) -> Result<Self> {
-        grad.validate()?;
-        Ok(Self {
-            core: ProbabilisticEnsemble::new(obs_dim, act_dim, cfg, device, dtype, rng)?,
-            opt: None,
-            grad: grad.clone(),
-            interrupt: None,
-        })
-    }
-    pub fn gradient_config(&self) -> &GradientLossConfig {
-        &self.grad
-    }
-    /// Trains on all of `data`; neighbours from the newest `neighbour_set` rows.
-    pub fn train(&mut self, data: &TransitionData, rng: &mut impl Rng) -> Result<TrainReport> {
-        train_core(
+        train_ensemble(
             &mut self.core,
             &mut self.opt,
             data,
-            Some(&self.grad),
-            rng,
-            self.interrupt.as_deref(),
-            &mut |_, _| Ok(()),
-        )
-    }
-    /// As [`train`](Self::train), calling `on_epoch` after every epoch's holdout evaluation.
-    pub fn train_with(
-        &mut self,
-        data: &TransitionData,
-        rng: &mut impl Rng,
-        on_epoch: &mut dyn FnMut(&ProbabilisticEnsemble, &EpochStats) -> Result<()>,
-    ) -> Result<TrainReport> {
-        train_core(
-            &mut self.core,
-            &mut self.opt,
-            data,
-            Some(&self.grad),
+            self.derivative_loss.as_ref(),
             rng,
             self.interrupt.as_deref(),
             on_epoch,

@@ -1,7 +1,7 @@
 //! The rollout API, checkpoints, config validation and non-finite recovery.
 use candle_core::{DType, Device, Tensor};
 use ddppo_models::{
-    EnsembleConfig, Error, GradientLossConfig, PredictionEnsemble, ProbabilisticEnsemble,
+    EnsembleConfig, Error, GradientLossConfig, ModelEnsemble, ProbabilisticEnsemble,
     TransitionData,
 };
 use rand::{Rng, SeedableRng};
@@ -214,7 +214,7 @@ fn configs_are_validated_with_named_fields() {
 fn non_finite_loss_stops_training_and_keeps_previous_weights() {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let mut model =
-        PredictionEnsemble::new(1, 1, &cfg(), &Device::Cpu, DType::F32, &mut rng).unwrap();
+        ModelEnsemble::new(1, 1, &cfg(), None, &Device::Cpu, DType::F32, &mut rng).unwrap();
     let n = 40;
     let obs: Vec<f32> = (0..n).map(|i| i as f32 / n as f32).collect();
     let act = obs.clone();
@@ -268,4 +268,51 @@ fn snapshot(ens: &ProbabilisticEnsemble) -> Vec<Vec<f32>> {
                 .unwrap()
         })
         .collect()
+}
+
+/// `model.max_epochs = N`: a training call stops after N epochs although the
+/// patience would let it go on, and still ends on each member's best weights
+/// by MBPO's rule (its snapshot), not on the last epoch's.
+#[test]
+fn max_epochs_caps_training_and_keeps_the_best_weights() {
+    let (cap, improvement, members) = (6, 0.3, 4);
+    let c = EnsembleConfig { max_epochs: Some(cap), patience: 100, improvement, batch_size: 16, ..cfg() };
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let mut model = ModelEnsemble::new(2, 1, &c, None, &Device::Cpu, DType::F32, &mut rng).unwrap();
+    let n = 200;
+    let obs: Vec<f32> = (0..2 * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let act: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let rew: Vec<f32> = (0..n).map(|r| -obs[2 * r] * obs[2 * r] + 0.5 * act[r]).collect();
+    let next: Vec<f32> = (0..2 * n).map(|i| obs[i] + 0.2 * (act[i / 2] - obs[i]).sin()).collect();
+    let data = TransitionData { obs: &obs, act: &act, rew: &rew, next_obs: &next };
+    let (probe_obs, probe_act) = (rows(&mut rng, 5, 2), rows(&mut rng, 5, 1));
+    // Member m's mean predictions on fixed rows, as bits.
+    let predict = |ens: &ProbabilisticEnsemble, m: usize| -> Vec<u32> {
+        let step = ens.mean(&probe_obs, &probe_act, &[m; 5]).unwrap();
+        let mut v = step.reward.to_vec1::<f32>().unwrap();
+        v.extend(step.next_obs.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        v.into_iter().map(f32::to_bits).collect()
+    };
+    let mut epochs: Vec<(Vec<f64>, Vec<Vec<u32>>)> = Vec::new();
+    let report = model
+        .train_with(&data, &mut rng, &mut |ens, st| {
+            epochs.push((st.holdout_mse.clone(), (0..members).map(|m| predict(ens, m)).collect()));
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!((report.epochs, epochs.len()), (cap, cap));
+    let mut restored_earlier = false;
+    for m in 0..members {
+        let (mut best, mut best_epoch) = (f64::INFINITY, 0);
+        for (i, (mse, _)) in epochs.iter().enumerate() {
+            let gain = if best.is_finite() { (best - mse[m]) / best } else { f64::INFINITY };
+            if gain > improvement {
+                (best, best_epoch) = (mse[m], i);
+            }
+        }
+        assert_eq!(report.holdout_mse[m], best, "member {m}");
+        assert_eq!(predict(model.ensemble(), m), epochs[best_epoch].1[m], "member {m}: best weights restored");
+        restored_earlier |= best_epoch < cap - 1;
+    }
+    assert!(restored_earlier, "some member's best epoch should come before the last");
 }

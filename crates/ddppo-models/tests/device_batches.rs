@@ -2,7 +2,7 @@
 //! it makes no host round trip per minibatch, and it trains exactly as the
 //! host path does.
 use candle_core::{DType, Device};
-use ddppo_models::{EnsembleConfig, GradientEnsemble, GradientLossConfig, TrainReport, TransitionData, transfer};
+use ddppo_models::{EnsembleConfig, GradientLossConfig, ModelEnsemble, TrainReport, TransitionData, transfer};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -31,6 +31,11 @@ fn data() -> Data {
 /// Trains a gradient ensemble (both loss terms) for exactly `EPOCHS` epochs;
 /// returns the report, the host-device copies it made and its parameters.
 fn train(device_batches: bool, batch_size: usize) -> (TrainReport, u64, Vec<Vec<f32>>) {
+    train_drawing(device_batches, batch_size, 0)
+}
+
+/// As [`train`], with `gradient.directions_per_step = directions`.
+fn train_drawing(device_batches: bool, batch_size: usize, directions: usize) -> (TrainReport, u64, Vec<Vec<f32>>) {
     let cfg = EnsembleConfig {
         ensemble_size: 3,
         elites: 2,
@@ -43,9 +48,15 @@ fn train(device_batches: bool, batch_size: usize) -> (TrainReport, u64, Vec<Vec<
         ..Default::default()
     };
     // k = 6 > in = 5: the Jacobian-column branch of the gradient loss.
-    let grad = GradientLossConfig { neighbours: 6, neighbour_set: 80, weight: 1.0, ..Default::default() };
+    let grad = GradientLossConfig {
+        neighbours: 6,
+        neighbour_set: 80,
+        weight: 1.0,
+        directions_per_step: directions,
+        ..Default::default()
+    };
     let mut rng = ChaCha8Rng::seed_from_u64(3);
-    let mut model = GradientEnsemble::new(OBS, ACT, &cfg, &grad, &Device::Cpu, DType::F32, &mut rng).unwrap();
+    let mut model = ModelEnsemble::new(OBS, ACT, &cfg, Some(&grad), &Device::Cpu, DType::F32, &mut rng).unwrap();
     model.ensemble_mut().set_device_batches(device_batches);
     let d = data();
     let td = TransitionData { obs: &d.obs, act: &d.act, rew: &d.rew, next_obs: &d.next };
@@ -90,7 +101,24 @@ fn device_batches_train_exactly_as_the_host_path() {
         assert_eq!(dev.holdout_mse, host.holdout_mse);
         assert_eq!(dev.train_loss, host.train_loss);
         // The mean R is summed in another order (per member over the epoch).
-        let (a, b) = (dev.grad_loss.unwrap(), host.grad_loss.unwrap());
+        let (a, b) = (dev.derivative_loss.unwrap(), host.derivative_loss.unwrap());
         assert!((a - b).abs() <= 1e-12 * b.abs(), "{a} vs {b}");
     }
+}
+
+/// `gradient.directions_per_step`: `m = n` is the default computation to the
+/// last bit (no extra draws); `m < n` trains otherwise, and the device path
+/// draws the same neighbours as the host path.
+#[test]
+fn drawn_directions_train_alike_on_host_and_device() {
+    let (_, _, all) = train_drawing(false, 10, 0);
+    let (_, _, n) = train_drawing(false, 10, 6);
+    assert_eq!(n, all, "m = n must be the default computation");
+    let (host, _, host_params) = train_drawing(false, 10, 2);
+    let (dev, _, dev_params) = train_drawing(true, 10, 2);
+    assert_ne!(host_params, all, "m = 2 of 6 must change the training");
+    assert_eq!(dev_params, host_params);
+    assert_eq!(dev.train_loss, host.train_loss);
+    let (a, b) = (dev.derivative_loss.unwrap(), host.derivative_loss.unwrap());
+    assert!(b.is_finite() && (a - b).abs() <= 1e-12 * b.abs(), "{a} vs {b}");
 }

@@ -1,7 +1,7 @@
 //! Exactness of the tangent directional derivatives and of the loss gradients,
 //! against central finite differences in f64.
 use candle_core::{DType, Device, Tensor};
-use ddppo_models::{EnsembleConfig, GradBatch, LossBatch, ProbabilisticEnsemble};
+use ddppo_models::{EnsembleConfig, LossBatch, NeighbourBatch, ProbabilisticEnsemble};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -156,10 +156,10 @@ fn loss_gradients_match(k: usize) {
     let batch = LossBatch {
         x: t3(rand_vec(&mut rng, e * b * IN, 1.5), e, b, IN),
         y: t3(rand_vec(&mut rng, e * b * OUT, 1.0), e, b, OUT),
-        grad: Some(GradBatch {
-            xg: t3(rand_vec(&mut rng, e * bg * IN, 1.5), e, bg, IN),
-            t0: t3(rand_vec(&mut rng, e * bg * k * IN, 0.5), e, bg * k, IN),
-            dy: t3(rand_vec(&mut rng, e * bg * k * OUT, 0.5), e, bg * k, OUT),
+        neighbours: Some(NeighbourBatch {
+            points: t3(rand_vec(&mut rng, e * bg * IN, 1.5), e, bg, IN),
+            directions: t3(rand_vec(&mut rng, e * bg * k * IN, 0.5), e, bg * k, IN),
+            differences: t3(rand_vec(&mut rng, e * bg * k * OUT, 0.5), e, bg * k, OUT),
             k,
         }),
     };
@@ -238,4 +238,91 @@ fn softplus_is_stable_and_exact() {
             "softplus({xi}) = {yi}, want {exact}"
         );
     }
+}
+
+/// All `m`-subsets of `0..n`, in lexicographic order.
+fn subsets(n: usize, m: usize) -> Vec<Vec<usize>> {
+    if m == 0 {
+        return vec![vec![]];
+    }
+    (m - 1..n)
+        .flat_map(|last| {
+            subsets(last, m - 1).into_iter().map(move |mut s| {
+                s.push(last);
+                s
+            })
+        })
+        .collect()
+}
+
+/// `gradient.directions_per_step = m`: each point's `R` from `m` of its `n`
+/// neighbours. Averaged over every choice of subsets (independently per point,
+/// so over all C(n, m)^3 combinations for 3 points), the estimate equals the full `R`
+/// per member and the loss equals the full loss, in f64 to rounding. The full
+/// loss goes through the Jacobian-column route (n = 6 > in = 5), the subsets
+/// through direct tangents (m = 2).
+#[test]
+fn directions_per_step_averages_exactly_to_the_full_r() {
+    let ens = model(9);
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    let (e, b, bg, n, m) = (3, 3, 1, 6, 2);
+    let x = t3(rand_vec(&mut rng, e * b * IN, 1.5), e, b, IN);
+    let y = t3(rand_vec(&mut rng, e * b * OUT, 1.0), e, b, OUT);
+    let points = rand_vec(&mut rng, e * bg * IN, 1.5);
+    let directions = rand_vec(&mut rng, e * bg * n * IN, 0.5);
+    let differences = rand_vec(&mut rng, e * bg * n * OUT, 0.5);
+    let w = 0.7;
+    // `chosen[p]`: the neighbours point `p` (member-major) keeps.
+    let batch = |chosen: &[Vec<usize>]| {
+        let k = chosen[0].len();
+        let mut d = Vec::new();
+        let mut dy = Vec::new();
+        for (p, keep) in chosen.iter().enumerate() {
+            for &i in keep {
+                let row = p * n + i;
+                d.extend_from_slice(&directions[row * IN..(row + 1) * IN]);
+                dy.extend_from_slice(&differences[row * OUT..(row + 1) * OUT]);
+            }
+        }
+        LossBatch {
+            x: x.clone(),
+            y: y.clone(),
+            neighbours: Some(NeighbourBatch {
+                points: t3(points.clone(), e, bg, IN),
+                directions: t3(d, e, bg * k, IN),
+                differences: t3(dy, e, bg * k, OUT),
+                k,
+            }),
+        }
+    };
+    let terms = |chosen: &[Vec<usize>]| {
+        let t = ens.loss(&batch(chosen), w).unwrap();
+        let r = t.derivative_loss.unwrap().to_vec1::<f64>().unwrap();
+        (t.total.to_scalar::<f64>().unwrap(), r)
+    };
+    let all: Vec<usize> = (0..n).collect();
+    let (full_total, full_r) = terms(&vec![all; e * bg]);
+
+    let subs = subsets(n, m);
+    assert_eq!(subs.len(), 15);
+    let points_total = e * bg;
+    let combos = subs.len().pow(points_total as u32);
+    let (mut total_sum, mut r_sum) = (0.0, vec![0.0; e]);
+    for c in 0..combos {
+        let chosen: Vec<Vec<usize>> =
+            (0..points_total).map(|p| subs[(c / subs.len().pow(p as u32)) % subs.len()].clone()).collect();
+        let (t, r) = terms(&chosen);
+        total_sum += t;
+        r_sum.iter_mut().zip(&r).for_each(|(s, v)| *s += v);
+    }
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.abs().max(1.0);
+    let mean_total = total_sum / combos as f64;
+    assert!(close(mean_total, full_total), "loss: mean of estimates {mean_total} vs full {full_total}");
+    for (s, full) in r_sum.iter().zip(&full_r) {
+        let mean = s / combos as f64;
+        assert!(close(mean, *full), "R: mean of estimates {mean} vs full {full}");
+    }
+    // One subset alone is not the full R (the average above is not trivial).
+    let (_, one) = terms(&vec![vec![0, 1]; points_total]);
+    assert!(one.iter().zip(&full_r).all(|(a, b)| (a - b).abs() > 1e-6));
 }

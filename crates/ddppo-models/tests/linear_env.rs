@@ -2,7 +2,7 @@
 use candle_core::{DType, Device, Tensor};
 use ddppo_env::{AnalyticDynamics, Env, LinearEnv, LinearSystem};
 use ddppo_models::{
-    EnsembleConfig, GradientEnsemble, GradientLossConfig, PredictionEnsemble,
+    EnsembleConfig, GradientLossConfig, ModelEnsemble,
     ProbabilisticEnsemble, TransitionData,
 };
 use rand::{Rng, SeedableRng};
@@ -105,7 +105,7 @@ fn trained_jacobian_recovers_a_and_b() {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let (n, m) = (env.obs_dim(), env.act_dim());
     let mut pred =
-        PredictionEnsemble::new(n, m, &cfg(), &Device::Cpu, DType::F32, &mut rng).unwrap();
+        ModelEnsemble::new(n, m, &cfg(), None, &Device::Cpu, DType::F32, &mut rng).unwrap();
     pred.train(&data, &mut rng).unwrap();
     let grad_cfg = GradientLossConfig {
         neighbours: 10,
@@ -113,9 +113,9 @@ fn trained_jacobian_recovers_a_and_b() {
         ..Default::default()
     };
     let mut grad =
-        GradientEnsemble::new(n, m, &cfg(), &grad_cfg, &Device::Cpu, DType::F32, &mut rng).unwrap();
+        ModelEnsemble::new(n, m, &cfg(), Some(&grad_cfg), &Device::Cpu, DType::F32, &mut rng).unwrap();
     let report = grad.train(&data, &mut rng).unwrap();
-    assert!(report.grad_loss.is_some_and(|r| r.is_finite()));
+    assert!(report.derivative_loss.is_some_and(|r| r.is_finite()));
     let (ep, eg) = (
         worst_dynamics_error(pred.ensemble(), &env, &test),
         worst_dynamics_error(grad.ensemble(), &env, &test),

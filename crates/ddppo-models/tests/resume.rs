@@ -3,8 +3,8 @@
 //! with another seed trains on bit for bit like the original.
 use candle_core::{DType, Device, Tensor};
 use ddppo_models::{
-    EnsembleConfig, Error, GradientEnsemble, GradientLossConfig, OptimizerState,
-    PredictionEnsemble, ProbabilisticEnsemble, TransitionData,
+    EnsembleConfig, Error, GradientLossConfig, ModelEnsemble, OptimizerState,
+    ProbabilisticEnsemble, TransitionData,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -110,90 +110,45 @@ fn tmp(name: &str) -> std::path::PathBuf {
     dir.join(name)
 }
 
-/// The two model kinds behind one interface for the test.
-trait Model {
-    fn train(&mut self, d: &Data, rng: &mut ChaCha8Rng);
-    fn ens(&self) -> &ProbabilisticEnsemble;
-    fn ens_mut(&mut self) -> &mut ProbabilisticEnsemble;
-    fn state(&self) -> Option<OptimizerState>;
-    fn restore(&mut self, s: Option<OptimizerState>) -> ddppo_models::Result<()>;
-}
-
-impl Model for PredictionEnsemble {
-    fn train(&mut self, d: &Data, rng: &mut ChaCha8Rng) {
-        PredictionEnsemble::train(self, &d.view(), rng).unwrap();
-    }
-    fn ens(&self) -> &ProbabilisticEnsemble {
-        self.ensemble()
-    }
-    fn ens_mut(&mut self) -> &mut ProbabilisticEnsemble {
-        self.ensemble_mut()
-    }
-    fn state(&self) -> Option<OptimizerState> {
-        self.optimizer_state()
-    }
-    fn restore(&mut self, s: Option<OptimizerState>) -> ddppo_models::Result<()> {
-        self.restore_optimizer_state(s)
-    }
-}
-
-impl Model for GradientEnsemble {
-    fn train(&mut self, d: &Data, rng: &mut ChaCha8Rng) {
-        GradientEnsemble::train(self, &d.view(), rng).unwrap();
-    }
-    fn ens(&self) -> &ProbabilisticEnsemble {
-        self.ensemble()
-    }
-    fn ens_mut(&mut self) -> &mut ProbabilisticEnsemble {
-        self.ensemble_mut()
-    }
-    fn state(&self) -> Option<OptimizerState> {
-        self.optimizer_state()
-    }
-    fn restore(&mut self, s: Option<OptimizerState>) -> ddppo_models::Result<()> {
-        self.restore_optimizer_state(s)
-    }
-}
-
 /// Trains `a` twice, clones it into `b` (built with another seed) through a file and
 /// the optimiser state, trains both once more on new data with equal rngs: every
 /// parameter, the scaler, the elites and the optimiser state end bit-identical. A
 /// third copy given no optimiser state ends different, so the state matters.
-fn resume_is_exact<M: Model>(mut a: M, mut b: M, mut fresh: M, file: &str) {
+fn resume_is_exact(mut a: ModelEnsemble, mut b: ModelEnsemble, mut fresh: ModelEnsemble, file: &str) {
     let mut rng = ChaCha8Rng::seed_from_u64(10);
-    assert!(a.state().is_none(), "no optimiser state before training");
-    a.train(&data(1, 300), &mut rng);
-    a.train(&data(2, 400), &mut rng);
-    let state = a.state().expect("state after training");
+    assert!(a.optimizer_state().is_none(), "no optimiser state before training");
+    a.train(&data(1, 300).view(), &mut rng).unwrap();
+    a.train(&data(2, 400).view(), &mut rng).unwrap();
+    let state = a.optimizer_state().expect("state after training");
     assert!(state.step > 0);
     let state_then = state_bits(&state);
 
     let path = tmp(file);
-    a.ens().save(&path).unwrap();
-    assert_ne!(bits(a.ens()), bits(b.ens()), "b starts from other weights");
-    b.ens_mut().load(&path).unwrap();
-    b.restore(Some(state.clone())).unwrap();
-    fresh.ens_mut().load(&path).unwrap();
-    fresh.restore(None).unwrap();
-    assert_eq!(bits(a.ens()), bits(b.ens()));
+    a.ensemble().save(&path).unwrap();
+    assert_ne!(bits(a.ensemble()), bits(b.ensemble()), "b starts from other weights");
+    b.ensemble_mut().load(&path).unwrap();
+    b.restore_optimizer_state(Some(state.clone())).unwrap();
+    fresh.ensemble_mut().load(&path).unwrap();
+    fresh.restore_optimizer_state(None).unwrap();
+    assert_eq!(bits(a.ensemble()), bits(b.ensemble()));
 
     let more = data(3, 500);
     let mut rng_b = rng.clone();
     let mut rng_f = rng.clone();
-    a.train(&more, &mut rng);
-    b.train(&more, &mut rng_b);
-    fresh.train(&more, &mut rng_f);
-    assert_eq!(bits(a.ens()), bits(b.ens()), "parameters after resuming");
-    assert_eq!(a.ens().elites(), b.ens().elites());
-    assert_eq!(a.ens().scaler(), b.ens().scaler());
+    a.train(&more.view(), &mut rng).unwrap();
+    b.train(&more.view(), &mut rng_b).unwrap();
+    fresh.train(&more.view(), &mut rng_f).unwrap();
+    assert_eq!(bits(a.ensemble()), bits(b.ensemble()), "parameters after resuming");
+    assert_eq!(a.ensemble().elites(), b.ensemble().elites());
+    assert_eq!(a.ensemble().scaler(), b.ensemble().scaler());
     assert_eq!(
-        state_bits(&a.state().unwrap()),
-        state_bits(&b.state().unwrap())
+        state_bits(&a.optimizer_state().unwrap()),
+        state_bits(&b.optimizer_state().unwrap())
     );
-    assert_ne!(bits(a.ens()), bits(fresh.ens()), "a fresh Adam differs");
+    assert_ne!(bits(a.ensemble()), bits(fresh.ensemble()), "a fresh Adam differs");
     // The state read before the last call is a snapshot, not a live view.
     assert_eq!(state_bits(&state), state_then);
-    assert!(a.state().unwrap().step > state.step);
+    assert!(a.optimizer_state().unwrap().step > state.step);
     std::fs::remove_file(&path).unwrap();
 }
 
@@ -202,7 +157,7 @@ fn prediction_ensemble_resumes_bit_identically() {
     let dev = &Device::Cpu;
     let new = |seed| {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        PredictionEnsemble::new(OBS, ACT, &cfg(), dev, DType::F32, &mut rng).unwrap()
+        ModelEnsemble::new(OBS, ACT, &cfg(), None, dev, DType::F32, &mut rng).unwrap()
     };
     resume_is_exact(new(1), new(2), new(3), "pred.safetensors");
 }
@@ -212,7 +167,7 @@ fn gradient_ensemble_resumes_bit_identically() {
     let dev = &Device::Cpu;
     let new = |seed| {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        GradientEnsemble::new(OBS, ACT, &cfg(), &grad_cfg(), dev, DType::F32, &mut rng).unwrap()
+        ModelEnsemble::new(OBS, ACT, &cfg(), Some(&grad_cfg()), dev, DType::F32, &mut rng).unwrap()
     };
     resume_is_exact(new(1), new(2), new(3), "grad.safetensors");
 }
@@ -221,13 +176,13 @@ fn gradient_ensemble_resumes_bit_identically() {
 fn optimizer_state_of_another_shape_is_a_one_line_error() {
     let dev = &Device::Cpu;
     let mut rng = ChaCha8Rng::seed_from_u64(4);
-    let mut a = PredictionEnsemble::new(OBS, ACT, &cfg(), dev, DType::F32, &mut rng).unwrap();
+    let mut a = ModelEnsemble::new(OBS, ACT, &cfg(), None, dev, DType::F32, &mut rng).unwrap();
     a.train(&data(1, 200).view(), &mut rng).unwrap();
     let state = a.optimizer_state().unwrap();
 
     let wide = EnsembleConfig { hidden: 8, ..cfg() };
     let mut b =
-        GradientEnsemble::new(OBS, ACT, &wide, &grad_cfg(), dev, DType::F32, &mut rng).unwrap();
+        ModelEnsemble::new(OBS, ACT, &wide, Some(&grad_cfg()), dev, DType::F32, &mut rng).unwrap();
     let err = b.restore_optimizer_state(Some(state.clone())).unwrap_err();
     assert!(matches!(err, Error::OptimizerState(_)), "{err}");
     let msg = err.to_string();

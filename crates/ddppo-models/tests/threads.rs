@@ -7,7 +7,7 @@
 //! `n > in` here) takes its multi-threaded path.
 use candle_core::{DType, Device, Tensor};
 use ddppo_models::{
-    EnsembleConfig, GradientEnsemble, GradientLossConfig, PredictionEnsemble,
+    EnsembleConfig, GradientLossConfig, ModelEnsemble,
     ProbabilisticEnsemble, TrainReport, TransitionData,
 };
 use rand::{Rng, SeedableRng};
@@ -115,7 +115,7 @@ fn outcome(ens: &ProbabilisticEnsemble, reports: &[TrainReport]) -> Outcome {
         reports: reports
             .iter()
             .map(|r| {
-                (r.epochs, b(&r.holdout_mse), r.train_loss.to_bits(), r.grad_loss.map(f64::to_bits))
+                (r.epochs, b(&r.holdout_mse), r.train_loss.to_bits(), r.derivative_loss.map(f64::to_bits))
             })
             .collect(),
         mean,
@@ -129,14 +129,14 @@ fn train(gradient: bool, threads: usize, dtype: DType) -> Outcome {
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     if gradient {
         let mut m =
-            GradientEnsemble::new(OBS, ACT, &cfg(), &grad_cfg(), &Device::Cpu, dtype, &mut rng)
+            ModelEnsemble::new(OBS, ACT, &cfg(), Some(&grad_cfg()), &Device::Cpu, dtype, &mut rng)
                 .unwrap();
         m.ensemble_mut().set_threads(threads);
         assert_eq!(m.ensemble().threads(), threads);
         let r = vec![m.train(&view, &mut rng).unwrap(), m.train(&view, &mut rng).unwrap()];
         outcome(m.ensemble(), &r)
     } else {
-        let mut m = PredictionEnsemble::new(OBS, ACT, &cfg(), &Device::Cpu, dtype, &mut rng).unwrap();
+        let mut m = ModelEnsemble::new(OBS, ACT, &cfg(), None, &Device::Cpu, dtype, &mut rng).unwrap();
         m.ensemble_mut().set_threads(threads);
         let r = vec![m.train(&view, &mut rng).unwrap(), m.train(&view, &mut rng).unwrap()];
         outcome(m.ensemble(), &r)
@@ -167,7 +167,7 @@ fn f64_gradient_ensemble_is_bit_identical_for_two_threads() {
 #[test]
 fn thread_count_is_at_least_one() {
     let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let mut m = PredictionEnsemble::new(OBS, ACT, &cfg(), &Device::Cpu, DType::F32, &mut rng).unwrap();
+    let mut m = ModelEnsemble::new(OBS, ACT, &cfg(), None, &Device::Cpu, DType::F32, &mut rng).unwrap();
     m.ensemble_mut().set_threads(0);
     assert_eq!(m.ensemble().threads(), 1);
 }
