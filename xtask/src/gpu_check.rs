@@ -38,7 +38,8 @@ pub struct Inputs {
 pub fn cpu_profile_command(task: &str, out: &Path) -> String {
     let rows = ROWS.map(|r| r.to_string()).join(",");
     format!(
-        "RAYON_NUM_THREADS=1 target/release/ddppo profile --env {task} --rows {rows} --max-epochs {MAX_EPOCHS} --json {}",
+        "RAYON_NUM_THREADS=1 target/release/ddppo profile --env {task} --rows {rows} --max-epochs {MAX_EPOCHS} \
+         --json {}",
         out.join(format!("{task}.json")).display()
     )
 }
@@ -263,7 +264,10 @@ WORK=${{DDPPO_GPU_CHECK_WORK:-$HERE/work}}
 START=$(date +%s)
 mkdir -p "$WORK/lib" || exit 1
 if [ -f "$HERE/ddppo.xz" ]; then
-    command -v xz >/dev/null 2>&1 || {{ echo "error: xz is needed to unpack ddppo.xz (apt-get install xz-utils)" >&2; exit 1; }}
+    if ! command -v xz >/dev/null 2>&1; then
+        echo "error: xz is needed to unpack ddppo.xz (apt-get install xz-utils)" >&2
+        exit 1
+    fi
     xz -dc "$HERE/ddppo.xz" > "$WORK/ddppo" || exit 1
 else
     gzip -dc "$HERE/ddppo.gz" > "$WORK/ddppo" || exit 1

@@ -284,7 +284,7 @@ fn refusals_are_one_line_and_leave_nothing() {
     let none = tmp.join("none");
     refuse(
         &["--bundle", s(&bundle), "--binary", s(&ddppo), "--cpu-figures", s(&none)],
-        "measure them first with `RAYON_NUM_THREADS=1 target/release/ddppo profile --env hopper --rows 5000,20000 --max-epochs 3",
+        "measure them first with `RAYON_NUM_THREADS=1 target/release/ddppo profile --env hopper --rows 5000,20000",
     );
     let text = std::fs::read_to_string(figures.join("ant.json"))
         .unwrap()
