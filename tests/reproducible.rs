@@ -3,7 +3,7 @@
 //! exploration, replay sampling, ensemble training with its neighbour table,
 //! model rollouts, critic and back-prop policy updates).
 
-use ddppo::agent::{Agent, AgentConfig, EvalRecord, Variant};
+use ddppo::agent::{Agent, AgentConfig, EvalRecord, NoObserver, Variant};
 
 /// A tiny DDPPO run on Pendulum that still passes through every phase of
 /// Algorithm 1 (warm-up, two model trainings, rollouts, G1/G2 updates).
@@ -42,12 +42,8 @@ fn comparable(mut r: EvalRecord) -> EvalRecord {
 
 fn run(seed: u64) -> Vec<EvalRecord> {
     let mut agent = Agent::new(tiny(seed)).expect("agent");
-    let mut out = vec![agent.evaluate().expect("evaluate")];
-    while agent.env_steps < agent.config().total_steps() {
-        if let Some(r) = agent.step().expect("step") {
-            out.push(r);
-        }
-    }
+    // The loop `ddppo train` runs, without checkpoints.
+    let out = agent.train(None, &mut NoObserver).expect("train");
     out.into_iter().map(comparable).collect()
 }
 

@@ -17,11 +17,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let first_training = cfg.min_pool_size.div_ceil(cfg.model_train_freq) * cfg.model_train_freq;
     let mut agent = Agent::new(cfg)?;
     let t = Instant::now();
-    while agent.env_steps < first_training {
+    while agent.env_steps() < first_training {
         agent.step()?;
     }
     let warm = agent.phase_times();
-    eprintln!("reached step {} (first model training) in {:.1} s: {warm:?}", agent.env_steps, t.elapsed().as_secs_f64());
+    eprintln!("reached step {} (first model training) in {:.1} s: {warm:?}", agent.env_steps(), t.elapsed().as_secs_f64());
     let t = Instant::now();
     for _ in 0..steps {
         agent.step()?;

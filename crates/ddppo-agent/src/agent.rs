@@ -3,6 +3,7 @@
 //! out into `D_model`, update the critic (`G2`), update the policy (`G1`),
 //! evaluate.
 
+use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -15,11 +16,13 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::Checkpoints;
 use crate::config::{AgentConfig, Variant};
 use crate::jacobian_error::JacobianProbe;
 use crate::nn::{Adam, upload};
 use crate::policy_update::policy_objective;
 use crate::rollout::ModelRollout;
+use crate::run_state::{AgentRngs, ModelStats, RunState};
 use crate::sac::{GaussianPolicy, PolicySnapshot, SacCritic, Temperature};
 use crate::{Error, Result};
 
@@ -111,12 +114,21 @@ pub struct PhaseTimes {
     pub diagnostics: f64,
 }
 
-/// Receives progress from [`Agent::train`].
+/// The error an [`Observer`] may stop the run with (writing its metrics
+/// failed, say); [`Agent::train`] returns it as [`Error::Observer`].
+pub type ObserverError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Receives what [`Agent::train`] does, in order: evaluation records,
+/// checkpoints written, warnings, and progress after every env step.
 pub trait Observer {
     /// After every env step.
     fn on_step(&mut self, _env_steps: usize, _total_steps: usize) {}
-    /// After every evaluation.
-    fn on_eval(&mut self, _record: &EvalRecord) {}
+    /// After every evaluation; an error ends the run at once (no checkpoint).
+    fn on_eval(&mut self, _record: &EvalRecord) -> std::result::Result<(), ObserverError> {
+        Ok(())
+    }
+    /// After a checkpoint was written (complete, under its final name).
+    fn on_checkpoint(&mut self, _path: &Path) {}
     /// When something went wrong that the run survives (a diverged simulation).
     fn on_warning(&mut self, _message: &str) {}
 }
@@ -124,31 +136,6 @@ pub trait Observer {
 /// An observer that ignores everything.
 pub struct NoObserver;
 impl Observer for NoObserver {}
-
-/// The run's random streams, each a seekable `ChaCha8Rng` (a checkpoint stores
-/// seed, stream and word position).
-#[derive(Clone, Debug)]
-pub struct AgentRngs {
-    /// Env reset seeds.
-    pub env: ChaCha8Rng,
-    /// Exploration noise and warm-up actions.
-    pub act: ChaCha8Rng,
-    /// Critic, policy and temperature updates.
-    pub update: ChaCha8Rng,
-    /// Model training and critic-data rollouts.
-    pub model: ChaCha8Rng,
-}
-
-impl AgentRngs {
-    fn new(seed: u64) -> Self {
-        let stream = |k: u64| {
-            let mut r = ChaCha8Rng::seed_from_u64(seed);
-            r.set_stream(k);
-            r
-        };
-        Self { env: stream(1), act: stream(2), update: stream(3), model: stream(4) }
-    }
-}
 
 /// The learned models of a variant (section 6): the rollout ensemble and,
 /// for `ddppo`, a separate gradient ensemble. Without one, derivatives come
@@ -191,41 +178,15 @@ impl LearnedModels {
     }
 }
 
-#[derive(Default)]
-pub(crate) struct Mean {
-    pub(crate) sum: f64,
-    pub(crate) n: usize,
-}
-impl Mean {
-    fn add(&mut self, v: f64) {
-        self.sum += v;
-        self.n += 1;
-    }
-    fn take(&mut self) -> Option<f64> {
-        let m = (self.n > 0).then(|| self.sum / self.n as f64);
-        *self = Mean::default();
-        m
-    }
-}
-
-#[derive(Clone, Copy, Default)]
-pub(crate) struct ModelStats {
-    pub(crate) loss: Option<f64>,
-    pub(crate) holdout: Option<f64>,
-    pub(crate) grad: Option<f64>,
-}
-
-/// A DDPPO (or baseline) agent with its env, buffers, networks, optimisers,
-/// random streams and counters: everything a run's state is made of.
+/// A DDPPO (or baseline) agent: its env, buffers, networks and optimisers
+/// (all of them in one parameter tree, [`Agent::params`]) and its
+/// [`RunState`]. A checkpoint is these, written whole.
 pub struct Agent {
     pub(crate) cfg: AgentConfig,
     pub(crate) task: Task,
     pub(crate) device: Device,
     pub(crate) factory: EnvFactory,
     pub(crate) env: Box<dyn Env>,
-    pub(crate) obs: Vec<f64>,
-    pub(crate) episode_return: f64,
-    pub(crate) last_train_return: Option<f64>,
     /// `D_env`.
     pub env_buffer: ReplayBuffer,
     /// `D_model`.
@@ -244,33 +205,22 @@ pub struct Agent {
     pub alpha_opt: Adam,
     /// Learned models (`None` for `sac`).
     pub models: Option<LearnedModels>,
-    /// Random streams.
-    pub rngs: AgentRngs,
-    /// Env steps taken.
-    pub env_steps: usize,
-    /// Updates taken.
-    pub critic_updates: u64,
-    /// Updates taken.
-    pub policy_updates: u64,
-    /// Model trainings taken.
-    pub model_trainings: u64,
-    /// Training episodes ended by a diverged simulation.
-    pub diverged_episodes: u64,
-    /// The last divergence not yet reported ([`Agent::take_warning`]).
-    pub(crate) warning: Option<String>,
-    pub(crate) rollout_length: usize,
-    pub(crate) snapshot: Option<PolicySnapshot>,
-    pub(crate) critic_loss: Mean,
-    pub(crate) policy_loss: Mean,
-    pub(crate) model_stats: ModelStats,
-    pub(crate) times: PhaseTimes,
-    pub(crate) started: Instant,
-    pub(crate) batch: Batch,
+    /// Counters, random streams, the episode in progress, accumulators.
+    pub(crate) run: RunState,
     /// The held-out states of the Jacobian diagnostics, drawn when first needed.
     pub(crate) jacobian_probe: Option<JacobianProbe>,
-    /// The env step is taken but the updates after it are not (a model
-    /// training was interrupted): the next [`Agent::step`] finishes it.
-    pub(crate) mid_step: bool,
+    /// Wall-clock figures: kept apart from the run state, since they differ
+    /// between runs that are otherwise identical.
+    pub(crate) times: PhaseTimes,
+    pub(crate) started: Instant,
+    /// `(env_steps, mid_step)` of the newest checkpoint that holds this
+    /// agent's current state, if one does (set when saved and when loaded).
+    pub(crate) saved: Option<(usize, bool)>,
+    /// The last divergence not yet reported ([`Agent::take_warning`]).
+    pub(crate) warning: Option<String>,
+    /// A cache of the policy's host copy, cleared by every policy update.
+    pub(crate) snapshot: Option<PolicySnapshot>,
+    pub(crate) batch: Batch,
     pub(crate) interrupt: Option<Arc<AtomicBool>>,
     /// Epochs and seconds of the last model training (`ddppo profile`).
     pub(crate) last_training: Option<crate::profile::ModelTraining>,
@@ -336,29 +286,17 @@ impl Agent {
             critic_opt,
             alpha_opt,
             models,
-            rngs,
+            run: RunState::new(rngs, obs, k0),
             task,
             device,
             factory,
             env,
-            obs,
-            episode_return: 0.0,
-            last_train_return: None,
-            env_steps: 0,
-            critic_updates: 0,
-            policy_updates: 0,
-            model_trainings: 0,
-            diverged_episodes: 0,
             warning: None,
-            rollout_length: k0,
             snapshot: None,
-            critic_loss: Mean::default(),
-            policy_loss: Mean::default(),
-            model_stats: ModelStats::default(),
             times: PhaseTimes::default(),
             started: Instant::now(),
+            saved: None,
             jacobian_probe: None,
-            mid_step: false,
             interrupt: None,
             last_training: None,
             cfg,
@@ -370,30 +308,67 @@ impl Agent {
         &self.cfg
     }
 
+    /// Counters, random streams, the episode in progress, accumulators.
+    pub fn run_state(&self) -> &RunState {
+        &self.run
+    }
+
+    /// Env steps taken.
+    pub fn env_steps(&self) -> usize {
+        self.run.env_steps
+    }
+
     /// Seconds per phase so far.
     pub fn phase_times(&self) -> PhaseTimes {
         self.times
     }
 
-    /// Runs until `epochs * epoch_length` env steps, evaluating every
-    /// `eval_every` steps (and once before the first step); returns the records.
-    pub fn train(&mut self, observer: &mut dyn Observer) -> Result<Vec<EvalRecord>> {
+    /// The outer loop of Algorithm 1, the one `ddppo train` runs: the
+    /// evaluation before the first step (unless a checkpoint says it is
+    /// written already), then [`Agent::step`] until `epochs * epoch_length`
+    /// env steps are done or the interrupt flag ([`Agent::set_interrupt`])
+    /// is raised. With `checkpoints`, one is written every `checkpoint_every`
+    /// env steps (after that step's evaluation, so a resumed run never misses
+    /// a record) and one at the end, the final or the interrupted state,
+    /// unless the newest holds it already. Returns this call's evaluation
+    /// records; after an interruption [`Agent::finished`] is false.
+    pub fn train(&mut self, checkpoints: Option<&Checkpoints>, observer: &mut dyn Observer) -> Result<Vec<EvalRecord>> {
         let total = self.cfg.total_steps();
+        let every = self.cfg.checkpoint_every;
         let mut records = Vec::new();
-        if self.env_steps == 0 {
-            let r = self.evaluate()?;
-            observer.on_eval(&r);
+        let mut report = |observer: &mut dyn Observer, r: EvalRecord| -> Result<()> {
+            observer.on_eval(&r).map_err(Error::Observer)?;
             records.push(r);
+            Ok(())
+        };
+        if self.run.env_steps == 0 && self.saved.is_none() {
+            let r = self.evaluate()?;
+            report(observer, r)?;
         }
-        while self.env_steps < total {
-            if let Some(r) = self.step()? {
-                observer.on_eval(&r);
-                records.push(r);
+        while !self.finished() && !self.interrupted() {
+            match self.step() {
+                Ok(Some(r)) => report(observer, r)?,
+                Ok(None) => {}
+                Err(Error::Interrupted) => break,
+                Err(e) => return Err(e),
             }
             if let Some(w) = self.take_warning() {
                 observer.on_warning(&w);
             }
-            observer.on_step(self.env_steps, total);
+            observer.on_step(self.run.env_steps, total);
+            if let Some(c) = checkpoints
+                && every > 0
+                && self.run.env_steps.is_multiple_of(every)
+                && !self.finished()
+            {
+                observer.on_checkpoint(&c.save(self)?);
+            }
+        }
+        // The same step, on the same side of that step's updates: saved already.
+        if let Some(c) = checkpoints
+            && self.saved != Some((self.run.env_steps, self.run.mid_step))
+        {
+            observer.on_checkpoint(&c.save(self)?);
         }
         Ok(records)
     }
@@ -416,12 +391,12 @@ impl Agent {
 
     /// Whether all `epochs * epoch_length` env steps are taken and done.
     pub fn finished(&self) -> bool {
-        self.env_steps >= self.cfg.total_steps() && !self.mid_step
+        self.run.env_steps >= self.cfg.total_steps() && !self.run.mid_step
     }
 
     /// Whether an interrupted step waits to be finished by [`Agent::step`].
     pub fn is_mid_step(&self) -> bool {
-        self.mid_step
+        self.run.mid_step
     }
 
     /// Whether the installed interrupt flag is set.
@@ -433,18 +408,18 @@ impl Agent {
     pub fn step(&mut self) -> Result<Option<EvalRecord>> {
         // Line 4: act in the real env, store the transition in D_env (unless
         // an interrupted step is being finished).
-        if !self.mid_step {
+        if !self.run.mid_step {
             let t = Instant::now();
             self.collect()?;
             self.times.collect += secs(t);
-            self.mid_step = true;
+            self.run.mid_step = true;
         }
 
         // Lines 5-11: every model_train_freq steps, train both models on D_env
         // and roll the prediction model out into D_model.
         if self.models.is_some()
-            && self.env_steps >= self.cfg.min_pool_size
-            && self.env_steps.is_multiple_of(self.cfg.model_train_freq)
+            && self.run.env_steps >= self.cfg.min_pool_size
+            && self.run.env_steps.is_multiple_of(self.cfg.model_train_freq)
         {
             let t = Instant::now();
             self.train_models()?;
@@ -455,8 +430,8 @@ impl Agent {
         }
 
         let ready = match self.models {
-            Some(_) => self.model_trainings > 0,
-            None => self.env_steps >= self.cfg.min_pool_size,
+            Some(_) => self.run.model_trainings > 0,
+            None => self.run.env_steps >= self.cfg.min_pool_size,
         };
         if ready {
             // Lines 13-15: G2 critic updates (equation 12), capped.
@@ -476,9 +451,9 @@ impl Agent {
             }
             self.times.policy += secs(t);
         }
-        self.mid_step = false;
+        self.run.mid_step = false;
 
-        if self.env_steps.is_multiple_of(self.cfg.eval_every) {
+        if self.run.env_steps.is_multiple_of(self.cfg.eval_every) {
             return Ok(Some(self.evaluate()?));
         }
         Ok(None)
@@ -505,14 +480,14 @@ impl Agent {
     }
 
     fn collect(&mut self) -> Result<()> {
-        let action: Vec<f64> = if self.env_steps < self.cfg.start_steps {
+        let action: Vec<f64> = if self.run.env_steps < self.cfg.start_steps {
             let (lo, hi) = (self.env.action_low().to_vec(), self.env.action_high().to_vec());
-            lo.iter().zip(&hi).map(|(l, h)| self.rngs.act.random_range(*l..*h)).collect()
+            lo.iter().zip(&hi).map(|(l, h)| self.run.rngs.act.random_range(*l..*h)).collect()
         } else {
-            let obs = self.obs.clone();
+            let obs = self.run.obs.clone();
             self.snapshot()?;
             let snap = self.snapshot.as_ref().ok_or_else(|| Error::Config("no policy snapshot".into()))?;
-            snap.sample_action(&obs, &mut self.rngs.act)
+            snap.sample_action(&obs, &mut self.run.rngs.act)
         };
         let step = match self.env.step(&action) {
             Ok(step) => step,
@@ -520,14 +495,14 @@ impl Agent {
             // store: the step counts, the episode ends as a truncation (its
             // transitions so far stay, bootstrapped), and a new one starts.
             Err(e @ ddppo_env::Error::SimulationDiverged { .. }) => {
-                self.env_steps += 1;
-                self.diverged_episodes += 1;
+                self.run.env_steps += 1;
+                self.run.diverged_episodes += 1;
                 self.warning = Some(format!(
                     "env step {}: {e}; episode cut there as a truncation ({} so far)",
-                    self.env_steps, self.diverged_episodes
+                    self.run.env_steps, self.run.diverged_episodes
                 ));
-                self.episode_return = 0.0;
-                self.obs = self.env.reset(self.rngs.env.random());
+                self.run.episode_return = 0.0;
+                self.run.obs = self.env.reset(self.run.rngs.env.random());
                 return Ok(());
             }
             Err(e) => return Err(e.into()),
@@ -536,15 +511,15 @@ impl Agent {
         // mask = 0 only on a true terminal; a time-limit truncation bootstraps.
         let mask = if step.terminated { 0.0 } else { 1.0 };
         let done = if step.terminated || step.truncated { 1.0 } else { 0.0 };
-        self.env_buffer.push(&f(&self.obs), &f(&action), step.reward as f32, &f(&step.obs), mask, done)?;
-        self.episode_return += step.reward;
-        self.env_steps += 1;
+        self.env_buffer.push(&f(&self.run.obs), &f(&action), step.reward as f32, &f(&step.obs), mask, done)?;
+        self.run.episode_return += step.reward;
+        self.run.env_steps += 1;
         if step.terminated || step.truncated {
-            self.last_train_return = Some(self.episode_return);
-            self.episode_return = 0.0;
-            self.obs = self.env.reset(self.rngs.env.random());
+            self.run.last_train_return = Some(self.run.episode_return);
+            self.run.episode_return = 0.0;
+            self.run.obs = self.env.reset(self.run.rngs.env.random());
         } else {
-            self.obs = step.obs;
+            self.run.obs = step.obs;
         }
         Ok(())
     }
@@ -562,7 +537,7 @@ impl Agent {
             Some(_) => Some((
                 models.prediction.training_snapshot()?,
                 models.gradient.as_ref().map(|g| g.training_snapshot()).transpose()?,
-                self.rngs.model.clone(),
+                self.run.rngs.model.clone(),
             )),
             None => None,
         };
@@ -576,9 +551,9 @@ impl Agent {
         // gradient ensemble with its own generator seeded from the model stream.
         let (report, gradient_report) = match models.gradient.as_mut() {
             Some(g) => {
-                let mut gradient_rng = ChaCha8Rng::from_seed(self.rngs.model.random::<[u8; 32]>());
+                let mut gradient_rng = ChaCha8Rng::from_seed(self.run.rngs.model.random::<[u8; 32]>());
                 let prediction = &mut models.prediction;
-                let model_rng = &mut self.rngs.model;
+                let model_rng = &mut self.run.rngs.model;
                 std::thread::scope(|scope| {
                     let handle = scope.spawn(|| timed(|| train(g, &mut gradient_rng)));
                     let p = timed(|| train(prediction, model_rng));
@@ -588,7 +563,7 @@ impl Agent {
                     (p, Some(g))
                 })
             }
-            None => (timed(|| train(&mut models.prediction, &mut self.rngs.model)), None),
+            None => (timed(|| train(&mut models.prediction, &mut self.run.rngs.model)), None),
         };
         let interrupted = |r: &(Result<_>, f64)| matches!(r.0, Err(Error::Interrupted));
         if interrupted(&report) || gradient_report.as_ref().is_some_and(interrupted) {
@@ -597,7 +572,7 @@ impl Agent {
                 if let (Some(ens), Some(s)) = (models.gradient.as_mut(), g) {
                     ens.restore_training_snapshot(&s)?;
                 }
-                self.rngs.model = rng;
+                self.run.rngs.model = rng;
             }
             return Err(Error::Interrupted);
         }
@@ -618,8 +593,8 @@ impl Agent {
             training.gradient = Some(crate::profile::EnsembleTraining { epochs: gr.epochs, seconds: gradient_s });
         }
         self.last_training = Some(training);
-        self.model_stats = stats;
-        self.model_trainings += 1;
+        self.run.model_stats = stats;
+        self.run.model_trainings += 1;
         Ok(())
     }
 
@@ -630,9 +605,9 @@ impl Agent {
         let Some(models) = self.models.as_ref() else {
             return Ok(());
         };
-        let epoch = self.env_steps / self.cfg.epoch_length;
+        let epoch = self.run.env_steps / self.cfg.epoch_length;
         let k = self.cfg.rollout_schedule.length(epoch);
-        self.rollout_length = k;
+        self.run.rollout_length = k;
         let pool = self.cfg.model_pool_size(k);
         if self.model_buffer.capacity() != pool {
             self.model_buffer.resize(pool);
@@ -648,13 +623,13 @@ impl Agent {
             let rows = remaining.min(ROLLOUT_CHUNK);
             remaining -= rows;
             let mut start = Batch::new(rows, od, ad);
-            self.env_buffer.try_sample_into(&mut self.rngs.model, &mut start)?;
+            self.env_buffer.try_sample_into(&mut self.run.rngs.model, &mut start)?;
             let mut obs = start.obs;
             let mut n = rows;
             for _ in 0..k {
                 let s = upload(&obs, n, od, DType::F32, &self.device)?;
-                let a = self.policy.sample(&s, &mut self.rngs.model)?.action.detach();
-                let step = rollout.step(&s, &a, &mut self.rngs.model)?;
+                let a = self.policy.sample(&s, &mut self.run.rngs.model)?.action.detach();
+                let step = rollout.step(&s, &a, &mut self.run.rngs.model)?;
                 let act = a.flatten_all()?.to_vec1::<f32>()?;
                 let rew = step.reward.to_vec1::<f32>()?;
                 let next = step.next_obs.flatten_all()?.to_vec1::<f32>()?;
@@ -677,8 +652,8 @@ impl Agent {
 
     fn critic_updates_due(&self) -> usize {
         let cap = self.cfg.max_train_repeat_per_step as u64
-            * self.env_steps.saturating_sub(self.cfg.min_pool_size).max(1) as u64;
-        let room = cap.saturating_sub(self.critic_updates);
+            * self.run.env_steps.saturating_sub(self.cfg.min_pool_size).max(1) as u64;
+        let room = cap.saturating_sub(self.run.critic_updates);
         (self.cfg.critic_updates_per_step as u64).min(room) as usize
     }
 
@@ -686,13 +661,13 @@ impl Agent {
     /// `D_env` for `sac`.
     fn draw_batch(&mut self) -> Result<()> {
         if self.cfg.variant == Variant::Sac {
-            self.env_buffer.try_sample_into(&mut self.rngs.update, &mut self.batch)?;
+            self.env_buffer.try_sample_into(&mut self.run.rngs.update, &mut self.batch)?;
         } else {
             ddppo_buffer::try_sample_mixed(
                 &self.env_buffer,
                 &self.model_buffer,
                 self.cfg.real_ratio,
-                &mut self.rngs.update,
+                &mut self.run.rngs.update,
                 &mut self.batch,
             )?;
         }
@@ -725,12 +700,12 @@ impl Agent {
             &mask,
             alpha,
             self.cfg.gamma,
-            &mut self.rngs.update,
+            &mut self.run.rngs.update,
         )?;
-        self.critic_loss.add(finite("critic loss", loss.to_scalar::<f32>()? as f64)?);
+        self.run.critic_loss.add(finite("critic loss", loss.to_scalar::<f32>()? as f64)?);
         self.critic_opt.backward_step(&loss)?;
         self.critic.update_targets(self.cfg.tau)?;
-        self.critic_updates += 1;
+        self.run.critic_updates += 1;
         Ok(())
     }
 
@@ -748,7 +723,7 @@ impl Agent {
         let Some(models) = self.models.as_ref() else {
             return Err(Error::Config("back-prop policy update without a model".into()));
         };
-        self.env_buffer.try_sample_into(&mut self.rngs.update, &mut self.batch)?;
+        self.env_buffer.try_sample_into(&mut self.run.rngs.update, &mut self.batch)?;
         let (b, od) = (self.batch.size, self.env_buffer.obs_dim());
         let start = upload(&self.batch.obs, b, od, DType::F32, &self.device)?;
         let task = self.task;
@@ -776,13 +751,13 @@ impl Agent {
             self.cfg.horizon,
             self.cfg.gamma,
             alpha,
-            &mut self.rngs.update,
+            &mut self.run.rngs.update,
         )?;
         let loss = out.objective.neg()?;
-        self.policy_loss.add(finite("policy loss", loss.to_scalar::<f32>()? as f64)?);
+        self.run.policy_loss.add(finite("policy loss", loss.to_scalar::<f32>()? as f64)?);
         self.policy_opt.backward_step(&loss)?;
         self.snapshot = None;
-        self.policy_updates += 1;
+        self.run.policy_updates += 1;
         self.update_temperature(&out.logp0)
     }
 
@@ -793,13 +768,13 @@ impl Agent {
         let (b, od) = (self.batch.size, self.env_buffer.obs_dim());
         let obs = upload(&self.batch.obs, b, od, DType::F32, &self.device)?;
         let alpha = self.temperature.alpha()?;
-        let sample = self.policy.sample(&obs, &mut self.rngs.update)?;
+        let sample = self.policy.sample(&obs, &mut self.run.rngs.update)?;
         let q = self.critic.min_q_frozen(&obs, &sample.action)?;
         let loss = ((&sample.logp * alpha)? - q)?.mean_all()?;
-        self.policy_loss.add(finite("policy loss", loss.to_scalar::<f32>()? as f64)?);
+        self.run.policy_loss.add(finite("policy loss", loss.to_scalar::<f32>()? as f64)?);
         self.policy_opt.backward_step(&loss)?;
         self.snapshot = None;
-        self.policy_updates += 1;
+        self.run.policy_updates += 1;
         self.update_temperature(&sample.logp.detach())
     }
 
@@ -814,24 +789,24 @@ impl Agent {
         let (pred, grad) = self.jacobian_errors()?;
         self.times.diagnostics += secs(t);
         Ok(EvalRecord {
-            env_steps: self.env_steps,
+            env_steps: self.run.env_steps,
             return_mean: summary.return_mean,
             return_std: summary.return_std,
             episode_len_mean: summary.episode_len_mean,
-            train_return: self.last_train_return,
+            train_return: self.run.last_train_return,
             wall_s: secs(self.started),
-            critic_loss: self.critic_loss.take(),
-            policy_loss: self.policy_loss.take(),
+            critic_loss: self.run.critic_loss.take(),
+            policy_loss: self.run.policy_loss.take(),
             alpha: self.temperature.alpha()?,
-            model_loss: self.model_stats.loss,
-            model_holdout_mse: self.model_stats.holdout,
-            grad_loss: self.model_stats.grad,
-            rollout_length: self.rollout_length,
+            model_loss: self.run.model_stats.loss,
+            model_holdout_mse: self.run.model_stats.holdout,
+            grad_loss: self.run.model_stats.grad,
+            rollout_length: self.run.rollout_length,
             model_pool: self.model_buffer.len(),
-            critic_updates: self.critic_updates,
-            policy_updates: self.policy_updates,
+            critic_updates: self.run.critic_updates,
+            policy_updates: self.run.policy_updates,
             phase_s: self.times,
-            diverged_episodes: self.diverged_episodes,
+            diverged_episodes: self.run.diverged_episodes,
             eval_diverged_episodes: summary.diverged,
             pred_jacobian_mse_reward: pred.map(|e| e.mse_reward),
             pred_jacobian_mse_dynamics: pred.map(|e| e.mse_dynamics),

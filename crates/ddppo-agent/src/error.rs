@@ -54,6 +54,10 @@ pub enum Error {
     /// the agent can be checkpointed and the step finishes after a resume.
     #[error("interrupted")]
     Interrupted,
+    /// The observer of [`crate::Agent::train`] stopped the run (its own
+    /// error, shown as it is).
+    #[error(transparent)]
+    Observer(crate::agent::ObserverError),
 }
 
 /// The crate's result type.

@@ -180,7 +180,7 @@ impl crate::Agent {
     /// with `jacobian_states = 0`. Draws the probe on first use. Reads no
     /// random stream of the run and changes nothing the training uses.
     pub(crate) fn jacobian_errors(&mut self) -> Result<(Option<JacobianErrors>, Option<JacobianErrors>)> {
-        if self.cfg.jacobian_states == 0 || self.models.is_none() || self.model_trainings == 0 {
+        if self.cfg.jacobian_states == 0 || self.models.is_none() || self.run.model_trainings == 0 {
             return Ok((None, None));
         }
         if self.jacobian_probe.is_none() {

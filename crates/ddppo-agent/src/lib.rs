@@ -10,7 +10,10 @@
 //!   from the gradient model via `sg(p) + g - sg(g)`.
 //! - [`policy_update`]: equation 11 and its adjoint-recursion check.
 //! - [`config`] and [`agent`]: the typed config (presets in `configs/`) and
-//!   the loop of Algorithm 1.
+//!   the loop of Algorithm 1, [`Agent::train`], the one `ddppo train` runs.
+//! - [`run_state`] and [`params`]: a run's state as one serialisable
+//!   [`RunState`], its networks and optimiser states as one [`ParamTree`];
+//!   [`checkpoint`] writes both whole.
 //! - [`jacobian_error`]: the models' Jacobian error against the true step
 //!   Jacobians on fixed held-out states, logged at every evaluation.
 //!
@@ -31,7 +34,7 @@
 //! let y = critic_target(&r, &r, &q, &a.logp, 0.2, 0.99)?; // equation 12's target
 //! assert_eq!(y.dims(), &[4]);
 //!
-//! // A whole (tiny) run is `Agent::new(config)?.train(&mut observer)`:
+//! // A whole run is `Agent::new(config)?.train(Some(&checkpoints), &mut observer)`:
 //! let cfg = ddppo_agent::AgentConfig::preset("inverted-pendulum")?;
 //! assert_eq!((cfg.horizon, cfg.gradient.neighbours), (3, 10));
 //! # Ok(())
@@ -45,13 +48,17 @@ pub mod error;
 pub mod grad_error;
 pub mod jacobian_error;
 pub mod nn;
+pub mod params;
 pub mod policy_update;
 pub mod profile;
 pub mod rollout;
+pub mod run_state;
 pub mod sac;
 
-pub use agent::{Agent, EvalRecord, EvalSummary, NoObserver, Observer, PhaseTimes, evaluate_policy};
+pub use agent::{Agent, EvalRecord, EvalSummary, NoObserver, Observer, ObserverError, PhaseTimes, evaluate_policy};
 pub use checkpoint::Checkpoints;
 pub use config::{AgentConfig, RolloutSchedule, Variant};
 pub use error::{Error, Result};
+pub use params::ParamTree;
 pub use rollout::{DynamicsModel, ModelRollout};
+pub use run_state::RunState;

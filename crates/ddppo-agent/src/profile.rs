@@ -56,11 +56,11 @@ pub fn record_transitions(cfg: &AgentConfig, rows: usize, on_rows: &mut dyn FnMu
     rec.min_pool_size = rec.replay_size;
     rec.eval_every = 1_000_000_000;
     let mut agent = Agent::new(rec)?;
-    while agent.env_steps < rows {
+    while agent.env_steps() < rows {
         agent.step()?;
         let _ = agent.take_warning();
-        if agent.env_steps.is_multiple_of(10_000) {
-            on_rows(agent.env_steps);
+        if agent.env_steps().is_multiple_of(10_000) {
+            on_rows(agent.env_steps());
         }
     }
     let cols = agent.env_buffer.newest(rows);
@@ -74,7 +74,7 @@ pub fn record_transitions(cfg: &AgentConfig, rows: usize, on_rows: &mut dyn FnMu
 /// sets its env-step counter to `rows`, as after `rows` env steps of a run:
 /// the rollout length `k` and `D_model`'s size follow the schedule there.
 pub fn load_transitions(agent: &mut Agent, data: &ReplayBuffer, rows: usize) -> Result<()> {
-    if agent.env_steps != 0 || !agent.env_buffer.is_empty() {
+    if agent.run.env_steps != 0 || !agent.env_buffer.is_empty() {
         return Err(Error::Config("transitions go into a fresh agent only".into()));
     }
     if (data.obs_dim(), data.act_dim()) != (agent.env_buffer.obs_dim(), agent.env_buffer.act_dim()) {
@@ -104,7 +104,7 @@ pub fn load_transitions(agent: &mut Agent, data: &ReplayBuffer, rows: usize) -> 
         &all.mask[..rows],
         &all.done[..rows],
     )?;
-    agent.env_steps = rows;
+    agent.run.env_steps = rows;
     Ok(())
 }
 

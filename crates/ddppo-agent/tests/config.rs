@@ -147,7 +147,11 @@ fn numeric_keys_are_bounded_to_what_runs() {
         ("[model]\nhidden_layers = 1\nweight_decay = [0.0, 0.0]", "[model]\nhidden_layers = 0\nweight_decay = [0.0]", "hidden_layers"),
         ("[model]\nbatch_size = 65536", "[model]\nbatch_size = 65537", "batch_size"),
         ("[model]\nmax_epochs = 1", "[model]\nmax_epochs = 0", "max_epochs"),
-        ("[gradient]\nneighbours = 5\ndirections_per_step = 5", "[gradient]\nneighbours = 5\ndirections_per_step = 6", "directions_per_step"),
+        (
+            "[gradient]\nneighbours = 5\ndirections_per_step = 5",
+            "[gradient]\nneighbours = 5\ndirections_per_step = 6",
+            "directions_per_step",
+        ),
     ];
     for (ok, bad, key) in cases {
         let base = "task = \"pendulum\"\n";

@@ -5,7 +5,7 @@
 #![cfg(feature = "mujoco")]
 
 use candle_core::Device;
-use ddppo_agent::{Agent, AgentConfig, Checkpoints, EvalRecord, Observer, Variant};
+use ddppo_agent::{Agent, AgentConfig, Checkpoints, EvalRecord, Observer, ObserverError, Variant};
 
 #[derive(Default)]
 struct Seen {
@@ -14,8 +14,9 @@ struct Seen {
 }
 
 impl Observer for Seen {
-    fn on_eval(&mut self, record: &EvalRecord) {
+    fn on_eval(&mut self, record: &EvalRecord) -> Result<(), ObserverError> {
         self.records.push(record.clone());
+        Ok(())
     }
     fn on_warning(&mut self, message: &str) {
         self.warnings.push(message.to_string());
@@ -48,9 +49,9 @@ fn a_diverged_training_episode_is_cut_counted_and_reported() {
     agent.env_mut().restore_state(&state).unwrap();
 
     let mut seen = Seen::default();
-    agent.train(&mut seen).unwrap();
-    assert_eq!(agent.env_steps, 100);
-    assert_eq!(agent.diverged_episodes, 1);
+    agent.train(None, &mut seen).unwrap();
+    assert_eq!(agent.env_steps(), 100);
+    assert_eq!(agent.run_state().diverged_episodes, 1);
     // The diverged step stored nothing: its "next state" was MuJoCo's reset pose.
     assert_eq!(agent.env_buffer.len(), 99);
     assert_eq!(seen.warnings.len(), 1, "{:?}", seen.warnings);
@@ -66,8 +67,8 @@ fn a_diverged_training_episode_is_cut_counted_and_reported() {
     // The count is part of the run's state.
     let dir = std::env::temp_dir().join(format!("ddppo-diverged-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let path = Checkpoints::new(&dir).save(&agent).unwrap();
+    let path = Checkpoints::new(&dir).save(&mut agent).unwrap();
     let resumed = Agent::from_checkpoint(cfg, Device::Cpu, &path).unwrap();
-    assert_eq!(resumed.diverged_episodes, 1);
+    assert_eq!(resumed.run_state().diverged_episodes, 1);
     std::fs::remove_dir_all(&dir).unwrap();
 }

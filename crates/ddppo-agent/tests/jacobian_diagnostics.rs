@@ -40,7 +40,7 @@ fn run(cfg: AgentConfig) -> (Agent, Vec<EvalRecord>) {
         unsafe { std::env::set_var("RAYON_NUM_THREADS", "1") };
     }
     let mut agent = Agent::new(cfg).expect("agent");
-    let records = agent.train(&mut NoObserver).expect("training");
+    let records = agent.train(None, &mut NoObserver).expect("training");
     (agent, records)
 }
 

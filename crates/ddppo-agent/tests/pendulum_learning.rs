@@ -75,7 +75,7 @@ fn learns(variant: Variant) {
     single_threaded_matmul();
     let random = random_policy_return();
     let mut agent = Agent::new(small(variant)).expect("agent");
-    let records = agent.train(&mut NoObserver).expect("training");
+    let records = agent.train(None, &mut NoObserver).expect("training");
     let last = records.last().expect("records");
     assert_eq!(last.env_steps, 3500);
     assert!(last.critic_updates > 0 && last.policy_updates > 0);

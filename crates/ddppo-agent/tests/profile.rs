@@ -41,7 +41,7 @@ fn recorded_transitions_are_the_runs_first_and_load_into_a_fresh_agent() {
     // A prefix goes into a fresh agent, which then stands at that step.
     let mut agent = Agent::new(cfg.clone()).unwrap();
     load_transitions(&mut agent, &data, 250).unwrap();
-    assert_eq!((agent.env_steps, agent.env_buffer.len()), (250, 250));
+    assert_eq!((agent.env_steps(), agent.env_buffer.len()), (250, 250));
     assert_eq!(
         agent.env_buffer.newest(250).obs,
         data.newest(399).obs[..250 * data.obs_dim()]

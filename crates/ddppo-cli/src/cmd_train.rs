@@ -4,7 +4,7 @@
 
 use crate::run_dir::{CONFIG_FILE, LOCK_FILE, METRICS_FILE, RunLock};
 use anyhow::{Context, Result, bail};
-use ddppo_agent::{Agent, AgentConfig, Checkpoints, EvalRecord};
+use ddppo_agent::{Agent, AgentConfig, Checkpoints, EvalRecord, Observer, ObserverError};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -93,48 +93,22 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if stopped() {
         return Err(Interrupted.into());
     }
-    let Some((mut agent, mut saved)) = open_run(&dir, resolved, device)? else {
+    let Some(mut agent) = open_run(&dir, resolved, device)? else {
         return Ok(());
     };
     agent.set_interrupt(stop.clone());
-    let checkpoints = Checkpoints::new(&dir);
     let total = agent.config().total_steps();
-    let every = agent.config().checkpoint_every;
-    let mut report = Reporter::new(&dir, total, agent.env_steps)?;
-    // The evaluation before the first step, unless a checkpoint (taken after
-    // it, by a signal) says it is written already.
-    if agent.env_steps == 0 && saved.is_none() {
-        report.eval(&agent.evaluate()?)?;
-    }
-    while !agent.finished() && !stopped() {
-        match agent.step() {
-            Ok(Some(rec)) => report.eval(&rec)?,
-            Ok(None) => {}
-            Err(ddppo_agent::Error::Interrupted) => break,
-            Err(e) => return Err(e.into()),
-        }
-        if let Some(w) = agent.take_warning() {
-            report.note(&format!("warning: {w}"));
-        }
-        report.step(agent.env_steps);
-        // After the step's metrics line, so a resumed run never misses one.
-        if every > 0 && agent.env_steps.is_multiple_of(every) && !agent.finished() {
-            let path = checkpoints.save(&agent)?;
-            saved = Some((agent.env_steps, false));
-            report.note(&format!("checkpoint {}", path.display()));
-        }
-    }
-    // The final (or the interrupted) state, unless the newest checkpoint holds
-    // it already: the same step, and the same side of that step's updates.
-    if saved != Some((agent.env_steps, agent.is_mid_step())) {
-        let path = checkpoints.save(&agent)?;
-        report.note(&format!("checkpoint {}", path.display()));
-    }
+    let mut report = Reporter::new(&dir, total, agent.env_steps())?;
+    agent.train(Some(&Checkpoints::new(&dir)), &mut report).map_err(|e| match e {
+        // The reporter's own error, with its cause chain (a closed pipe, a full disk).
+        ddppo_agent::Error::Observer(e) => anyhow::Error::from_boxed(e),
+        e => e.into(),
+    })?;
     report.finish();
     if !agent.finished() {
         report.note(&format!(
             "interrupted at {} of {total} env steps; continue with the same command or `ddppo train --resume {}`",
-            agent.env_steps,
+            agent.env_steps(),
             dir.display()
         ));
         return Err(Interrupted.into());
@@ -173,15 +147,13 @@ fn check_out_dir(out: &Path, cfg: &AgentConfig) -> Result<()> {
 /// a new run of `resolved`. With one: the same run continues, from its newest
 /// complete checkpoint (an older one when the newest is unusable) or from
 /// step 0 when there is none; a different `resolved` config is refused,
-/// naming the keys. `None`: the run is already complete. With the agent
-/// comes what its checkpoint holds (env steps, mid-step), if it has one.
-type Opened = (Agent, Option<(usize, bool)>);
-fn open_run(dir: &Path, resolved: Option<AgentConfig>, device: candle_core::Device) -> Result<Option<Opened>> {
+/// naming the keys. `None`: the run is already complete.
+fn open_run(dir: &Path, resolved: Option<AgentConfig>, device: candle_core::Device) -> Result<Option<Agent>> {
     let config = dir.join(CONFIG_FILE);
     if !config.exists() {
         let cfg = resolved.context("no config to start a run with")?;
         crate::run_dir::write_atomic(&config, cfg.to_toml()?.as_bytes())?;
-        return Ok(Some((Agent::with_device(cfg, device)?, None)));
+        return Ok(Some(Agent::with_device(cfg, device)?));
     }
     let cfg = match &resolved {
         Some(new) => same_run(dir, new)?,
@@ -227,13 +199,12 @@ fn open_run(dir: &Path, resolved: Option<AgentConfig>, device: candle_core::Devi
                 checkpoints.root().join(format!("step-{step:010}")).display(),
                 if dropped > 0 { format!("; {dropped} later metrics lines will be written again") } else { String::new() }
             );
-            let saved = Some((step, agent.is_mid_step()));
-            (agent, saved)
+            agent
         }
         None => {
             truncate_metrics(dir, None)?;
             note!("{} has no checkpoint yet; starting its run again from step 0", dir.display());
-            (Agent::with_device(cfg, device)?, None)
+            Agent::with_device(cfg, device)?
         }
     };
     Ok(Some(opened))
@@ -373,7 +344,6 @@ struct Reporter {
     started: Instant,
     start_steps: usize,
     last_return: Option<f64>,
-    last_line: Instant,
 }
 
 impl Reporter {
@@ -406,7 +376,6 @@ impl Reporter {
             started: Instant::now(),
             start_steps,
             last_return: None,
-            last_line: Instant::now(),
         })
     }
 
@@ -414,10 +383,10 @@ impl Reporter {
         (steps.saturating_sub(self.start_steps)) as f64 / self.started.elapsed().as_secs_f64().max(1e-9)
     }
 
-    fn step(&mut self, steps: usize) {
+    fn progress(&mut self, steps: usize) {
         if let Some(bar) = &self.bar {
             bar.set_position(steps as u64);
-            if steps % 50 == 0 {
+            if steps.is_multiple_of(50) {
                 let ret = self.last_return.map(|r| format!("return {r:.1}")).unwrap_or_default();
                 bar.set_message(format!("{ret}  {:.0} steps/s", self.rate(steps)));
             }
@@ -446,7 +415,6 @@ impl Reporter {
             Some(bar) => bar.println(line),
             None => note!("{line}"),
         }
-        self.last_line = Instant::now();
         Ok(())
     }
 
@@ -461,5 +429,21 @@ impl Reporter {
         if let Some(bar) = &self.bar {
             bar.finish();
         }
+    }
+}
+
+/// What the agent's loop reports goes to the metrics files and the terminal.
+impl Observer for Reporter {
+    fn on_step(&mut self, env_steps: usize, _total_steps: usize) {
+        self.progress(env_steps);
+    }
+    fn on_eval(&mut self, record: &EvalRecord) -> std::result::Result<(), ObserverError> {
+        self.eval(record).map_err(Into::into)
+    }
+    fn on_checkpoint(&mut self, path: &Path) {
+        self.note(&format!("checkpoint {}", path.display()));
+    }
+    fn on_warning(&mut self, message: &str) {
+        self.note(&format!("warning: {message}"));
     }
 }

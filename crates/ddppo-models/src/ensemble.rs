@@ -1,7 +1,7 @@
 //! The probabilistic ensemble shared by the prediction and gradient models
 //! (ALGORITHM.md section 2): network, log-variance head, input scaler, elites,
 //! forward-mode tangents (section 3), the rollout API and checkpoints.
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle_core::{D, DType, Device, Tensor, Var};
@@ -712,63 +712,87 @@ impl ProbabilisticEnsemble {
         crate::transfer::download_f64(&err)
     }
 
-    /// Saves parameters, scaler, elites and metadata (dims, config) to one safetensors file.
-    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
-        let path = path.as_ref();
-        let mut map: HashMap<String, Tensor> = HashMap::new();
-        for (name, var) in self
+    /// The ensemble's state as named tensors: every parameter under its own
+    /// name, `scaler.mean` and `scaler.std` (f64), `elites` (u32). Together
+    /// with the config this is the whole ensemble; [`load_tensors`](Self::load_tensors)
+    /// takes it back, and a run's checkpoint keeps it in the agent's
+    /// parameter tree.
+    pub fn tensors(&self) -> Result<BTreeMap<String, Tensor>> {
+        let mut map = BTreeMap::new();
+        for (name, var) in self.varmap.data().lock().map_err(|_| Error::Internal("lock".into()))?.iter() {
+            map.insert(name.clone(), var.as_tensor().clone());
+        }
+        map.insert("scaler.mean".into(), Tensor::from_slice(&self.scaler_mean, self.in_dim(), &Device::Cpu)?);
+        map.insert("scaler.std".into(), Tensor::from_slice(&self.scaler_std, self.in_dim(), &Device::Cpu)?);
+        let elites: Vec<u32> = self.elites.iter().map(|&e| e as u32).collect();
+        map.insert("elites".into(), Tensor::from_vec(elites, self.elites.len(), &Device::Cpu)?);
+        Ok(map)
+    }
+
+    /// Sets the state from tensors named as [`tensors`](Self::tensors) names
+    /// them (`get` returns the one called so, or an error). Everything is
+    /// checked (presence, shapes, elite range) before anything changes; the
+    /// error is a plain reason, for the caller to name its file.
+    pub fn load_tensors(&mut self, get: &dyn Fn(&str) -> std::result::Result<Tensor, String>) -> Result<()> {
+        let bad = Error::Data;
+        let vars: Vec<(String, Var)> = self
             .varmap
             .data()
             .lock()
             .map_err(|_| Error::Internal("lock".into()))?
             .iter()
-        {
-            map.insert(name.clone(), var.as_tensor().clone());
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut values = Vec::with_capacity(vars.len());
+        for (name, var) in &vars {
+            let t = get(name).map_err(bad)?;
+            if t.dims() != var.dims() {
+                return Err(bad(format!("tensor {name} has shape {:?}, expected {:?}", t.dims(), var.dims())));
+            }
+            values.push(t);
         }
-        map.insert(
-            "scaler.mean".into(),
-            Tensor::from_slice(&self.scaler_mean, self.in_dim(), &Device::Cpu)?,
-        );
-        map.insert(
-            "scaler.std".into(),
-            Tensor::from_slice(&self.scaler_std, self.in_dim(), &Device::Cpu)?,
-        );
-        let elites: Vec<u32> = self.elites.iter().map(|&e| e as u32).collect();
-        map.insert(
-            "elites".into(),
-            Tensor::from_vec(elites, self.elites.len(), &Device::Cpu)?,
-        );
-        let meta = Metadata {
-            format: FORMAT.into(),
-            obs_dim: self.obs_dim,
-            act_dim: self.act_dim,
-            config: self.cfg.clone(),
+        let get_f64 = |name: &str, n: usize| -> Result<Vec<f64>> {
+            let v = get(name).map_err(bad)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            if v.len() != n {
+                return Err(bad(format!("{name} has {} entries, expected {n}", v.len())));
+            }
+            Ok(v)
         };
+        let mean = get_f64("scaler.mean", self.in_dim())?;
+        let std = get_f64("scaler.std", self.in_dim())?;
+        let elites = get("elites").map_err(bad)?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+        if elites.is_empty() || elites.iter().any(|&e| e as usize >= self.cfg.ensemble_size) {
+            return Err(bad("elite list out of range".into()));
+        }
+        for ((_, var), t) in vars.iter().zip(values) {
+            var.set(&t.to_dtype(self.dtype)?.to_device(&self.device)?)?;
+        }
+        self.set_scaler(mean, std)?;
+        self.elites = elites.into_iter().map(|e| e as usize).collect();
+        Ok(())
+    }
+
+    /// Saves [`tensors`](Self::tensors) and metadata (dims, config) to one safetensors file.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let mut map: HashMap<String, Tensor> = self.tensors()?.into_iter().collect();
+        let meta = Metadata { format: FORMAT.into(), obs_dim: self.obs_dim, act_dim: self.act_dim, config: self.cfg.clone() };
         let json = serde_json::to_vec(&meta).map_err(|e| Error::Internal(e.to_string()))?;
         let n = json.len();
         map.insert("meta.json".into(), Tensor::from_vec(json, n, &Device::Cpu)?);
-        candle_core::safetensors::save(&map, path).map_err(|e| Error::Checkpoint {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })
+        candle_core::safetensors::save(&map, path)
+            .map_err(|e| Error::Checkpoint { path: path.display().to_string(), reason: e.to_string() })
     }
 
     /// Loads a file written by [`save`](Self::save) into this ensemble; the file must
     /// have the same dims and sizes (else a clear error and nothing is changed).
     pub fn load(&mut self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        let ck = |reason: String| Error::Checkpoint {
-            path: path.display().to_string(),
-            reason,
-        };
-        let map =
-            candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| ck(e.to_string()))?;
-        let meta = map
-            .get("meta.json")
-            .ok_or_else(|| ck("not a ddppo ensemble file (no metadata)".into()))?;
+        let ck = |reason: String| Error::Checkpoint { path: path.display().to_string(), reason };
+        let map = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| ck(e.to_string()))?;
+        let meta = map.get("meta.json").ok_or_else(|| ck("not a ddppo ensemble file (no metadata)".into()))?;
         let bytes = meta.to_vec1::<u8>().map_err(|e| ck(e.to_string()))?;
-        let meta: Metadata =
-            serde_json::from_slice(&bytes).map_err(|e| ck(format!("bad metadata: {e}")))?;
+        let meta: Metadata = serde_json::from_slice(&bytes).map_err(|e| ck(format!("bad metadata: {e}")))?;
         if meta.format != FORMAT {
             return Err(ck(format!("format {} is not {FORMAT}", meta.format)));
         }
@@ -779,70 +803,17 @@ impl ProbabilisticEnsemble {
             )));
         }
         let (c, m) = (&meta.config, &self.cfg);
-        if (c.ensemble_size, c.hidden, c.hidden_layers)
-            != (m.ensemble_size, m.hidden, m.hidden_layers)
-        {
+        if (c.ensemble_size, c.hidden, c.hidden_layers) != (m.ensemble_size, m.hidden, m.hidden_layers) {
             return Err(ck(format!(
                 "file has ensemble_size {} hidden {} x {}, model has {} hidden {} x {}",
-                c.ensemble_size,
-                c.hidden_layers,
-                c.hidden,
-                m.ensemble_size,
-                m.hidden_layers,
-                m.hidden
+                c.ensemble_size, c.hidden_layers, c.hidden, m.ensemble_size, m.hidden_layers, m.hidden
             )));
         }
-        // Check everything before changing anything.
-        let vars: Vec<(String, Var)> = self
-            .varmap
-            .data()
-            .lock()
-            .map_err(|_| Error::Internal("lock".into()))?
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        for (name, var) in &vars {
-            let t = map
-                .get(name)
-                .ok_or_else(|| ck(format!("missing tensor {name}")))?;
-            if t.dims() != var.dims() {
-                return Err(ck(format!(
-                    "tensor {name} has shape {:?}, expected {:?}",
-                    t.dims(),
-                    var.dims()
-                )));
-            }
-        }
-        let get_f64 = |name: &str, n: usize| -> Result<Vec<f64>> {
-            let t = map
-                .get(name)
-                .ok_or_else(|| ck(format!("missing tensor {name}")))?;
-            let v = t
-                .to_dtype(DType::F64)
-                .and_then(|t| t.to_vec1::<f64>())
-                .map_err(|e| ck(e.to_string()))?;
-            if v.len() != n {
-                return Err(ck(format!("{name} has {} entries, expected {n}", v.len())));
-            }
-            Ok(v)
-        };
-        let mean = get_f64("scaler.mean", self.in_dim())?;
-        let std = get_f64("scaler.std", self.in_dim())?;
-        let elites = map
-            .get("elites")
-            .ok_or_else(|| ck("missing elites".into()))?
-            .to_vec1::<u32>()
-            .map_err(|e| ck(e.to_string()))?;
-        if elites.is_empty() || elites.iter().any(|&e| e as usize >= self.cfg.ensemble_size) {
-            return Err(ck("elite list out of range".into()));
-        }
-        for (name, var) in &vars {
-            let t = map[name].to_dtype(self.dtype)?.to_device(&self.device)?;
-            var.set(&t)?;
-        }
-        self.set_scaler(mean, std)?;
-        self.elites = elites.into_iter().map(|e| e as usize).collect();
-        Ok(())
+        let get = |name: &str| map.get(name).cloned().ok_or_else(|| format!("missing tensor {name}"));
+        self.load_tensors(&get).map_err(|e| match e {
+            Error::Data(reason) => ck(reason),
+            other => other,
+        })
     }
 }
 

@@ -1,9 +1,9 @@
 //! Training of an ensemble: MBPO's schedule (ALGORITHM.md section 2), with the
 //! directional-derivative loss of the gradient model optional (section 3,
-//! equations 9 and 10). A training call runs four named steps: the holdout
-//! split and scaler ([`SplitData::new`]), the neighbour set of the
-//! directional-derivative loss ([`NeighbourSet::new`]), epochs ([`run_epoch`]),
-//! and MBPO's early stopping ([`EarlyStopping`]).
+//! equations 9 and 10). A training call (`train_ensemble`) runs four named
+//! steps: the holdout split and scaler (`SplitData::new`), the neighbour set of
+//! the directional-derivative loss (`NeighbourSet::new`), epochs (`run_epoch`),
+//! and MBPO's early stopping (`EarlyStopping`).
 use candle_core::{DType, Device, Tensor, Var};
 use rand::Rng;
 use rand::seq::SliceRandom;
@@ -310,23 +310,23 @@ struct NeighbourSet {
 impl NeighbourSet {
     fn new(cfg: &GradientLossConfig, raw_x: &[f64], ind: usize, members: usize) -> Result<Self> {
         cfg.validate()?;
-        let n = raw_x.len() / ind;
-        let size = n.min(cfg.neighbour_set);
+        let rows = raw_x.len() / ind;
+        let size = rows.min(cfg.neighbour_set);
         if size <= cfg.neighbours {
             return Err(Error::Data(format!(
                 "the gradient loss needs more than n = {} rows, got {size}",
                 cfg.neighbours
             )));
         }
-        let first = n - size;
+        let first = rows - size;
         let points: Vec<f32> = raw_x[first * ind..].iter().map(|&v| v as f32).collect();
         let opts = ddppo_buffer::NeighbourOptions { standardise: cfg.standardise_search };
-        let index = ddppo_buffer::NeighbourIndex::build(&points, ind, cfg.neighbours, &opts)
+        let search = ddppo_buffer::NeighbourIndex::build(&points, ind, cfg.neighbours, &opts)
             .map_err(|e| Error::Data(format!("neighbour search failed: {e}")))?;
         Ok(Self {
             first,
             neighbours: cfg.neighbours,
-            table: index.table().to_vec(),
+            table: search.table().to_vec(),
             per_minibatch: cfg.directions(),
             order: vec![(0..size).collect(); members],
             // Past the end: each member shuffles before its first point.
@@ -334,7 +334,7 @@ impl NeighbourSet {
         })
     }
 
-    /// Member `m`'s next point (a data row), its order reshuffled when used up,
+    /// `member`'s next point (a data row), its order reshuffled when used up,
     /// and that point's neighbours for this minibatch (data rows) appended to
     /// `out`: all `n`, or `m` of them drawn uniformly without replacement.
     fn next_point(&mut self, member: usize, rng: &mut impl Rng, out: &mut Vec<usize>) -> usize {
@@ -347,7 +347,8 @@ impl NeighbourSet {
         self.pos[member] += 1;
         let row = &self.table[j * self.neighbours..(j + 1) * self.neighbours];
         if self.per_minibatch < self.neighbours {
-            out.extend(index::sample(rng, self.neighbours, self.per_minibatch).iter().map(|c| self.first + row[c] as usize));
+            let drawn = index::sample(rng, self.neighbours, self.per_minibatch);
+            out.extend(drawn.iter().map(|c| self.first + row[c] as usize));
         } else {
             out.extend(row.iter().map(|&i| self.first + i as usize));
         }
@@ -656,14 +657,11 @@ impl EarlyStopping {
     fn observe(&mut self, vars: &[Var], mse: &[f64], improvement: f64) -> Result<()> {
         let e = self.best_mse.len();
         let mut improved = false;
-        for m in 0..e {
-            let gain = if self.best_mse[m].is_finite() {
-                (self.best_mse[m] - mse[m]) / self.best_mse[m]
-            } else {
-                f64::INFINITY
-            };
+        for (m, &now) in mse.iter().enumerate() {
+            let best = self.best_mse[m];
+            let gain = if best.is_finite() { (best - now) / best } else { f64::INFINITY };
             if gain > improvement {
-                self.best_mse[m] = mse[m];
+                self.best_mse[m] = now;
                 self.best.update_member(vars, e, m)?;
                 improved = true;
             }
