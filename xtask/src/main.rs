@@ -3,6 +3,7 @@
 //! product logic.
 
 mod cuda;
+mod gpu_check;
 mod mujoco;
 mod slurm;
 
@@ -117,6 +118,24 @@ enum Task {
         #[arg(long, value_name = "PATH")]
         ddppo: Option<PathBuf>,
     },
+    /// Make the GPU-check bundle (at most 64 MiB): the `ddppo` binary built with `--features cuda`,
+    /// compressed, MuJoCo's library and XMLs, the CPU figures of `ddppo profile` and `run.sh`, which on
+    /// a GPU machine runs `ddppo device-check` and profiles Hopper and Ant there.
+    GpuCheck {
+        /// The directory to write (absent or empty).
+        #[arg(long, value_name = "DIR")]
+        bundle: PathBuf,
+        /// Use this `ddppo` binary instead of building the CUDA one (~40 min on 2 busy cores).
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+        /// Directory holding hopper.json and ant.json of `ddppo profile --json` measured on this
+        /// machine's CPU (default .cache/gpu-check/cpu; the error names the commands).
+        #[arg(long, value_name = "DIR")]
+        cpu_figures: Option<PathBuf>,
+        /// Size limit of the bundle (tests use a smaller one).
+        #[arg(long, value_name = "MIB", default_value_t = gpu_check::LIMIT_MIB, hide = true)]
+        limit_mib: u64,
+    },
 }
 
 fn main() {
@@ -147,6 +166,27 @@ fn run() -> Result<()> {
                     None => println!("kernels are compiled for CUDA_COMPUTE_CAP or the GPU nvidia-smi reports"),
                 }
             }
+        }
+        Task::GpuCheck { bundle, binary, cpu_figures, limit_mib } => {
+            let paths = mujoco::ensure(&root)?;
+            let cpu_figures = cpu_figures.unwrap_or_else(|| root.join(".cache").join("gpu-check").join("cpu"));
+            let binary = match binary {
+                Some(b) => b,
+                None => build_cli(&root, true)?,
+            };
+            let inputs = gpu_check::Inputs {
+                binary,
+                cpu_figures,
+                mujoco_lib: paths.lib_dir.clone(),
+                assets: paths.assets_dir.clone(),
+                limit_mib,
+            };
+            let bytes = gpu_check::make(&bundle, &inputs)?;
+            println!(
+                "GPU-check bundle in {} ({:.1} MiB): copy it to the GPU machine and run `sh run.sh` there",
+                bundle.display(),
+                bytes as f64 / 1048576.0
+            );
         }
         Task::Build { cuda } => {
             let ddppo = build_cli(&root, cuda)?;

@@ -223,10 +223,18 @@ pub struct Agent {
     pub(crate) snapshot: Option<PolicySnapshot>,
     pub(crate) batch: Batch,
     pub(crate) interrupt: Option<Arc<AtomicBool>>,
+    /// Epochs and seconds of the last model training (`ddppo profile`).
+    pub(crate) last_training: Option<crate::profile::ModelTraining>,
 }
 
 fn secs(t: Instant) -> f64 {
     t.elapsed().as_secs_f64()
+}
+
+/// The result of `f` and its wall seconds.
+fn timed<T>(f: impl FnOnce() -> T) -> (T, f64) {
+    let t = Instant::now();
+    (f(), secs(t))
 }
 
 fn finite(what: &str, v: f64) -> Result<f64> {
@@ -291,6 +299,7 @@ impl Agent {
             saved: None,
             jacobian_probe: None,
             interrupt: None,
+            last_training: None,
             cfg,
         })
     }
@@ -547,17 +556,17 @@ impl Agent {
                 let prediction = &mut models.prediction;
                 let model_rng = &mut self.run.rngs.model;
                 std::thread::scope(|scope| {
-                    let handle = scope.spawn(|| train(g, &mut gradient_rng));
-                    let p = train(prediction, model_rng);
+                    let handle = scope.spawn(|| timed(|| train(g, &mut gradient_rng)));
+                    let p = timed(|| train(prediction, model_rng));
                     let g = handle
                         .join()
-                        .unwrap_or_else(|_| Err(Error::Diverged("gradient-model training panicked".into())));
+                        .unwrap_or_else(|_| (Err(Error::Diverged("gradient-model training panicked".into())), 0.0));
                     (p, Some(g))
                 })
             }
-            None => (train(&mut models.prediction, &mut self.run.rngs.model), None),
+            None => (timed(|| train(&mut models.prediction, &mut self.run.rngs.model)), None),
         };
-        let interrupted = |r: &Result<_>| matches!(r, Err(Error::Interrupted));
+        let interrupted = |r: &(Result<_>, f64)| matches!(r.0, Err(Error::Interrupted));
         if interrupted(&report) || gradient_report.as_ref().is_some_and(interrupted) {
             if let Some((p, g, rng)) = undo {
                 models.prediction.restore_training_snapshot(&p)?;
@@ -568,16 +577,23 @@ impl Agent {
             }
             return Err(Error::Interrupted);
         }
-        let report = report?;
+        let (report, prediction_s) = (report.0?, report.1);
         let elites = models.prediction.ensemble().elites().to_vec();
         let holdout = elites.iter().map(|&e| report.holdout_mse.get(e).copied().unwrap_or(f64::NAN)).sum::<f64>()
             / elites.len().max(1) as f64;
         // The `grad_loss` column: R of the ensemble trained with it.
         let mut stats =
             ModelStats { loss: Some(report.train_loss), holdout: Some(holdout), grad: report.derivative_loss };
-        if let Some(gr) = gradient_report {
-            stats.grad = gr?.derivative_loss;
+        let mut training = crate::profile::ModelTraining {
+            prediction: crate::profile::EnsembleTraining { epochs: report.epochs, seconds: prediction_s },
+            gradient: None,
+        };
+        if let Some((gr, gradient_s)) = gradient_report {
+            let gr = gr?;
+            stats.grad = gr.derivative_loss;
+            training.gradient = Some(crate::profile::EnsembleTraining { epochs: gr.epochs, seconds: gradient_s });
         }
+        self.last_training = Some(training);
         self.run.model_stats = stats;
         self.run.model_trainings += 1;
         Ok(())

@@ -53,6 +53,7 @@ pub mod jacobian_error;
 pub mod nn;
 pub mod params;
 pub mod policy_update;
+pub mod profile;
 pub mod rollout;
 pub mod run_state;
 pub mod sac;

@@ -28,6 +28,7 @@ mod cmd_env;
 mod cmd_eval;
 mod cmd_grad_error;
 mod cmd_plot;
+mod cmd_profile;
 mod cmd_table;
 mod cmd_train;
 mod cmd_variant;
@@ -62,6 +63,24 @@ enum Command {
     Variant(cmd_variant::VariantArgs),
     /// Check that a device (cuda) computes what the CPU does, within f32 tolerance.
     DeviceCheck(cmd_device_check::DeviceCheckArgs),
+    /// Time each phase of a preset's env step at given sizes of D_env; project seconds per 1,000 env steps.
+    ///
+    /// D_env is filled with N real transitions of the task (uniform random actions from the preset's
+    /// seed: the run's own first N when N <= start_steps), recorded once into --data-dir and reused.
+    /// On a fresh agent of the preset, unchanged but for --max-epochs, it times one model training
+    /// (Agent::train_models: both ensembles, each with its epochs and seconds), one model rollout of
+    /// rollout_batch_size rows at the schedule's k for N env steps, --update-steps env steps of
+    /// updates (G2 critic and G1 policy updates each) and one evaluation (episodes and Jacobian
+    /// diagnostics). Projected seconds per 1,000 env steps:
+    ///
+    ///   1000/model_train_freq x (train s + rollout s) + 1000 x (critic s + policy s per env step)
+    ///   + 1000/eval_every x eval s
+    ///
+    /// The timed training starts cold, as a run's first at min_pool_size; a run's later trainings start
+    /// from the previous models and run another number of epochs (measured: tenfold differences), so
+    /// read the epochs column beside the seconds. Collecting (under 1%) is not counted. Progress lines
+    /// go to stderr, the table (Markdown) to stdout.
+    Profile(cmd_profile::ProfileArgs),
 }
 
 fn main() {
@@ -83,6 +102,7 @@ fn main() {
         Command::Table(args) => cmd_table::run(args),
         Command::Variant(args) => cmd_variant::run(args),
         Command::DeviceCheck(args) => cmd_device_check::run(args),
+        Command::Profile(args) => cmd_profile::run(args),
     };
     if let Err(e) = result {
         if e.is::<cmd_train::Interrupted>() {
