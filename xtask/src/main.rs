@@ -238,7 +238,7 @@ fn run() -> Result<()> {
             }
             if let Some(n) = steps {
                 train_args.push("--set".into());
-                train_args.push(format!("epochs={}", epochs_for(&root, &env, n)?));
+                train_args.push(format!("epochs={}", epochs_for(&ddppo, &env, &sets, n)?));
             }
             for kv in &sets {
                 train_args.push("--set".into());
@@ -398,22 +398,29 @@ fn draw_comparison(ddppo: &Path, out: &Path, runs: &[slurm::Task], partial: bool
     Ok(())
 }
 
-/// `--steps N` as whole epochs of the preset's `epoch_length` (rounded up):
-/// the rollout-length schedule counts epochs, so the epoch length stays.
-fn epochs_for(root: &Path, env: &str, steps: u64) -> Result<u64> {
+/// `--steps N` as whole epochs of the runs' `epoch_length` (rounded up): the
+/// rollout-length schedule counts epochs, so the epoch length stays. The
+/// binary resolves the runs' config (`ddppo config`: the preset and `--set`s).
+fn epochs_for(ddppo: &Path, env: &str, sets: &[String], steps: u64) -> Result<u64> {
     if steps == 0 {
         bail!("--steps must be at least 1");
     }
-    let preset = root.join("configs").join(format!("{env}.toml"));
-    let text = std::fs::read_to_string(&preset)
-        .with_context(|| format!("unknown env '{env}': no preset {}", preset.display()))?;
-    let epoch_length = text
-        .lines()
-        .find_map(|l| l.strip_prefix("epoch_length"))
-        .and_then(|rest| rest.trim_start().strip_prefix('='))
-        .and_then(|v| v.split('#').next())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .with_context(|| format!("{} has no epoch_length", preset.display()))?;
+    let mut cmd = Command::new(ddppo);
+    cmd.args(["config", "--env", env]);
+    for kv in sets {
+        cmd.args(["--set", kv]);
+    }
+    let out = cmd.output().context("cannot run ddppo config")?;
+    if !out.status.success() {
+        bail!("ddppo config failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let config: toml::Table = toml::from_str(&String::from_utf8_lossy(&out.stdout)).context("ddppo config printed no TOML")?;
+    let epoch_length = config
+        .get("epoch_length")
+        .and_then(toml::Value::as_integer)
+        .and_then(|n| u64::try_from(n).ok())
+        .filter(|&n| n > 0)
+        .context("ddppo config printed no epoch_length")?;
     Ok(steps.div_ceil(epoch_length).max(1))
 }
 

@@ -34,7 +34,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::agent::{Agent, AgentRngs, Mean, ModelStats, PhaseTimes};
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, IntoValidConfig};
 use crate::jacobian_error::JacobianProbe;
 use crate::nn::{Adam, sorted_vars};
 use crate::sac::GaussianPolicy;
@@ -279,7 +279,8 @@ impl Agent {
     /// `dir` into it. Every file is checked against the manifest first and
     /// the checkpoint's config must equal `cfg`; any problem is an
     /// [`Error::Checkpoint`] naming the file.
-    pub fn from_checkpoint(cfg: AgentConfig, device: Device, dir: &Path) -> Result<Self> {
+    pub fn from_checkpoint(cfg: impl IntoValidConfig, device: Device, dir: &Path) -> Result<Self> {
+        let cfg = cfg.into_valid()?;
         verify(dir, None)?;
         let state = read_state(dir, &cfg)?;
         let mut agent = Agent::with_device(cfg, device.clone())?;

@@ -9,6 +9,9 @@ pub enum Error {
     /// A configuration value is out of range or inconsistent.
     #[error("invalid config: {0}")]
     Config(String),
+    /// A `--set KEY=VALUE` override is malformed (the message names it).
+    #[error("{0}")]
+    Override(String),
     /// A configuration file could not be parsed.
     #[error("cannot parse config {path}: {source}")]
     ConfigParse {

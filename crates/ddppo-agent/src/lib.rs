@@ -51,6 +51,6 @@ pub mod sac;
 
 pub use agent::{Agent, EvalRecord, EvalSummary, NoObserver, Observer, PhaseTimes, evaluate_policy};
 pub use checkpoint::Checkpoints;
-pub use config::{AgentConfig, RolloutSchedule, Variant};
+pub use config::{AgentConfig, IntoValidConfig, Overrides, RolloutSchedule, ValidConfig, Variant};
 pub use error::{Error, Result};
 pub use rollout::{DynamicsModel, ModelRollout};

@@ -23,6 +23,8 @@ macro_rules! note {
 }
 
 mod chart;
+mod cmd_checkpoint;
+mod cmd_config;
 mod cmd_env;
 mod cmd_eval;
 mod cmd_grad_error;
@@ -59,6 +61,10 @@ enum Command {
     Table(cmd_table::TableArgs),
     /// List the algorithm variants (`--variant`).
     Variant(cmd_variant::VariantArgs),
+    /// Print the resolved config of `ddppo train` with the same arguments (TOML).
+    Config(cmd_config::ConfigArgs),
+    /// A run's checkpoints (`latest`: the newest complete one).
+    Checkpoint(cmd_checkpoint::CheckpointArgs),
 }
 
 fn main() {
@@ -79,6 +85,8 @@ fn main() {
         Command::Plot(args) => cmd_plot::run(args),
         Command::Table(args) => cmd_table::run(args),
         Command::Variant(args) => cmd_variant::run(args),
+        Command::Config(args) => cmd_config::run(args),
+        Command::Checkpoint(args) => cmd_checkpoint::run(args),
     };
     if let Err(e) = result {
         if e.is::<cmd_train::Interrupted>() {
