@@ -40,7 +40,7 @@ fn bench(c: &mut Criterion) {
                 let mut total = Duration::ZERO;
                 let mut timed = 0;
                 while timed < iters {
-                    let trains = (agent.env_steps + 1) % TRAIN_FREQ == 0;
+                    let trains = (agent.env_steps + 1).is_multiple_of(TRAIN_FREQ);
                     let t = Instant::now();
                     agent.step().expect("step");
                     if !trains {

@@ -35,8 +35,9 @@ enum Task {
         #[arg(long)]
         cuda: bool,
     },
-    /// Set up, then run the whole test suite and `cargo check` the workspace
-    /// with `--features cuda` (what CI runs).
+    /// Set up, check formatting (`cargo fmt --check`) and lints (`cargo
+    /// clippy -D warnings`), then run the whole test suite and `cargo check`
+    /// the workspace with `--features cuda` (what CI runs).
     Test {
         /// Extra arguments passed to `cargo test`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -45,7 +46,7 @@ enum Task {
     /// Set up, build in release mode, and train on one task with its preset
     /// (`ddppo train --env NAME`); prints where the run goes.
     Train {
-        /// Task name (ant, hopper, walker2d, half-cheetah, humanoid, inverted-pendulum, pendulum).
+        /// Task name with a preset (see `ddppo env list`).
         env: String,
         #[arg(long, default_value = "ddppo")]
         variant: String,
@@ -148,6 +149,14 @@ fn run() -> Result<()> {
         }
         Task::Test { args } => {
             let paths = mujoco::ensure(&root)?;
+            // Formatting and lints first: quick, and a failure is one line
+            // before the long test run.
+            let mut cmd = cargo(&root, &paths);
+            cmd.args(["fmt", "--all", "--check"]);
+            status(cmd, "cargo fmt --all --check")?;
+            let mut cmd = cargo(&root, &paths);
+            cmd.args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
+            status(cmd, "cargo clippy --workspace --all-targets -- -D warnings")?;
             let mut cmd = cargo(&root, &paths);
             cmd.args(["test", "--workspace"]).args(&args);
             status(cmd, "cargo test")?;
@@ -414,7 +423,8 @@ fn epochs_for(ddppo: &Path, env: &str, sets: &[String], steps: u64) -> Result<u6
     if !out.status.success() {
         bail!("ddppo config failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
-    let config: toml::Table = toml::from_str(&String::from_utf8_lossy(&out.stdout)).context("ddppo config printed no TOML")?;
+    let config: toml::Table =
+        toml::from_str(&String::from_utf8_lossy(&out.stdout)).context("ddppo config printed no TOML")?;
     let epoch_length = config
         .get("epoch_length")
         .and_then(toml::Value::as_integer)

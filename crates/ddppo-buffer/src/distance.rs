@@ -22,14 +22,9 @@ pub(crate) fn brute_force_row(
     let q = &coords[i * dim..(i + 1) * dim];
     scratch.clear();
     scratch.extend(
-        coords
-            .chunks_exact(dim)
-            .enumerate()
-            .filter(|&(j, _)| j != i)
-            .map(|(j, row)| (exact_sq_dist(q, row), j as u32)),
+        coords.chunks_exact(dim).enumerate().filter(|&(j, _)| j != i).map(|(j, row)| (exact_sq_dist(q, row), j as u32)),
     );
-    let by_dist_then_index =
-        |a: &(f64, u32), b: &(f64, u32)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
+    let by_dist_then_index = |a: &(f64, u32), b: &(f64, u32)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
     if scratch.len() > n {
         scratch.select_nth_unstable_by(n - 1, by_dist_then_index);
         scratch.truncate(n);

@@ -13,13 +13,27 @@ fn config_prints_what_train_writes() {
     let file = tmp.join("tiny.toml");
     // A tiny model-free run: seconds, and still a complete run directory.
     std::fs::write(&file, TINY).unwrap();
-    let args = ["--config", s(&file), "--variant", "sac", "--seed", "5", "--set", "epoch_length=300", "--set", "eval_every=300"];
+    let args = [
+        "--config",
+        s(&file),
+        "--variant",
+        "sac",
+        "--seed",
+        "5",
+        "--set",
+        "epoch_length=300",
+        "--set",
+        "eval_every=300",
+    ];
     let printed = ddppo(&[&["config"][..], &args].concat());
     assert!(printed.status.success(), "{}", String::from_utf8_lossy(&printed.stderr));
     let run = tmp.join("run");
     let trained = ddppo(&[&["train"][..], &args, &["--out", s(&run)]].concat());
     assert!(trained.status.success(), "{}", String::from_utf8_lossy(&trained.stderr));
-    assert_eq!(String::from_utf8(printed.stdout.clone()).unwrap(), std::fs::read_to_string(run.join("config.toml")).unwrap());
+    assert_eq!(
+        String::from_utf8(printed.stdout.clone()).unwrap(),
+        std::fs::read_to_string(run.join("config.toml")).unwrap()
+    );
     // Independently: the file, then the flags, then the `--set`s.
     let mut expect = AgentConfig::from_toml_str(TINY).unwrap();
     expect.variant = Variant::Sac;
