@@ -4,9 +4,9 @@
 //! MuJoCo carries this same three-line script.
 fn main() {
     println!("cargo::rerun-if-env-changed=MUJOCO_DYNAMIC_LINK_DIR");
-    if std::env::var_os("CARGO_FEATURE_MUJOCO").is_some() {
-        if let Ok(dir) = std::env::var("MUJOCO_DYNAMIC_LINK_DIR") {
-            println!("cargo::rustc-link-arg=-Wl,-rpath,{dir}");
-        }
+    if std::env::var_os("CARGO_FEATURE_MUJOCO").is_some()
+        && let Ok(dir) = std::env::var("MUJOCO_DYNAMIC_LINK_DIR")
+    {
+        println!("cargo::rustc-link-arg=-Wl,-rpath,{dir}");
     }
 }

@@ -9,14 +9,14 @@
 fn main() {
     println!("cargo::rerun-if-env-changed=MUJOCO_DYNAMIC_LINK_DIR");
     println!("cargo::rerun-if-env-changed=DDPPO_CUDA_LIB_DIR");
-    if std::env::var_os("CARGO_FEATURE_MUJOCO").is_some() {
-        if let Ok(dir) = std::env::var("MUJOCO_DYNAMIC_LINK_DIR") {
-            println!("cargo::rustc-link-arg=-Wl,-rpath,{dir}");
-        }
+    if std::env::var_os("CARGO_FEATURE_MUJOCO").is_some()
+        && let Ok(dir) = std::env::var("MUJOCO_DYNAMIC_LINK_DIR")
+    {
+        println!("cargo::rustc-link-arg=-Wl,-rpath,{dir}");
     }
-    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
-        if let Ok(dir) = std::env::var("DDPPO_CUDA_LIB_DIR") {
-            println!("cargo::rustc-link-arg=-Wl,-rpath,{dir}");
-        }
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_some()
+        && let Ok(dir) = std::env::var("DDPPO_CUDA_LIB_DIR")
+    {
+        println!("cargo::rustc-link-arg=-Wl,-rpath,{dir}");
     }
 }

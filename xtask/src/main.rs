@@ -36,8 +36,9 @@ enum Task {
         #[arg(long)]
         cuda: bool,
     },
-    /// Set up, then run the whole test suite and `cargo check` the workspace
-    /// with `--features cuda` (what CI runs).
+    /// Set up, check formatting (`cargo fmt --check`) and lints (`cargo
+    /// clippy -D warnings`), then run the whole test suite and `cargo check`
+    /// the workspace with `--features cuda` (what CI runs).
     Test {
         /// Instead, on a machine with a GPU: build with the CUDA toolkit of
         /// `setup --cuda` (into <target>/cuda, as `build --cuda`) and run the
@@ -52,7 +53,7 @@ enum Task {
     /// Set up, build in release mode, and train on one task with its preset
     /// (`ddppo train --env NAME`); prints where the run goes.
     Train {
-        /// Task name (ant, hopper, walker2d, half-cheetah, humanoid, inverted-pendulum, pendulum).
+        /// Task name with a preset (see `ddppo env list`).
         env: String,
         #[arg(long, default_value = "ddppo")]
         variant: String,
@@ -205,6 +206,14 @@ fn run() -> Result<()> {
         }
         Task::Test { cuda: false, args } => {
             let paths = mujoco::ensure(&root)?;
+            // Formatting and lints first: quick, and a failure is one line
+            // before the long test run.
+            let mut cmd = cargo(&root, &paths);
+            cmd.args(["fmt", "--all", "--check"]);
+            status(cmd, "cargo fmt --all --check")?;
+            let mut cmd = cargo(&root, &paths);
+            cmd.args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
+            status(cmd, "cargo clippy --workspace --all-targets -- -D warnings")?;
             let mut cmd = cargo(&root, &paths);
             cmd.args(["test", "--workspace"]).args(&args);
             status(cmd, "cargo test")?;
@@ -295,7 +304,7 @@ fn run() -> Result<()> {
             }
             if let Some(n) = steps {
                 train_args.push("--set".into());
-                train_args.push(format!("epochs={}", epochs_for(&root, &env, n)?));
+                train_args.push(format!("epochs={}", epochs_for(&ddppo, &env, &sets, n)?));
             }
             for kv in &sets {
                 train_args.push("--set".into());
@@ -460,22 +469,30 @@ fn draw_comparison(ddppo: &Path, out: &Path, runs: &[slurm::Task], partial: bool
     Ok(())
 }
 
-/// `--steps N` as whole epochs of the preset's `epoch_length` (rounded up):
-/// the rollout-length schedule counts epochs, so the epoch length stays.
-fn epochs_for(root: &Path, env: &str, steps: u64) -> Result<u64> {
+/// `--steps N` as whole epochs of the runs' `epoch_length` (rounded up): the
+/// rollout-length schedule counts epochs, so the epoch length stays. The
+/// binary resolves the runs' config (`ddppo config`: the preset and `--set`s).
+fn epochs_for(ddppo: &Path, env: &str, sets: &[String], steps: u64) -> Result<u64> {
     if steps == 0 {
         bail!("--steps must be at least 1");
     }
-    let preset = root.join("configs").join(format!("{env}.toml"));
-    let text = std::fs::read_to_string(&preset)
-        .with_context(|| format!("unknown env '{env}': no preset {}", preset.display()))?;
-    let epoch_length = text
-        .lines()
-        .find_map(|l| l.strip_prefix("epoch_length"))
-        .and_then(|rest| rest.trim_start().strip_prefix('='))
-        .and_then(|v| v.split('#').next())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .with_context(|| format!("{} has no epoch_length", preset.display()))?;
+    let mut cmd = Command::new(ddppo);
+    cmd.args(["config", "--env", env]);
+    for kv in sets {
+        cmd.args(["--set", kv]);
+    }
+    let out = cmd.output().context("cannot run ddppo config")?;
+    if !out.status.success() {
+        bail!("ddppo config failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let config: toml::Table =
+        toml::from_str(&String::from_utf8_lossy(&out.stdout)).context("ddppo config printed no TOML")?;
+    let epoch_length = config
+        .get("epoch_length")
+        .and_then(toml::Value::as_integer)
+        .and_then(|n| u64::try_from(n).ok())
+        .filter(|&n| n > 0)
+        .context("ddppo config printed no epoch_length")?;
     Ok(steps.div_ceil(epoch_length).max(1))
 }
 

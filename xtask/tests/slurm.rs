@@ -139,9 +139,9 @@ fn ddppo_binary() -> PathBuf {
 fn newest_source() -> std::time::SystemTime {
     let root = workspace_root();
     let mut newest = std::time::SystemTime::UNIX_EPOCH;
-    let mut stack = vec![root.join("configs"), root.join("Cargo.lock"), root.join("Cargo.toml")];
+    let mut stack = vec![root.join("Cargo.lock"), root.join("Cargo.toml")];
     for e in std::fs::read_dir(root.join("crates")).unwrap().flatten() {
-        stack.extend(["src", "Cargo.toml", "build.rs"].map(|f| e.path().join(f)));
+        stack.extend(["src", "configs", "Cargo.toml", "build.rs"].map(|f| e.path().join(f)));
     }
     while let Some(p) = stack.pop() {
         let Ok(meta) = std::fs::metadata(&p) else { continue };
@@ -407,10 +407,9 @@ fn metrics(run: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-fn has_checkpoint(run: &Path) -> bool {
-    std::fs::read_dir(run.join("checkpoints"))
-        .map(|mut r| r.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("step-"))))
-        .unwrap_or(false)
+/// Asks the binary (`ddppo checkpoint latest`), which knows how checkpoints are named.
+fn has_checkpoint(ddppo: &Path, run: &Path) -> bool {
+    Command::new(ddppo).args(["checkpoint", "latest"]).arg(run).output().is_ok_and(|o| o.status.success())
 }
 
 fn wait_for(what: &str, started: Instant, cluster: &Cluster, mut done: impl FnMut() -> bool) {
@@ -506,10 +505,10 @@ fn requeued_array_tasks_match_uninterrupted_runs() {
     };
 
     // Mid-run: after each run's first checkpoint, before its end.
-    wait_for("the first checkpoint of task 0", started, &cluster, || has_checkpoint(&runs[0]));
+    wait_for("the first checkpoint of task 0", started, &cluster, || has_checkpoint(&ddppo, &runs[0]));
     let o = cluster.client("scontrol", &["requeue", &task(0)]);
     assert!(o.status.success(), "scontrol requeue: {}", String::from_utf8_lossy(&o.stderr));
-    wait_for("the first checkpoint of task 1", started, &cluster, || has_checkpoint(&runs[1]));
+    wait_for("the first checkpoint of task 1", started, &cluster, || has_checkpoint(&ddppo, &runs[1]));
     let o = cluster.client("scancel", &["--batch", "--signal=USR1", &task(1)]);
     assert!(o.status.success(), "scancel --signal=USR1: {}", String::from_utf8_lossy(&o.stderr));
     let partial = collect();
@@ -548,7 +547,7 @@ fn requeued_array_tasks_match_uninterrupted_runs() {
         assert!(log.contains("ddppo train exited 0"), "task {i}:\n{log}\n{err}");
         // Continued from the checkpoint of the interruption, not started again
         // (which would write the same metrics too).
-        let resumed = format!("resuming {} from {}", run.display(), run.join("checkpoints/step-").display());
+        let resumed = format!("resuming {} from {}", run.display(), run.join("checkpoints").display());
         assert!(err.contains(&resumed), "task {i} did not continue its run:\n{err}");
     }
     let log1 = std::fs::read_to_string(sweep.join("task-1.out")).unwrap();

@@ -17,7 +17,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::Checkpoints;
-use crate::config::{AgentConfig, Variant};
+use crate::config::{AgentConfig, IntoValidConfig, Variant};
 use crate::variant::{GradientSource, PolicyUpdate, RolloutModel};
 use crate::jacobian_error::JacobianProbe;
 use crate::nn::{Adam, upload};
@@ -242,14 +242,15 @@ fn finite(what: &str, v: f64) -> Result<f64> {
 }
 
 impl Agent {
-    /// Builds the agent of a validated config on the CPU.
-    pub fn new(cfg: AgentConfig) -> Result<Self> {
+    /// Builds the agent on the CPU; an [`AgentConfig`] is validated first,
+    /// a [`crate::ValidConfig`] is trusted.
+    pub fn new(cfg: impl IntoValidConfig) -> Result<Self> {
         Self::with_device(cfg, Device::Cpu)
     }
 
     /// Builds the agent with networks on `device`.
-    pub fn with_device(cfg: AgentConfig, device: Device) -> Result<Self> {
-        cfg.validate()?;
+    pub fn with_device(cfg: impl IntoValidConfig, device: Device) -> Result<Self> {
+        let cfg = cfg.into_valid()?.into_inner();
         let task = cfg.task()?;
         let factory = EnvFactory::new(task)?;
         let mut env = factory.make()?;

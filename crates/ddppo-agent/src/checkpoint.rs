@@ -35,7 +35,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::agent::{Agent, PhaseTimes};
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, IntoValidConfig};
 use crate::jacobian_error::JacobianProbe;
 use crate::params::ParamTree;
 use crate::run_state::RunState;
@@ -168,7 +168,8 @@ impl Agent {
     /// `dir` into it. Every file is checked against the manifest first and
     /// the checkpoint's config must equal `cfg`; any problem is an
     /// [`Error::Checkpoint`] naming the file.
-    pub fn from_checkpoint(cfg: AgentConfig, device: Device, dir: &Path) -> Result<Self> {
+    pub fn from_checkpoint(cfg: impl IntoValidConfig, device: Device, dir: &Path) -> Result<Self> {
+        let cfg = cfg.into_valid()?;
         verify(dir, None)?;
         let state = read_state(dir, &cfg)?;
         let mut agent = Agent::with_device(cfg, device.clone())?;

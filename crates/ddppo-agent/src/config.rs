@@ -1,7 +1,9 @@
 //! The typed run configuration: every knob of ALGORITHM.md sections 1-7,
 //! read from TOML (`deny_unknown_fields`) and validated with one-line errors.
-//! The per-task presets (Table 1 of the paper) live in `configs/*.toml` at the
-//! repository root and are compiled in ([`AgentConfig::preset`]).
+//! The per-task presets (Table 1 of the paper) live in this package's
+//! `configs/*.toml` (the repository's top-level `configs` links to it) and are
+//! compiled in ([`AgentConfig::preset`]). A run's config is a base (preset
+//! or file) plus [`Overrides`], validated once into a [`ValidConfig`].
 
 use std::path::Path;
 
@@ -164,14 +166,65 @@ impl Default for AgentConfig {
     }
 }
 
+/// The command line's changes to a base config ([`AgentConfig::resolve`]).
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    /// `--env`: the task.
+    pub task: Option<String>,
+    /// `--variant`.
+    pub variant: Option<Variant>,
+    /// `--seed`.
+    pub seed: Option<u64>,
+    /// Each `--set KEY=VALUE`, applied in order after the three above.
+    pub sets: Vec<String>,
+}
+
+/// A config that passed [`AgentConfig::validate`]: the agent builds from it
+/// without checking it again. Read-only, so it stays valid.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidConfig(AgentConfig);
+
+impl ValidConfig {
+    /// The config itself.
+    pub fn into_inner(self) -> AgentConfig {
+        self.0
+    }
+}
+
+impl std::ops::Deref for ValidConfig {
+    type Target = AgentConfig;
+    fn deref(&self) -> &AgentConfig {
+        &self.0
+    }
+}
+
+/// What [`crate::Agent::new`] accepts: a [`ValidConfig`] as it is, an
+/// [`AgentConfig`] after validating it.
+pub trait IntoValidConfig {
+    /// The validated config.
+    fn into_valid(self) -> Result<ValidConfig>;
+}
+
+impl IntoValidConfig for ValidConfig {
+    fn into_valid(self) -> Result<ValidConfig> {
+        Ok(self)
+    }
+}
+
+impl IntoValidConfig for AgentConfig {
+    fn into_valid(self) -> Result<ValidConfig> {
+        self.validated()
+    }
+}
+
 const PRESETS: [(&str, &str); 7] = [
-    ("inverted-pendulum", include_str!("../../../configs/inverted-pendulum.toml")),
-    ("hopper", include_str!("../../../configs/hopper.toml")),
-    ("walker2d", include_str!("../../../configs/walker2d.toml")),
-    ("half-cheetah", include_str!("../../../configs/half-cheetah.toml")),
-    ("ant", include_str!("../../../configs/ant.toml")),
-    ("humanoid", include_str!("../../../configs/humanoid.toml")),
-    ("pendulum", include_str!("../../../configs/pendulum.toml")),
+    ("inverted-pendulum", include_str!("../configs/inverted-pendulum.toml")),
+    ("hopper", include_str!("../configs/hopper.toml")),
+    ("walker2d", include_str!("../configs/walker2d.toml")),
+    ("half-cheetah", include_str!("../configs/half-cheetah.toml")),
+    ("ant", include_str!("../configs/ant.toml")),
+    ("humanoid", include_str!("../configs/humanoid.toml")),
+    ("pendulum", include_str!("../configs/pendulum.toml")),
 ];
 
 fn bad(msg: impl Into<String>) -> Error {
@@ -209,39 +262,98 @@ fn in_range(name: &str, v: usize, lo: usize, hi: usize) -> Result<()> {
 }
 
 impl AgentConfig {
-    /// Parses TOML; unknown keys and wrong types are errors naming the key.
+    /// Parses and validates TOML; unknown keys and wrong types are errors naming the key.
     pub fn from_toml_str(text: &str) -> Result<Self> {
-        let cfg: Self =
-            toml::from_str(text).map_err(|source| Error::ConfigParse { path: "<string>".into(), source })?;
+        let cfg = Self::parse(text, "<string>")?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     /// Reads and validates a TOML file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.display().to_string(), source })?;
-        let cfg: Self =
-            toml::from_str(&text).map_err(|source| Error::ConfigParse { path: path.display().to_string(), source })?;
+        let cfg = Self::parse_file(path)?;
         cfg.validate()?;
         Ok(cfg)
     }
 
+    /// Reads a TOML file without validating the values: for a caller that
+    /// validates after its overrides ([`AgentConfig::resolve`]), or that
+    /// compares it with a config validated already.
+    pub fn parse_file(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.display().to_string(), source })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    fn parse(text: &str, origin: &str) -> Result<Self> {
+        toml::from_str(text).map_err(|source| Error::ConfigParse { path: origin.into(), source })
+    }
+
     /// The compiled-in preset of a task (the `configs/<task>.toml` file).
+    /// Not validated here: every preset is valid (the config tests check
+    /// each), and the run validates its resolved config once.
     pub fn preset(task: &str) -> Result<Self> {
         let (_, text) = PRESETS.iter().find(|(n, _)| *n == task).ok_or_else(|| {
             let names: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
             bad(format!("no preset for task `{task}`; presets: {}", names.join(", ")))
         })?;
-        let cfg: Self = toml::from_str(text)
-            .map_err(|source| Error::ConfigParse { path: format!("configs/{task}.toml"), source })?;
-        cfg.validate()?;
-        Ok(cfg)
+        Self::parse(text, &format!("configs/{task}.toml"))
     }
 
-    /// The names of the tasks with a preset.
-    pub fn preset_names() -> impl Iterator<Item = &'static str> {
-        PRESETS.iter().map(|(n, _)| *n)
+    /// Applies the command line's overrides to this base config, in the
+    /// order task, variant, seed, then each `--set`, and validates the result:
+    /// the one validation of a run's config.
+    pub fn resolve(mut self, overrides: &Overrides) -> Result<ValidConfig> {
+        if let Some(task) = &overrides.task {
+            self.task.clone_from(task);
+        }
+        if let Some(variant) = overrides.variant {
+            self.variant = variant;
+        }
+        if let Some(seed) = overrides.seed {
+            self.seed = seed;
+        }
+        for assignment in &overrides.sets {
+            self.set(assignment)?;
+        }
+        self.validated()
+    }
+
+    /// Applies one `key=value` (dotted for tables: `model.lr=3e-4`). The
+    /// value is read as a TOML value (number, bool, array, quoted string),
+    /// else taken as a bare string; a key the config does not have, or a
+    /// value of the wrong type, is an error naming it. Not validated.
+    pub fn set(&mut self, assignment: &str) -> Result<()> {
+        let syntax = |what: &str| Error::Override(format!("--set {assignment}: {what}"));
+        let (key, raw) = assignment.split_once('=').ok_or_else(|| syntax("expected KEY=VALUE"))?;
+        let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+        let mut path: Vec<&str> = key.trim().split('.').collect();
+        let last = path.pop().filter(|k| !k.is_empty()).ok_or_else(|| syntax("empty key"))?;
+        // The typed config as a value tree: serde then checks the one new
+        // value (and rejects an unknown key) exactly as it checks a file.
+        let mut tree = toml::Table::try_from(&*self).map_err(|e| bad(format!("cannot serialise the config: {e}")))?;
+        let mut node = &mut tree;
+        for table in path {
+            node = node
+                .entry(table)
+                .or_insert_with(|| toml::Value::Table(Default::default()))
+                .as_table_mut()
+                .ok_or_else(|| syntax(&format!("`{table}` is not a table")))?;
+        }
+        node.insert(last.to_string(), value);
+        // The message names the value but not its key (serde's value
+        // deserialiser has no position), hence the assignment in front.
+        *self = Self::deserialize(tree).map_err(|e| bad(format!("--set {assignment}: {}", e.message())))?;
+        Ok(())
+    }
+
+    /// Checks the config once ([`AgentConfig::validate`]) and marks it so.
+    pub fn validated(self) -> Result<ValidConfig> {
+        self.validate()?;
+        Ok(ValidConfig(self))
     }
 
     /// Serialises to TOML (for writing the resolved config next to a run).

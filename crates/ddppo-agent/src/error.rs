@@ -9,6 +9,9 @@ pub enum Error {
     /// A configuration value is out of range or inconsistent.
     #[error("invalid config: {0}")]
     Config(String),
+    /// A `--set KEY=VALUE` override is malformed (the message names it).
+    #[error("{0}")]
+    Override(String),
     /// A configuration file could not be parsed.
     #[error("cannot parse config {path}: {source}")]
     ConfigParse {
@@ -27,6 +30,12 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The gradient-error study ([`crate::grad_error`]) got an env it does not have.
+    #[error("unknown study env `{0}`; valid names: pendulum, linear")]
+    UnknownStudyEnv(String),
+    /// A value of the gradient-error study's config is out of range.
+    #[error("bad study config: {0}")]
+    StudyConfig(String),
     /// Input with the wrong dimensions.
     #[error("dimension mismatch: {0}")]
     Shape(String),

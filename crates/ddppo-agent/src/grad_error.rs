@@ -14,8 +14,7 @@
 //! the whole-Jacobian error. The curves therefore also record the two parts.
 //!
 //! The plot and the files are written by the `ddppo grad-error` command; this
-//! module computes the numbers. It has its own error type so that it stays
-//! independent of the training loop's.
+//! module computes the numbers.
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -28,27 +27,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-/// Errors of the study.
-#[derive(Debug, thiserror::Error)]
-pub enum StudyError {
-    #[error("unknown study env `{0}`; valid names: pendulum, linear")]
-    UnknownEnv(String),
-    #[error("bad study config: {0}")]
-    Config(String),
-    #[error("cannot read {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Env(#[from] ddppo_env::Error),
-    #[error(transparent)]
-    Model(#[from] ddppo_models::Error),
-    #[error("tensor: {0}")]
-    Candle(#[from] candle_core::Error),
-}
-
-pub type StudyResult<T> = std::result::Result<T, StudyError>;
+use crate::{Error, Result};
 
 /// The analytic envs of the study.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,11 +38,11 @@ pub enum StudyEnv {
 }
 
 impl StudyEnv {
-    pub fn from_name(name: &str) -> StudyResult<Self> {
+    pub fn from_name(name: &str) -> Result<Self> {
         match name {
             "pendulum" => Ok(Self::Pendulum),
             "linear" => Ok(Self::Linear),
-            other => Err(StudyError::UnknownEnv(other.to_string())),
+            other => Err(Error::UnknownStudyEnv(other.to_string())),
         }
     }
     pub fn name(self) -> &'static str {
@@ -122,32 +101,32 @@ impl Default for StudyConfig {
 
 impl StudyConfig {
     /// Parses and validates TOML text.
-    pub fn from_toml_str(text: &str) -> StudyResult<Self> {
+    pub fn from_toml_str(text: &str) -> Result<Self> {
         let cfg: Self =
-            toml::from_str(text).map_err(|e| StudyError::Config(e.message().to_string()))?;
+            toml::from_str(text).map_err(|e| Error::StudyConfig(e.message().to_string()))?;
         cfg.validate()?;
         Ok(cfg)
     }
     /// Reads and validates a TOML file.
-    pub fn from_file(path: &Path) -> StudyResult<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| StudyError::Io {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
             path: path.display().to_string(),
             source,
         })?;
         Self::from_toml_str(&text).map_err(|e| match e {
-            StudyError::Config(m) => StudyError::Config(format!("{}: {m}", path.display())),
+            Error::StudyConfig(m) => Error::StudyConfig(format!("{}: {m}", path.display())),
             other => other,
         })
     }
-    pub fn validate(&self) -> StudyResult<()> {
+    pub fn validate(&self) -> Result<()> {
         if self.epochs == 0 {
-            return Err(StudyError::Config("epochs must be at least 1".into()));
+            return Err(Error::StudyConfig("epochs must be at least 1".into()));
         }
         if self.test_points == 0 {
-            return Err(StudyError::Config("test_points must be at least 1".into()));
+            return Err(Error::StudyConfig("test_points must be at least 1".into()));
         }
         if self.transitions <= self.gradient.neighbours + 2 {
-            return Err(StudyError::Config(format!(
+            return Err(Error::StudyConfig(format!(
                 "transitions ({}) must exceed the number of neighbours n ({}) + 2",
                 self.transitions, self.gradient.neighbours
             )));
@@ -270,7 +249,7 @@ fn rollouts<E: Env + AnalyticDynamics>(
     rows: usize,
     seed: u64,
     wrap_first: bool,
-) -> StudyResult<Vec<Transition>> {
+) -> Result<Vec<Transition>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let (low, high) = (env.action_low().to_vec(), env.action_high().to_vec());
     let mut out = Vec::with_capacity(rows);
@@ -310,7 +289,7 @@ fn collect<E: Env + AnalyticDynamics>(
     cfg: &StudyConfig,
     seed: u64,
     wrap_first: bool,
-) -> StudyResult<Collected> {
+) -> Result<Collected> {
     let (obs_dim, act_dim) = (env.obs_dim(), env.act_dim());
     let train = rollouts(env, cfg.transitions, seed, wrap_first)?;
     // Test points from independent episodes.
@@ -347,7 +326,7 @@ fn collect<E: Env + AnalyticDynamics>(
 
 /// Gradient MSE of every member against the exact Jacobians, averaged over members:
 /// `(all entries, reward row, dynamics rows)`.
-fn gradient_mse(ens: &ProbabilisticEnsemble, data: &Collected) -> StudyResult<(f64, f64, f64)> {
+fn gradient_mse(ens: &ProbabilisticEnsemble, data: &Collected) -> Result<(f64, f64, f64)> {
     let p = data.test_obs.len() / data.obs_dim;
     let dev = ens.device();
     let obs = Tensor::from_slice(&data.test_obs, (p, data.obs_dim), dev)?.to_dtype(ens.dtype())?;
@@ -387,7 +366,7 @@ fn run_variant(
     variant: &str,
     seed: u64,
     progress: &mut dyn FnMut(&CurvePoint),
-) -> StudyResult<Vec<CurvePoint>> {
+) -> Result<Vec<CurvePoint>> {
     let mcfg = cfg.model_config();
     // Same seed for both variants: same initial weights, holdout split and shuffles.
     let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(0x9e37_79b9));
@@ -398,7 +377,7 @@ fn run_variant(
         next_obs: &data.next_obs,
     };
     let mut curve = Vec::with_capacity(cfg.epochs);
-    let mut error: Option<StudyError> = None;
+    let mut error: Option<Error> = None;
     let mut on_epoch = |ens: &ProbabilisticEnsemble, st: &EpochStats| -> ddppo_models::Result<()> {
         let (grad_mse, grad_mse_reward, grad_mse_dynamics) = match gradient_mse(ens, data) {
             Ok(g) => g,
@@ -442,10 +421,10 @@ pub fn run_study(
     cfg: &StudyConfig,
     seeds: usize,
     progress: &mut dyn FnMut(&CurvePoint),
-) -> StudyResult<Study> {
+) -> Result<Study> {
     cfg.validate()?;
     if seeds == 0 {
-        return Err(StudyError::Config("seeds must be at least 1".into()));
+        return Err(Error::StudyConfig("seeds must be at least 1".into()));
     }
     let mut curves = Vec::new();
     let mut finals: Vec<Vec<CurvePoint>> = vec![Vec::new(); VARIANTS.len()];
@@ -461,7 +440,7 @@ pub fn run_study(
             let curve = run_variant(&data, cfg, variant, seed, progress)?;
             let last = curve
                 .last()
-                .ok_or_else(|| StudyError::Config("no epoch ran".into()))?;
+                .ok_or_else(|| Error::StudyConfig("no epoch ran".into()))?;
             finals[v].push(last.clone());
             curves.extend(curve);
         }

@@ -61,7 +61,7 @@ pub mod variant;
 
 pub use agent::{Agent, EvalRecord, EvalSummary, NoObserver, Observer, ObserverError, PhaseTimes, evaluate_policy};
 pub use checkpoint::Checkpoints;
-pub use config::{AgentConfig, RolloutSchedule, Variant};
+pub use config::{AgentConfig, IntoValidConfig, Overrides, RolloutSchedule, ValidConfig, Variant};
 pub use error::{Error, Result};
 pub use params::ParamTree;
 pub use rollout::{DynamicsModel, ModelEnv};

@@ -2,7 +2,7 @@
 
 #![allow(clippy::type_complexity, clippy::field_reassign_with_default)]
 
-use ddppo_agent::{AgentConfig, RolloutSchedule, Variant};
+use ddppo_agent::{AgentConfig, Overrides, RolloutSchedule, Variant};
 
 #[test]
 fn presets_parse_and_hold_table_1() {
@@ -25,7 +25,7 @@ fn presets_parse_and_hold_table_1() {
         assert_eq!((c.epoch_length, c.model.ensemble_size, c.policy_updates_per_step, c.critic_updates_per_step), (1000, 7, 10, 10));
         assert_eq!(c.variant, Variant::Ddppo);
         // The file on disk is the compiled-in one.
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs").join(format!("{task}.toml"));
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs").join(format!("{task}.toml"));
         assert_eq!(AgentConfig::from_file(&path).unwrap(), c);
     }
     assert!(AgentConfig::preset("pendulum").is_ok());
@@ -173,13 +173,91 @@ fn numeric_keys_are_bounded_to_what_runs() {
     assert!(err("variant = \"no-grad-loss\"\nmin_pool_size = 1").contains("min_pool_size"));
 }
 
+/// Every task's preset: valid (`preset` itself does not validate: the run
+/// validates its resolved config once), documenting the bounds.
 #[test]
-fn every_preset_documents_the_bounds() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
-    for task in AgentConfig::preset_names() {
+fn every_preset_is_valid_and_documents_the_bounds() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let tasks = ["inverted-pendulum", "hopper", "walker2d", "half-cheetah", "ant", "humanoid", "pendulum"];
+    for task in tasks {
+        let c = AgentConfig::preset(task).unwrap();
+        c.validate().unwrap_or_else(|e| panic!("configs/{task}.toml: {e}"));
         let text = std::fs::read_to_string(dir.join(format!("{task}.toml"))).unwrap();
         for needle in ["1..=10000", "<= 10^9", "below min_pool_size", "1..=100]"] {
             assert!(text.contains(needle), "configs/{task}.toml does not document `{needle}`");
         }
     }
+    // Every preset file of the folder is in that list (linear.toml is the
+    // linear env's system, not a preset).
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().trim_end_matches(".toml").to_string())
+        .filter(|n| n != "linear")
+        .collect();
+    files.sort();
+    let mut listed = tasks.map(String::from).to_vec();
+    listed.sort();
+    assert_eq!(files, listed);
+    // The top-level `configs` is the same folder (a link), where users find it.
+    let top = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    assert_eq!(std::fs::canonicalize(top).unwrap(), std::fs::canonicalize(&dir).unwrap());
+}
+
+#[test]
+fn overrides_change_the_typed_config_and_resolve_validates_once() {
+    let base = AgentConfig::preset("hopper").unwrap();
+    let overrides = Overrides {
+        task: Some("walker2d".into()),
+        variant: Some(Variant::Sac),
+        seed: Some(3),
+        // Applied after the three above: the last word is the `--set`'s.
+        sets: vec!["model.lr=0.01".into(), "hidden=[64, 32]".into(), "seed=4".into(), "target_entropy=-2.5".into()],
+    };
+    let resolved = base.clone().resolve(&overrides).unwrap();
+    let mut expect = base.clone();
+    expect.task = "walker2d".into();
+    expect.variant = Variant::Sac;
+    expect.seed = 4;
+    expect.model.lr = 0.01;
+    expect.hidden = vec![64, 32];
+    expect.target_entropy = Some(-2.5);
+    assert_eq!(*resolved, expect);
+    assert_eq!(resolved.into_inner(), expect);
+
+    // A bare word is a string; a quoted one too.
+    let mut c = base.clone();
+    c.set("variant=mbpo").unwrap();
+    assert_eq!(c.variant, Variant::Mbpo);
+    c.set("task=\"ant\"").unwrap();
+    assert_eq!(c.task, "ant");
+
+    // Bad assignments name the key and leave the config as it was.
+    let cases = [
+        ("no_such_key=1", "unknown field `no_such_key`"),
+        ("model.no_such_key=1", "unknown field `no_such_key`"),
+        ("epochs=\"many\"", "--set epochs=\"many\": invalid type: string \"many\""),
+        ("epochs", "--set epochs: expected KEY=VALUE"),
+        ("=1", "--set =1: empty key"),
+        ("epochs.x=1", "--set epochs.x=1: `epochs` is not a table"),
+    ];
+    for (assignment, expect) in cases {
+        let mut c = base.clone();
+        let e = c.set(assignment).unwrap_err().to_string();
+        assert!(e.contains(expect), "{assignment}: expected `{expect}` in: {e}");
+        assert!(!e.contains('\n'), "{assignment}: {e}");
+        assert_eq!(c, base, "{assignment} changed the config");
+    }
+
+    // `set` takes any value of the right type; `resolve` refuses a bad one.
+    let mut c = base.clone();
+    c.set("critic_lr=-0.1").unwrap();
+    assert_eq!(c.critic_lr, -0.1);
+    let bad = Overrides { sets: vec!["critic_lr=-0.1".into()], ..Overrides::default() };
+    let e = base.clone().resolve(&bad).unwrap_err().to_string();
+    assert!(e.contains("critic_lr must be positive"), "{e}");
+    // An invalid base is caught by the same one validation.
+    let mut broken = base;
+    broken.horizon = 0;
+    let e = broken.resolve(&Overrides::default()).unwrap_err().to_string();
+    assert!(e.contains("horizon"), "{e}");
 }

@@ -22,7 +22,7 @@
 //! [`exact_sq_dist`]: crate::exact_sq_dist
 use rayon::prelude::*;
 
-use crate::neighbours::{brute_force_row, exact_sq_dist};
+use crate::distance::{brute_force_row, exact_sq_dist};
 
 /// Candidates kept per row beyond `n`: the certificate needs a gap above
 /// the rounding bound between the n-th distance and the last candidate's

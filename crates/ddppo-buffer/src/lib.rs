@@ -40,14 +40,16 @@
 //! # Ok::<(), ddppo_buffer::Error>(())
 //! ```
 
+mod distance;
 mod gemm_search;
 mod neighbours;
 mod replay;
 pub mod storage;
 
+pub use distance::exact_sq_dist;
 pub use neighbours::{
     LID_SAMPLES, MAX_TREE_WIDTH, NeighbourIndex, NeighbourMethod, NeighbourOptions,
-    TREE_MAX_EFFECTIVE_DIM, brute_force_neighbours, effective_dimension, exact_sq_dist,
+    TREE_MAX_EFFECTIVE_DIM, brute_force_neighbours, effective_dimension,
 };
 pub use replay::{Batch, Columns, ReplayBuffer, sample_mixed, try_sample_mixed};
 pub use storage::Fnv1a;

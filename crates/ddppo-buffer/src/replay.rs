@@ -315,14 +315,6 @@ impl ReplayBuffer {
         self.mask = keep.mask;
         self.done = keep.done;
     }
-
-    /// Removes every row; the capacity stays.
-    pub fn clear(&mut self) {
-        self.pos = 0;
-        for c in [&mut self.obs, &mut self.act, &mut self.rew, &mut self.next_obs, &mut self.mask, &mut self.done] {
-            c.clear();
-        }
-    }
 }
 
 /// Fills `batch` with `round(real_ratio * batch.size)` rows from `env`

@@ -4,7 +4,7 @@
 
 use crate::run_dir::{CONFIG_FILE, LOCK_FILE, METRICS_FILE, RunLock};
 use anyhow::{Context, Result, bail};
-use ddppo_agent::{Agent, AgentConfig, Checkpoints, EvalRecord, Observer, ObserverError};
+use ddppo_agent::{Agent, AgentConfig, Checkpoints, EvalRecord, Observer, ObserverError, ValidConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -120,7 +120,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
 /// A new run goes into an absent or empty directory, or continues the run
 /// that a directory already holds; a directory that holds anything else is
 /// never written to.
-fn check_out_dir(out: &Path, cfg: &AgentConfig) -> Result<()> {
+fn check_out_dir(out: &Path, cfg: &ValidConfig) -> Result<()> {
     if !out.exists() {
         return Ok(());
     }
@@ -148,7 +148,7 @@ fn check_out_dir(out: &Path, cfg: &AgentConfig) -> Result<()> {
 /// complete checkpoint (an older one when the newest is unusable) or from
 /// step 0 when there is none; a different `resolved` config is refused,
 /// naming the keys. `None`: the run is already complete.
-fn open_run(dir: &Path, resolved: Option<AgentConfig>, device: candle_core::Device) -> Result<Option<Agent>> {
+fn open_run(dir: &Path, resolved: Option<ValidConfig>, device: candle_core::Device) -> Result<Option<Agent>> {
     let config = dir.join(CONFIG_FILE);
     if !config.exists() {
         let cfg = resolved.context("no config to start a run with")?;
@@ -157,7 +157,7 @@ fn open_run(dir: &Path, resolved: Option<AgentConfig>, device: candle_core::Devi
     }
     let cfg = match &resolved {
         Some(new) => same_run(dir, new)?,
-        None => AgentConfig::from_file(&config)?,
+        None => AgentConfig::parse_file(&config)?.validated()?,
     };
     let total = cfg.total_steps();
     let checkpoints = Checkpoints::new(dir);
@@ -210,10 +210,10 @@ fn open_run(dir: &Path, resolved: Option<AgentConfig>, device: candle_core::Devi
     Ok(Some(opened))
 }
 
-/// The config of the run in `dir`, which must equal `new`; else an error
-/// naming the keys that differ.
-fn same_run(dir: &Path, new: &AgentConfig) -> Result<AgentConfig> {
-    let cfg = AgentConfig::from_file(&dir.join(CONFIG_FILE))?;
+/// The config of the run in `dir`, which must equal `new` (so it needs no
+/// validation of its own); else an error naming the keys that differ.
+fn same_run(dir: &Path, new: &ValidConfig) -> Result<ValidConfig> {
+    let cfg = AgentConfig::parse_file(&dir.join(CONFIG_FILE))?;
     let keys = cfg.differing_keys(new)?;
     if !keys.is_empty() {
         bail!(
@@ -223,7 +223,7 @@ fn same_run(dir: &Path, new: &AgentConfig) -> Result<AgentConfig> {
             if keys.len() == 1 { "s" } else { "" }
         );
     }
-    Ok(cfg)
+    Ok(new.clone())
 }
 
 /// Keeps the `metrics.jsonl` lines up to `step` env steps (none for `None`),
@@ -266,70 +266,11 @@ fn truncate_metrics(dir: &Path, step: Option<usize>) -> Result<usize> {
     Ok(dropped)
 }
 
-/// Preset (or `--config` file), then `--variant`/`--seed`/`--env`, then every
-/// `--set`, then the agent's own validation (unknown keys, ranges).
-fn resolve_config(args: &TrainArgs) -> Result<AgentConfig> {
-    if let Some(env) = &args.env {
-        ddppo_env::Task::from_name(env)?;
-    }
-    let base = match (&args.config, &args.env) {
-        (Some(path), _) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-            let table = parse_table(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
-            // An empty file would silently train the built-in defaults.
-            if table.is_empty() {
-                bail!("{} sets no key; a config file names at least its `task`", path.display());
-            }
-            table
-        }
-        (None, Some(env)) => parse_table(&AgentConfig::preset(env)?.to_toml()?)?,
-        (None, None) => bail!("give --env NAME or --config FILE"),
-    };
-    let mut table = base;
-    if let Some(env) = &args.env {
-        table.insert("task".into(), toml::Value::String(env.clone()));
-    }
-    if let Some(v) = &args.variant {
-        ddppo_agent::Variant::from_name(v)?;
-        table.insert("variant".into(), toml::Value::String(v.clone()));
-    }
-    if let Some(seed) = args.seed {
-        let seed = i64::try_from(seed).context("--seed must be below 2^63")?;
-        table.insert("seed".into(), toml::Value::Integer(seed));
-    }
-    for kv in &args.sets {
-        apply_set(&mut table, kv)?;
-    }
-    let text = toml::to_string(&table).context("cannot serialise the config")?;
-    let cfg: AgentConfig = toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid config: {}", e.message()))?;
-    cfg.validate()?;
-    Ok(cfg)
-}
-
-fn parse_table(text: &str) -> Result<toml::Table> {
-    toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.message()))
-}
-
-/// `key=value` or `table.key=value`; the value is read as a TOML value
-/// (number, bool, array, quoted string), else taken as a bare string.
-fn apply_set(table: &mut toml::Table, kv: &str) -> Result<()> {
-    let (key, raw) = kv.split_once('=').with_context(|| format!("--set {kv}: expected KEY=VALUE"))?;
-    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
-    let mut parts: Vec<&str> = key.trim().split('.').collect();
-    let last = parts.pop().filter(|k| !k.is_empty()).with_context(|| format!("--set {kv}: empty key"))?;
-    let mut node = table;
-    for p in parts {
-        node = node
-            .entry(p.to_string())
-            .or_insert_with(|| toml::Value::Table(Default::default()))
-            .as_table_mut()
-            .with_context(|| format!("--set {kv}: `{p}` is not a table"))?;
-    }
-    node.insert(last.to_string(), value);
-    Ok(())
+/// Preset (or `--config` file), then `--env`/`--variant`/`--seed`, then
+/// every `--set`, validated once (the same resolution as `ddppo config`).
+fn resolve_config(args: &TrainArgs) -> Result<ValidConfig> {
+    let (env, config, variant) = (args.env.as_deref(), args.config.as_deref(), args.variant.as_deref());
+    crate::cmd_config::resolve(env, config, variant, args.seed, &args.sets)
 }
 
 /// Writes the metrics files and shows progress.

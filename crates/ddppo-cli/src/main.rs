@@ -23,6 +23,8 @@ macro_rules! note {
 }
 
 mod chart;
+mod cmd_checkpoint;
+mod cmd_config;
 mod cmd_device_check;
 mod cmd_env;
 mod cmd_eval;
@@ -61,6 +63,10 @@ enum Command {
     Table(cmd_table::TableArgs),
     /// List the algorithm variants (`--variant`).
     Variant(cmd_variant::VariantArgs),
+    /// Print the resolved config of `ddppo train` with the same arguments (TOML).
+    Config(cmd_config::ConfigArgs),
+    /// A run's checkpoints (`latest`: the newest complete one).
+    Checkpoint(cmd_checkpoint::CheckpointArgs),
     /// Check that a device (cuda) computes what the CPU does, within f32 tolerance.
     DeviceCheck(cmd_device_check::DeviceCheckArgs),
     /// Time each phase of a preset's env step at given sizes of D_env; project seconds per 1,000 env steps.
@@ -101,6 +107,8 @@ fn main() {
         Command::Plot(args) => cmd_plot::run(args),
         Command::Table(args) => cmd_table::run(args),
         Command::Variant(args) => cmd_variant::run(args),
+        Command::Config(args) => cmd_config::run(args),
+        Command::Checkpoint(args) => cmd_checkpoint::run(args),
         Command::DeviceCheck(args) => cmd_device_check::run(args),
         Command::Profile(args) => cmd_profile::run(args),
     };

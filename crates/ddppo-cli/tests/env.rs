@@ -110,7 +110,7 @@ fn replay_errors_are_one_line() {
 fn mujoco_replay_errors_are_one_line() {
     let qpos = "[0.0, 1.25, 0.0, 0.0, 0.0, 0.0]";
     let cases = [
-        (format!(r#"{{"qpos": [0.0], "qvel": [0,0,0,0,0,0], "actions": []}}"#), "qpos has 1 values, hopper expects 6"),
+        (r#"{"qpos": [0.0], "qvel": [0,0,0,0,0,0], "actions": []}"#.to_string(), "qpos has 1 values, hopper expects 6"),
         (format!(r#"{{"qpos": {qpos}, "qvel": [0,0,0,0,0,0], "actions": [[0.0, 0.0]]}}"#), "action 0: action has 2 components, hopper expects 3"),
     ];
     for (k, (text, needle)) in cases.into_iter().enumerate() {
