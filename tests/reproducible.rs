@@ -51,7 +51,11 @@ fn run(seed: u64) -> Vec<EvalRecord> {
 fn same_seed_same_records_other_seed_other_records() {
     let a = run(5);
     assert_eq!(a.len(), 3, "evaluations at 0, 280 and 560 steps");
-    assert!(a[2].model_loss.is_some() && a[2].policy_updates > 0, "the run reached the model-based updates: {:?}", a[2]);
+    assert!(
+        a[2].model_loss.is_some() && a[2].policy_updates > 0,
+        "the run reached the model-based updates: {:?}",
+        a[2]
+    );
     assert_eq!(a, run(5), "same seed, different records");
     assert_ne!(a, run(6), "the seed has no effect");
 }

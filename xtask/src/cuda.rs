@@ -204,7 +204,10 @@ fn versioned_lib(dir: &Path, name: &str) -> Option<PathBuf> {
 fn link_unversioned(lib: &Path) -> Result<()> {
     for name in LINKED_LIBS {
         let Some(target) = versioned_lib(lib, name) else {
-            bail!("{} holds no lib{name}.so.*; delete .cache/cuda and run `cargo xtask setup --cuda` again", lib.display());
+            bail!(
+                "{} holds no lib{name}.so.*; delete .cache/cuda and run `cargo xtask setup --cuda` again",
+                lib.display()
+            );
         };
         let link = lib.join(format!("lib{name}.so"));
         let file_name = target.file_name().map(PathBuf::from).unwrap_or_default();

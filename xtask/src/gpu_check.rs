@@ -48,10 +48,7 @@ pub fn cpu_profile_command(task: &str, out: &Path) -> String {
 /// bytes. Over the limit, nothing is left behind.
 pub fn make(dir: &Path, inputs: &Inputs) -> Result<u64> {
     if dir.exists()
-        && std::fs::read_dir(dir)
-            .with_context(|| format!("cannot read {}", dir.display()))?
-            .next()
-            .is_some()
+        && std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?.next().is_some()
     {
         bail!("--bundle {} is not empty; give a new directory", dir.display());
     }
@@ -61,21 +58,14 @@ pub fn make(dir: &Path, inputs: &Inputs) -> Result<u64> {
     let figures = TASKS.map(|t| inputs.cpu_figures.join(format!("{t}.json")));
     for (task, file) in TASKS.iter().zip(&figures) {
         check_figures(task, file).with_context(|| {
-            format!(
-                "CPU figures: measure them first with `{}`",
-                cpu_profile_command(task, &inputs.cpu_figures)
-            )
+            format!("CPU figures: measure them first with `{}`", cpu_profile_command(task, &inputs.cpu_figures))
         })?;
     }
     let lib = std::fs::read_dir(&inputs.mujoco_lib)
         .with_context(|| format!("cannot read MuJoCo's lib dir {}", inputs.mujoco_lib.display()))?
         .flatten()
         .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("libmujoco.so."))
-                && !p.is_symlink()
-        })
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libmujoco.so.")) && !p.is_symlink())
         .with_context(|| format!("no libmujoco.so.* in {}", inputs.mujoco_lib.display()))?;
 
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -104,17 +94,8 @@ fn fill(dir: &Path, inputs: &Inputs, figures: &[PathBuf], lib: &Path) -> Result<
     std::fs::create_dir_all(&work)?;
     // Debug info is of no use there and weighs more than the code.
     let stripped = work.join("ddppo");
-    let strip = Command::new("strip")
-        .arg("-o")
-        .arg(&stripped)
-        .arg(&inputs.binary)
-        .stderr(Stdio::null())
-        .status();
-    let binary = if strip.is_ok_and(|s| s.success()) {
-        stripped.clone()
-    } else {
-        inputs.binary.clone()
-    };
+    let strip = Command::new("strip").arg("-o").arg(&stripped).arg(&inputs.binary).stderr(Stdio::null()).status();
+    let binary = if strip.is_ok_and(|s| s.success()) { stripped.clone() } else { inputs.binary.clone() };
     // gzip is on every Linux; xz (often smaller by half) only where needed.
     let limit = inputs.limit_mib * 1024 * 1024;
     compress("gzip", &binary, &dir.join("ddppo.gz"))?;
@@ -126,11 +107,7 @@ fn fill(dir: &Path, inputs: &Inputs, figures: &[PathBuf], lib: &Path) -> Result<
 
     let lib_dir = dir.join("lib");
     std::fs::create_dir_all(&lib_dir)?;
-    let name = lib
-        .file_name()
-        .context("MuJoCo library without a name")?
-        .to_string_lossy()
-        .to_string();
+    let name = lib.file_name().context("MuJoCo library without a name")?.to_string_lossy().to_string();
     compress("gzip", lib, &lib_dir.join(format!("{name}.gz")))?;
 
     let assets = dir.join("assets");
@@ -153,11 +130,7 @@ fn fill(dir: &Path, inputs: &Inputs, figures: &[PathBuf], lib: &Path) -> Result<
 }
 
 fn binary_name(dir: &Path) -> &'static str {
-    if dir.join("ddppo.xz").exists() {
-        "ddppo.xz"
-    } else {
-        "ddppo.gz"
-    }
+    if dir.join("ddppo.xz").exists() { "ddppo.xz" } else { "ddppo.gz" }
 }
 
 /// The file is `ddppo profile --json` output for `task` at every size of
@@ -170,18 +143,9 @@ fn check_figures(task: &str, file: &Path) -> Result<()> {
         bail!("{} is a profile of {}, not {task}", file.display(), v["task"]);
     }
     if v["max_epochs"].as_u64() != Some(MAX_EPOCHS as u64) {
-        bail!(
-            "{} was measured with max_epochs {}, the script uses {MAX_EPOCHS}",
-            file.display(),
-            v["max_epochs"]
-        );
+        bail!("{} was measured with max_epochs {}, the script uses {MAX_EPOCHS}", file.display(), v["max_epochs"]);
     }
-    let rows: Vec<u64> = v["rows"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|r| r["rows"].as_u64())
-        .collect();
+    let rows: Vec<u64> = v["rows"].as_array().into_iter().flatten().filter_map(|r| r["rows"].as_u64()).collect();
     if let Some(missing) = ROWS.iter().find(|r| !rows.contains(&(**r as u64))) {
         bail!("{} has no figures at {missing} rows", file.display());
     }

@@ -163,7 +163,9 @@ fn run() -> Result<()> {
                     None => println!("the toolkit's own link-time libcuda.so is used"),
                 }
                 match cuda::default_compute_cap() {
-                    Some(cap) => println!("no GPU detected: kernels are compiled for compute capability {cap} (set CUDA_COMPUTE_CAP to change)"),
+                    Some(cap) => println!(
+                        "no GPU detected: kernels are compiled for compute capability {cap} (set CUDA_COMPUTE_CAP to change)"
+                    ),
                     None => println!("kernels are compiled for CUDA_COMPUTE_CAP or the GPU nvidia-smi reports"),
                 }
             }

@@ -22,8 +22,7 @@ fn ddppo_binary() -> PathBuf {
     let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
     if built.is_none_or(|t| t < newest_source()) {
         let mut cmd = Command::new(env!("CARGO"));
-        cmd.current_dir(workspace_root())
-            .args(["build", "--quiet", "-p", "ddppo-cli", "--bin", "ddppo"]);
+        cmd.current_dir(workspace_root()).args(["build", "--quiet", "-p", "ddppo-cli", "--bin", "ddppo"]);
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
@@ -105,14 +104,7 @@ fn run_script(bundle: &Path, env: &[(&str, &str)]) -> (Option<i32>, String) {
         .envs(env.iter().copied())
         .output()
         .unwrap();
-    (
-        o.status.code(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-    )
+    (o.status.code(), format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
 }
 
 #[test]
@@ -121,30 +113,18 @@ fn bundle_layout_and_its_script_on_the_cpu() {
     let figures = cpu_figures(&tmp);
     let bundle = tmp.join("bundle");
     let ddppo = ddppo_binary();
-    let o = xtask(&[
-        "--bundle",
-        s(&bundle),
-        "--binary",
-        s(&ddppo),
-        "--cpu-figures",
-        s(&figures),
-    ]);
+    let o = xtask(&["--bundle", s(&bundle), "--binary", s(&ddppo), "--cpu-figures", s(&figures)]);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{out}{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.contains("GPU-check bundle in"), "{out}");
 
     // The layout: the packed binary, MuJoCo's library, the XMLs, the CPU
     // figures and the script; nothing else, and inside the limit.
-    let mut names: Vec<String> = std::fs::read_dir(&bundle)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-        .collect();
+    let mut names: Vec<String> =
+        std::fs::read_dir(&bundle).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
     names.sort();
     assert_eq!(names, ["assets", "cpu", "ddppo.gz", "lib", "run.sh"]);
-    let lib: Vec<_> = std::fs::read_dir(bundle.join("lib"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
+    let lib: Vec<_> = std::fs::read_dir(bundle.join("lib")).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(lib.len(), 1);
     assert!(lib[0].to_string_lossy().starts_with("libmujoco.so.") && lib[0].to_string_lossy().ends_with(".gz"));
     for f in ["assets/hopper.xml", "assets/ant.xml", "cpu/hopper.json", "cpu/ant.json"] {
@@ -172,10 +152,8 @@ fn bundle_layout_and_its_script_on_the_cpu() {
     assert_eq!(code, Some(0), "{log}");
     assert!(log.contains("| rows | k | pred epochs"), "{log}");
     // The CPU figures beside the script's own, with their ratio.
-    let row = log
-        .lines()
-        .find(|l| l.starts_with("| 300 |") && l.contains("| 1234.5 |"))
-        .unwrap_or_else(|| panic!("{log}"));
+    let row =
+        log.lines().find(|l| l.starts_with("| 300 |") && l.contains("| 1234.5 |")).unwrap_or_else(|| panic!("{log}"));
     let ratio: f64 = row.trim_matches('|').split('|').nth(3).unwrap().trim().parse().unwrap();
     assert!(ratio > 0.0, "{row}");
     assert!(work.join("hopper-cpu.json").is_file() && work.join("data/hopper-seed0.transitions").is_file());
@@ -187,11 +165,7 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
     for e in std::fs::read_dir(dir).unwrap().flatten() {
         let p = e.path();
-        if p.is_dir() {
-            files.extend(walk(&p))
-        } else {
-            files.push(p)
-        }
+        if p.is_dir() { files.extend(walk(&p)) } else { files.push(p) }
     }
     files
 }
@@ -203,28 +177,12 @@ fn the_agreement_check_runs_first_and_decides_the_exit_status() {
     // A stand-in binary that records its arguments and exits as told.
     let stub = tmp.join("stub");
     let calls = tmp.join("calls");
-    std::fs::write(
-        &stub,
-        format!("#!/bin/sh\necho \"$@\" >> {}\nexit ${{STUB_EXIT:-0}}\n", s(&calls)),
-    )
-    .unwrap();
+    std::fs::write(&stub, format!("#!/bin/sh\necho \"$@\" >> {}\nexit ${{STUB_EXIT:-0}}\n", s(&calls))).unwrap();
     let bundle = tmp.join("bundle");
-    let o = xtask(&[
-        "--bundle",
-        s(&bundle),
-        "--binary",
-        s(&stub),
-        "--cpu-figures",
-        s(&figures),
-    ]);
+    let o = xtask(&["--bundle", s(&bundle), "--binary", s(&stub), "--cpu-figures", s(&figures)]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let work = tmp.join("work");
-    let env = |exit: &'static str| {
-        [
-            ("DDPPO_GPU_CHECK_WORK", s(&work).to_string()),
-            ("STUB_EXIT", exit.to_string()),
-        ]
-    };
+    let env = |exit: &'static str| [("DDPPO_GPU_CHECK_WORK", s(&work).to_string()), ("STUB_EXIT", exit.to_string())];
     let run = |exit| {
         let _ = std::fs::remove_file(&calls);
         let vars = env(exit);
@@ -236,21 +194,12 @@ fn the_agreement_check_runs_first_and_decides_the_exit_status() {
     assert_eq!(code, Some(0), "{log}");
     let lines: Vec<&str> = called.lines().collect();
     assert_eq!(lines[0], "device-check --device cpu", "{called}");
-    assert!(
-        lines[1].starts_with("profile --env hopper --device cpu --rows 5000,20000 --max-epochs 3"),
-        "{called}"
-    );
+    assert!(lines[1].starts_with("profile --env hopper --device cpu --rows 5000,20000 --max-epochs 3"), "{called}");
     assert!(lines[2].starts_with("profile --env ant"), "{called}");
-    assert!(
-        lines[1].contains(&format!("--baseline {}", s(&bundle.join("cpu/hopper.json")))),
-        "{called}"
-    );
+    assert!(lines[1].contains(&format!("--baseline {}", s(&bundle.join("cpu/hopper.json")))), "{called}");
     let (code, log, called) = run("1");
     assert_eq!(code, Some(1), "{log}");
-    assert!(
-        log.contains("device-check FAILED") && called.lines().count() == 3,
-        "{log}"
-    );
+    assert!(log.contains("device-check FAILED") && called.lines().count() == 3, "{log}");
     let _ = std::fs::remove_dir_all(&tmp);
 }
 
@@ -268,16 +217,7 @@ fn refusals_are_one_line_and_leave_nothing() {
     };
     // Over the size limit (1 MiB here): a clear error, no bundle left.
     let bundle = tmp.join("bundle");
-    let args = [
-        "--bundle",
-        s(&bundle),
-        "--binary",
-        s(&ddppo),
-        "--cpu-figures",
-        s(&figures),
-        "--limit-mib",
-        "1",
-    ];
+    let args = ["--bundle", s(&bundle), "--binary", s(&ddppo), "--cpu-figures", s(&figures), "--limit-mib", "1"];
     refuse(&args, "over the 1 MiB limit");
     assert!(!bundle.exists());
     // CPU figures missing, or of other settings: the command that measures them.
@@ -286,36 +226,15 @@ fn refusals_are_one_line_and_leave_nothing() {
         &["--bundle", s(&bundle), "--binary", s(&ddppo), "--cpu-figures", s(&none)],
         "measure them first with `RAYON_NUM_THREADS=1 target/release/ddppo profile --env hopper --rows 5000,20000",
     );
-    let text = std::fs::read_to_string(figures.join("ant.json"))
-        .unwrap()
-        .replace("\"max_epochs\":3", "\"max_epochs\":9");
+    let text =
+        std::fs::read_to_string(figures.join("ant.json")).unwrap().replace("\"max_epochs\":3", "\"max_epochs\":9");
     std::fs::write(figures.join("ant.json"), text).unwrap();
-    refuse(
-        &[
-            "--bundle",
-            s(&bundle),
-            "--binary",
-            s(&ddppo),
-            "--cpu-figures",
-            s(&figures),
-        ],
-        "max_epochs 9",
-    );
+    refuse(&["--bundle", s(&bundle), "--binary", s(&ddppo), "--cpu-figures", s(&figures)], "max_epochs 9");
     assert!(!bundle.exists());
     // A directory that holds something is never written to.
     std::fs::create_dir_all(&bundle).unwrap();
     std::fs::write(bundle.join("mine"), "keep").unwrap();
-    refuse(
-        &[
-            "--bundle",
-            s(&bundle),
-            "--binary",
-            s(&ddppo),
-            "--cpu-figures",
-            s(&figures),
-        ],
-        "is not empty",
-    );
+    refuse(&["--bundle", s(&bundle), "--binary", s(&ddppo), "--cpu-figures", s(&figures)], "is not empty");
     assert_eq!(std::fs::read_to_string(bundle.join("mine")).unwrap(), "keep");
     let _ = std::fs::remove_dir_all(&tmp);
 }

@@ -36,9 +36,7 @@ fn updates(c: &mut Criterion) {
     let mut a = agent("ant");
     g.bench_function("critic_update", |b| b.iter(|| a.update_critic().expect("critic")));
     g.bench_function("policy_update_sac_baseline", |b| b.iter(|| a.update_policy_sac().expect("sac")));
-    g.bench_function("policy_update_ddppo_h3", |b| {
-        b.iter(|| a.update_policy_through_model().expect("ddppo"))
-    });
+    g.bench_function("policy_update_ddppo_h3", |b| b.iter(|| a.update_policy_through_model().expect("ddppo")));
     g.finish();
 }
 

@@ -21,12 +21,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let task = Task::from_name(&preset)?;
     let factory = EnvFactory::new(task)?;
     let t = Instant::now();
-    let probe =
-        JacobianProbe::draw(task, &factory, cfg.jacobian_states, cfg.jacobian_directions, 0, cfg.eval_workers)?;
+    let probe = JacobianProbe::draw(task, &factory, cfg.jacobian_states, cfg.jacobian_directions, 0, cfg.eval_workers)?;
     let draw = t.elapsed().as_secs_f64();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let ens =
-        ModelEnsemble::new(task.obs_dim(), task.act_dim(), &cfg.model, None, &Device::Cpu, DType::F32, &mut rng)?;
+    let ens = ModelEnsemble::new(task.obs_dim(), task.act_dim(), &cfg.model, None, &Device::Cpu, DType::F32, &mut rng)?;
     let t = Instant::now();
     let reps = 3;
     for _ in 0..reps {

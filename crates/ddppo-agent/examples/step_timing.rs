@@ -21,7 +21,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         agent.step()?;
     }
     let warm = agent.phase_times();
-    eprintln!("reached step {} (first model training) in {:.1} s: {warm:?}", agent.env_steps(), t.elapsed().as_secs_f64());
+    eprintln!(
+        "reached step {} (first model training) in {:.1} s: {warm:?}",
+        agent.env_steps(),
+        t.elapsed().as_secs_f64()
+    );
     let t = Instant::now();
     for _ in 0..steps {
         agent.step()?;

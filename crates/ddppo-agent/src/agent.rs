@@ -10,21 +10,21 @@ use candle_core::{DType, Device, Tensor};
 use ddppo_buffer::{Batch, ReplayBuffer};
 use ddppo_env::{Env, EnvFactory, Task, evaluate_episodes};
 use ddppo_models::{EnsembleConfig, GradientLossConfig, ModelEnsemble, TransitionData, transfer};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::checkpoint::Checkpoints;
 use crate::config::{AgentConfig, IntoValidConfig, Variant};
-use crate::variant::{GradientSource, PolicyUpdate, RolloutModel};
 use crate::jacobian_error::JacobianProbe;
 use crate::nn::{Adam, upload};
 use crate::policy_update::policy_objective;
 use crate::rollout::ModelEnv;
 use crate::run_state::{AgentRngs, ModelStats, RunState};
 use crate::sac::{GaussianPolicy, PolicySnapshot, SacCritic, Temperature};
+use crate::variant::{GradientSource, PolicyUpdate, RolloutModel};
 use crate::{Error, Result};
 
 /// What one evaluation reports (one line of `metrics.jsonl`).
@@ -154,12 +154,10 @@ impl LearnedModels {
         rng: &mut ChaCha8Rng,
     ) -> Result<Option<Self>> {
         // The gradient loss's settings for an ensemble trained with it, `None` for plain NLL.
-        let ensemble = |c: &EnsembleConfig,
-                        loss: Option<&GradientLossConfig>,
-                        rng: &mut ChaCha8Rng|
-         -> Result<ModelEnsemble> {
-            Ok(ModelEnsemble::new(obs_dim, act_dim, c, loss, device, DType::F32, rng)?)
-        };
+        let ensemble =
+            |c: &EnsembleConfig, loss: Option<&GradientLossConfig>, rng: &mut ChaCha8Rng| -> Result<ModelEnsemble> {
+                Ok(ModelEnsemble::new(obs_dim, act_dim, c, loss, device, DType::F32, rng)?)
+            };
         let spec = variant.spec();
         let prediction = match spec.rollout_model {
             RolloutModel::None => return Ok(None),
@@ -704,7 +702,8 @@ impl Agent {
         let start = upload(&self.batch.obs, b, od, DType::F32, &self.device)?;
         let alpha = self.temperature.alpha()?;
         let (h, gamma) = (self.cfg.horizon, self.cfg.gamma);
-        let out = policy_objective(&self.policy, &self.critic, &env, &start, h, gamma, alpha, &mut self.run.rngs.update)?;
+        let out =
+            policy_objective(&self.policy, &self.critic, &env, &start, h, gamma, alpha, &mut self.run.rngs.update)?;
         let loss = out.objective.neg()?;
         self.run.policy_loss.add(finite("policy loss", transfer::download_scalar(&loss)?)?);
         self.policy_opt.backward_step(&loss)?;

@@ -254,11 +254,7 @@ pub const MAX_ROLLOUT_LENGTH: usize = 1_000;
 pub const MAX_MODEL_POOL: usize = 1_000_000_000;
 
 fn in_range(name: &str, v: usize, lo: usize, hi: usize) -> Result<()> {
-    if (lo..=hi).contains(&v) {
-        Ok(())
-    } else {
-        Err(bad(format!("{name} must be in {lo}..={hi}, got {v}")))
-    }
+    if (lo..=hi).contains(&v) { Ok(()) } else { Err(bad(format!("{name} must be in {lo}..={hi}, got {v}"))) }
 }
 
 impl AgentConfig {

@@ -17,17 +17,15 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
-use ddppo_models::{
-    EnsembleConfig, LossBatch, NeighbourBatch, ModelOptimizer, ProbabilisticEnsemble, transfer,
-};
+use ddppo_models::{EnsembleConfig, LossBatch, ModelOptimizer, NeighbourBatch, ProbabilisticEnsemble, transfer};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::Result;
 use crate::nn::{Adam, sorted_vars};
 use crate::policy_update::policy_objective;
 use crate::rollout::{Derivatives, ModelEnv};
 use crate::sac::{GaussianPolicy, SacCritic};
-use crate::Result;
 
 /// Tolerance of a single forward pass or step.
 pub const FORWARD_TOLERANCE: f64 = 1e-4;

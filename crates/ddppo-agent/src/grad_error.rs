@@ -20,8 +20,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use ddppo_env::{AnalyticDynamics, Env, LinearEnv, LinearSystem, Pendulum};
 use ddppo_models::{
-    EnsembleConfig, EpochStats, GradientLossConfig, ModelEnsemble,
-    ProbabilisticEnsemble, TransitionData,
+    EnsembleConfig, EpochStats, GradientLossConfig, ModelEnsemble, ProbabilisticEnsemble, TransitionData,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -88,11 +87,7 @@ impl Default for StudyConfig {
                 batch_size: 128,
                 ..EnsembleConfig::default()
             },
-            gradient: GradientLossConfig {
-                neighbours: 10,
-                weight: 10.0,
-                ..GradientLossConfig::default()
-            },
+            gradient: GradientLossConfig { neighbours: 10, weight: 10.0, ..GradientLossConfig::default() },
             linear: LinearSystem::default(),
             seed: 0,
         }
@@ -102,17 +97,14 @@ impl Default for StudyConfig {
 impl StudyConfig {
     /// Parses and validates TOML text.
     pub fn from_toml_str(text: &str) -> Result<Self> {
-        let cfg: Self =
-            toml::from_str(text).map_err(|e| Error::StudyConfig(e.message().to_string()))?;
+        let cfg: Self = toml::from_str(text).map_err(|e| Error::StudyConfig(e.message().to_string()))?;
         cfg.validate()?;
         Ok(cfg)
     }
     /// Reads and validates a TOML file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.display().to_string(), source })?;
         Self::from_toml_str(&text).map_err(|e| match e {
             Error::StudyConfig(m) => Error::StudyConfig(format!("{}: {m}", path.display())),
             other => other,
@@ -138,11 +130,7 @@ impl StudyConfig {
     }
     /// The ensemble config with the fixed epoch count and no early stop.
     fn model_config(&self) -> EnsembleConfig {
-        EnsembleConfig {
-            max_epochs: Some(self.epochs),
-            patience: self.epochs.max(1),
-            ..self.ensemble.clone()
-        }
+        EnsembleConfig { max_epochs: Some(self.epochs), patience: self.epochs.max(1), ..self.ensemble.clone() }
     }
 }
 
@@ -183,10 +171,7 @@ impl MeanStd {
         let n = v.len().max(1) as f64;
         let mean = v.iter().sum::<f64>() / n;
         let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
-        Self {
-            mean,
-            std: var.sqrt(),
-        }
+        Self { mean, std: var.sqrt() }
     }
 }
 
@@ -261,17 +246,12 @@ fn rollouts<E: Env + AnalyticDynamics>(
             if out.len() >= rows {
                 break;
             }
-            let a: Vec<f64> = low
-                .iter()
-                .zip(&high)
-                .map(|(l, h)| rng.random_range(*l..*h))
-                .collect();
+            let a: Vec<f64> = low.iter().zip(&high).map(|(l, h)| rng.random_range(*l..*h)).collect();
             let step = env.step(&a)?;
             let mut next = step.obs.clone();
             if wrap_first {
                 let d = next[0] - s[0];
-                let wrapped = (d + std::f64::consts::PI).rem_euclid(2.0 * std::f64::consts::PI)
-                    - std::f64::consts::PI;
+                let wrapped = (d + std::f64::consts::PI).rem_euclid(2.0 * std::f64::consts::PI) - std::f64::consts::PI;
                 next[0] = s[0] + wrapped;
             }
             out.push((s.clone(), a, step.reward, next));
@@ -293,12 +273,7 @@ fn collect<E: Env + AnalyticDynamics>(
     let (obs_dim, act_dim) = (env.obs_dim(), env.act_dim());
     let train = rollouts(env, cfg.transitions, seed, wrap_first)?;
     // Test points from independent episodes.
-    let test = rollouts(
-        env,
-        cfg.test_points,
-        seed ^ 0x5eed_7e57_0000_0001,
-        wrap_first,
-    )?;
+    let test = rollouts(env, cfg.test_points, seed ^ 0x5eed_7e57_0000_0001, wrap_first)?;
     let mut c = Collected {
         obs_dim,
         act_dim,
@@ -336,11 +311,7 @@ fn gradient_mse(ens: &ProbabilisticEnsemble, data: &Collected) -> Result<(f64, f
     let rows = 1 + data.obs_dim;
     let (mut reward, mut dynamics) = (0.0, 0.0);
     for m in 0..members {
-        let jac = ens
-            .jacobian(&obs, &act, m)?
-            .flatten_all()?
-            .to_dtype(DType::F64)?
-            .to_vec1::<f64>()?;
+        let jac = ens.jacobian(&obs, &act, m)?.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
         for (i, (a, b)) in jac.iter().zip(&data.test_jac).enumerate() {
             let se = (a - b).powi(2);
             if (i / cols).is_multiple_of(rows) {
@@ -352,11 +323,7 @@ fn gradient_mse(ens: &ProbabilisticEnsemble, data: &Collected) -> Result<(f64, f
     }
     let n = (members * p) as f64;
     let all = (reward + dynamics) / (n * (rows * cols) as f64);
-    Ok((
-        all,
-        reward / (n * cols as f64),
-        dynamics / (n * (rows - 1) as f64 * cols as f64),
-    ))
+    Ok((all, reward / (n * cols as f64), dynamics / (n * (rows - 1) as f64 * cols as f64)))
 }
 
 /// Trains one variant on one seed; returns its curve.
@@ -370,12 +337,7 @@ fn run_variant(
     let mcfg = cfg.model_config();
     // Same seed for both variants: same initial weights, holdout split and shuffles.
     let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(0x9e37_79b9));
-    let td = TransitionData {
-        obs: &data.obs,
-        act: &data.act,
-        rew: &data.rew,
-        next_obs: &data.next_obs,
-    };
+    let td = TransitionData { obs: &data.obs, act: &data.act, rew: &data.rew, next_obs: &data.next_obs };
     let mut curve = Vec::with_capacity(cfg.epochs);
     let mut error: Option<Error> = None;
     let mut on_epoch = |ens: &ProbabilisticEnsemble, st: &EpochStats| -> ddppo_models::Result<()> {
@@ -432,15 +394,11 @@ pub fn run_study(
         let seed = cfg.seed + i as u64;
         let data = match env {
             StudyEnv::Pendulum => collect(&mut Pendulum::new(), cfg, seed, true)?,
-            StudyEnv::Linear => {
-                collect(&mut LinearEnv::new(cfg.linear.clone())?, cfg, seed, false)?
-            }
+            StudyEnv::Linear => collect(&mut LinearEnv::new(cfg.linear.clone())?, cfg, seed, false)?,
         };
         for (v, variant) in VARIANTS.iter().enumerate() {
             let curve = run_variant(&data, cfg, variant, seed, progress)?;
-            let last = curve
-                .last()
-                .ok_or_else(|| Error::StudyConfig("no epoch ran".into()))?;
+            let last = curve.last().ok_or_else(|| Error::StudyConfig("no epoch ran".into()))?;
             finals[v].push(last.clone());
             curves.extend(curve);
         }
@@ -449,8 +407,7 @@ pub fn run_study(
         .iter()
         .zip(&finals)
         .map(|(name, f)| {
-            let stat =
-                |g: fn(&CurvePoint) -> f64| MeanStd::of(&f.iter().map(g).collect::<Vec<_>>());
+            let stat = |g: fn(&CurvePoint) -> f64| MeanStd::of(&f.iter().map(g).collect::<Vec<_>>());
             VariantSummary {
                 variant: name.to_string(),
                 pred_mse: stat(|p| p.pred_mse),
@@ -496,11 +453,7 @@ mod tests {
                 batch_size: 128,
                 ..EnsembleConfig::default()
             },
-            gradient: GradientLossConfig {
-                neighbours: 10,
-                weight,
-                ..GradientLossConfig::default()
-            },
+            gradient: GradientLossConfig { neighbours: 10, weight, ..GradientLossConfig::default() },
             ..StudyConfig::default()
         }
     }
@@ -511,11 +464,7 @@ mod tests {
         let seeds = 3;
         let study = run_study(env, &tiny(weight), seeds, &mut |_| {}).unwrap();
         let finals = |variant: &str| -> Vec<&CurvePoint> {
-            study
-                .curves
-                .iter()
-                .filter(|p| p.variant == variant && p.epoch == 30)
-                .collect()
+            study.curves.iter().filter(|p| p.variant == variant && p.epoch == 30).collect()
         };
         let (with, without) = (finals(VARIANTS[0]), finals(VARIANTS[1]));
         assert_eq!((with.len(), without.len()), (seeds, seeds));
@@ -529,20 +478,12 @@ mod tests {
                 metric(wo)
             );
         }
-        let mean = |v: &[&CurvePoint], f: fn(&CurvePoint) -> f64| {
-            v.iter().map(|p| f(p)).sum::<f64>() / v.len() as f64
-        };
+        let mean = |v: &[&CurvePoint], f: fn(&CurvePoint) -> f64| v.iter().map(|p| f(p)).sum::<f64>() / v.len() as f64;
         let ratio = mean(&with, metric) / mean(&without, metric);
-        assert!(
-            ratio < max_ratio,
-            "{env:?}: gradient error ratio {ratio} not below {max_ratio}"
-        );
+        assert!(ratio < max_ratio, "{env:?}: gradient error ratio {ratio} not below {max_ratio}");
         let pred = mean(&with, |p| p.pred_mse) / mean(&without, |p| p.pred_mse);
         // Comparable (or better): the loss must not buy gradients with predictions.
-        assert!(
-            pred < 2.0,
-            "{env:?}: prediction MSE ratio {pred}: the loss costs prediction accuracy"
-        );
+        assert!(pred < 2.0, "{env:?}: prediction MSE ratio {pred}: the loss costs prediction accuracy");
         assert_eq!(study.curves.len(), 2 * seeds * 30);
     }
 
@@ -563,25 +504,12 @@ mod tests {
 
     #[test]
     fn configs_and_names_are_checked() {
-        assert!(
-            StudyEnv::from_name("hopper")
-                .unwrap_err()
-                .to_string()
-                .contains("pendulum, linear")
-        );
-        let err = StudyConfig::from_toml_str("epochs = 0")
-            .unwrap_err()
-            .to_string();
+        assert!(StudyEnv::from_name("hopper").unwrap_err().to_string().contains("pendulum, linear"));
+        let err = StudyConfig::from_toml_str("epochs = 0").unwrap_err().to_string();
         assert!(err.contains("epochs"), "{err}");
         assert!(StudyConfig::from_toml_str("epoch = 3").is_err());
-        let cfg = StudyConfig::from_toml_str(
-            "epochs = 3\n[ensemble]\nhidden = 8\n[gradient]\nweight = 2.0",
-        )
-        .unwrap();
-        assert_eq!(
-            (cfg.epochs, cfg.ensemble.hidden, cfg.gradient.weight),
-            (3, 8, 2.0)
-        );
+        let cfg = StudyConfig::from_toml_str("epochs = 3\n[ensemble]\nhidden = 8\n[gradient]\nweight = 2.0").unwrap();
+        assert_eq!((cfg.epochs, cfg.ensemble.hidden, cfg.gradient.weight), (3, 8, 2.0));
         let bad = "[linear]\na = [[1.0]]\nb = [[1.0, 2.0]]\nq = [[1.0]]\nr = [[1.0]]";
         assert!(StudyConfig::from_toml_str(bad).is_err());
     }

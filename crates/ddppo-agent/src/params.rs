@@ -164,10 +164,8 @@ impl ParamTree {
     pub fn save(&self, path: &Path) -> Result<()> {
         let map: std::collections::HashMap<&str, Tensor> =
             self.tensors.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-        candle_core::safetensors::save(&map, path).map_err(|e| Error::Checkpoint {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })
+        candle_core::safetensors::save(&map, path)
+            .map_err(|e| Error::Checkpoint { path: path.display().to_string(), reason: e.to_string() })
     }
 
     /// Reads a tree written by [`ParamTree::save`] onto `device`.

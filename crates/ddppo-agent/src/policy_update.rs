@@ -182,7 +182,8 @@ pub fn adjoint_policy_gradient(
         let a = policy.sample_with_noise(s_t.as_tensor(), &trajectory.noise[t])?;
         let g = gradient.mean(s_t.as_tensor(), &a.action, &Members::host(trajectory.gradient_members[t].clone()))?;
         let m = mask_tensor(&trajectory.alive[t], dtype, &device)?;
-        let reward_part = ((g.reward - (&a.logp * alpha)?)? * m)?.sum_all()?.affine(gamma.powi(t as i32) * scale, 0.0)?;
+        let reward_part =
+            ((g.reward - (&a.logp * alpha)?)? * m)?.sum_all()?.affine(gamma.powi(t as i32) * scale, 0.0)?;
         let adjoint_part = (g.next_obs * &p_next)?.sum_all()?;
         let local = (reward_part + adjoint_part)?;
         let grads = local.backward()?;

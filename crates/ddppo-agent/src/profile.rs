@@ -44,10 +44,7 @@ pub fn last_model_training(agent: &Agent) -> Option<ModelTraining> {
 /// called every 10,000 rows.
 pub fn record_transitions(cfg: &AgentConfig, rows: usize, on_rows: &mut dyn FnMut(usize)) -> Result<ReplayBuffer> {
     if rows == 0 || rows >= cfg.replay_size {
-        return Err(Error::Config(format!(
-            "cannot record {rows} rows: need 1..{} (replay_size)",
-            cfg.replay_size
-        )));
+        return Err(Error::Config(format!("cannot record {rows} rows: need 1..{} (replay_size)", cfg.replay_size)));
     }
     let mut rec = cfg.clone();
     // Random actions throughout; no training, update or evaluation is ever

@@ -54,11 +54,7 @@ impl GaussianPolicy {
         rng: &mut impl Rng,
     ) -> Result<Self> {
         if low.len() != high.len() || low.is_empty() {
-            return Err(Error::Shape(format!(
-                "action bounds: low has {} entries, high {}",
-                low.len(),
-                high.len()
-            )));
+            return Err(Error::Shape(format!("action bounds: low has {} entries, high {}", low.len(), high.len())));
         }
         if low.iter().zip(high).any(|(l, h)| l >= h || !l.is_finite() || !h.is_finite()) {
             return Err(Error::Shape("action bounds must be finite with low < high".into()));

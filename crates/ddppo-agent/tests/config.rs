@@ -22,7 +22,10 @@ fn presets_parse_and_hold_table_1() {
         assert_eq!(c.gradient.weight, w, "{task}");
         assert_eq!((c.start_steps, c.min_pool_size), (warm, warm), "{task}");
         assert_eq!(c.rollout_schedule, RolloutSchedule(sched), "{task}");
-        assert_eq!((c.epoch_length, c.model.ensemble_size, c.policy_updates_per_step, c.critic_updates_per_step), (1000, 7, 10, 10));
+        assert_eq!(
+            (c.epoch_length, c.model.ensemble_size, c.policy_updates_per_step, c.critic_updates_per_step),
+            (1000, 7, 10, 10)
+        );
         assert_eq!(c.variant, Variant::Ddppo);
         // The file on disk is the compiled-in one.
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs").join(format!("{task}.toml"));
@@ -127,24 +130,56 @@ fn numeric_keys_are_bounded_to_what_runs() {
         ("critic_updates_per_step = 0", "critic_updates_per_step = 1001", "critic_updates_per_step"),
         ("max_train_repeat_per_step = 1000", "max_train_repeat_per_step = 1001", "max_train_repeat_per_step"),
         ("hidden = [16384]", "hidden = [16385]", "hidden"),
-        ("hidden = [4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4]", "hidden = [4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4]", "hidden"),
+        (
+            "hidden = [4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4]",
+            "hidden = [4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4]",
+            "hidden",
+        ),
         ("rollout_schedule = [1, 15, 1, 1000]", "rollout_schedule = [1, 15, 1, 1001]", "rollout_schedule"),
         ("double_params_hidden = 16384", "double_params_hidden = 0", "double_params_hidden"),
         // D_model: 1 x rollout_batch_size x 1000 / 250 x k rows, at most 10^9.
         ("rollout_batch_size = 250000000", "rollout_batch_size = 250000001", "D_model"),
-        ("rollout_batch_size = 25000000\nrollout_schedule = [1, 15, 1, 10]", "rollout_batch_size = 25000001\nrollout_schedule = [1, 15, 1, 10]", "D_model"),
-        ("retain_epochs = 250\nrollout_batch_size = 1000000", "retain_epochs = 251\nrollout_batch_size = 1000000", "D_model"),
-        ("retain_epochs = 1000000000\nrollout_batch_size = 1\nmodel_train_freq = 1000", "retain_epochs = 9223372036854775807", "retain_epochs"),
+        (
+            "rollout_batch_size = 25000000\nrollout_schedule = [1, 15, 1, 10]",
+            "rollout_batch_size = 25000001\nrollout_schedule = [1, 15, 1, 10]",
+            "D_model",
+        ),
+        (
+            "retain_epochs = 250\nrollout_batch_size = 1000000",
+            "retain_epochs = 251\nrollout_batch_size = 1000000",
+            "D_model",
+        ),
+        (
+            "retain_epochs = 1000000000\nrollout_batch_size = 1\nmodel_train_freq = 1000",
+            "retain_epochs = 9223372036854775807",
+            "retain_epochs",
+        ),
         // The first model training sees min_pool_size rows: n below that...
-        ("min_pool_size = 11\nstart_steps = 11\n[gradient]\nneighbours = 10", "min_pool_size = 10\n[gradient]\nneighbours = 10", "gradient.neighbours"),
+        (
+            "min_pool_size = 11\nstart_steps = 11\n[gradient]\nneighbours = 10",
+            "min_pool_size = 10\n[gradient]\nneighbours = 10",
+            "gradient.neighbours",
+        ),
         ("[gradient]\nneighbours = 500", "[gradient]\nneighbours = 500\nneighbour_set = 500", "neighbour_set"),
         ("[gradient]\nneighbours = 1000", "[gradient]\nneighbours = 1001", "neighbours"),
         // ... and one row left for training beside the holdout.
-        ("min_pool_size = 2\n[gradient]\nneighbours = 1", "min_pool_size = 1\n[gradient]\nneighbours = 1", "min_pool_size"),
-        ("min_pool_size = 5\n[model]\nholdout_ratio = 0.8\n[gradient]\nneighbours = 1", "min_pool_size = 5\n[model]\nholdout_ratio = 0.9\n[gradient]\nneighbours = 1", "min_pool_size"),
+        (
+            "min_pool_size = 2\n[gradient]\nneighbours = 1",
+            "min_pool_size = 1\n[gradient]\nneighbours = 1",
+            "min_pool_size",
+        ),
+        (
+            "min_pool_size = 5\n[model]\nholdout_ratio = 0.8\n[gradient]\nneighbours = 1",
+            "min_pool_size = 5\n[model]\nholdout_ratio = 0.9\n[gradient]\nneighbours = 1",
+            "min_pool_size",
+        ),
         ("[model]\nensemble_size = 100", "[model]\nensemble_size = 101", "ensemble_size"),
         ("[model]\nhidden = 16384", "[model]\nhidden = 16385", "hidden"),
-        ("[model]\nhidden_layers = 1\nweight_decay = [0.0, 0.0]", "[model]\nhidden_layers = 0\nweight_decay = [0.0]", "hidden_layers"),
+        (
+            "[model]\nhidden_layers = 1\nweight_decay = [0.0, 0.0]",
+            "[model]\nhidden_layers = 0\nweight_decay = [0.0]",
+            "hidden_layers",
+        ),
         ("[model]\nbatch_size = 65536", "[model]\nbatch_size = 65537", "batch_size"),
         ("[model]\nmax_epochs = 1", "[model]\nmax_epochs = 0", "max_epochs"),
         (

@@ -31,7 +31,8 @@ impl RandomEnsemble {
             let v: Vec<f64> = (0..r * c).map(|_| rng.random_range(-s..s)).collect();
             Tensor::from_vec(v, (r, c), &d).unwrap()
         };
-        let members = (0..n).map(|_| (w(OBS + ACT, 6, 0.8), w(1, 6, 0.3), w(6, OBS + 1, 0.5), w(1, OBS + 1, 0.2))).collect();
+        let members =
+            (0..n).map(|_| (w(OBS + ACT, 6, 0.8), w(1, 6, 0.3), w(6, OBS + 1, 0.5), w(1, OBS + 1, 0.2))).collect();
         Self { members, noise }
     }
     fn member_out(&self, m: usize, obs: &Tensor, act: &Tensor) -> Tensor {
@@ -179,9 +180,12 @@ impl Linear {
     }
     fn host_step(&self, s: &[f64], a: &[f64]) -> (f64, Vec<f64>) {
         let next: Vec<f64> = (0..OBS)
-            .map(|i| (0..OBS).map(|j| self.a[i][j] * s[j]).sum::<f64>() + (0..ACT).map(|j| self.b[i][j] * a[j]).sum::<f64>())
+            .map(|i| {
+                (0..OBS).map(|j| self.a[i][j] * s[j]).sum::<f64>() + (0..ACT).map(|j| self.b[i][j] * a[j]).sum::<f64>()
+            })
             .collect();
-        let r = -(0..OBS).map(|i| self.q[i] * s[i] * s[i]).sum::<f64>() - (0..ACT).map(|i| self.r[i] * a[i] * a[i]).sum::<f64>();
+        let r = -(0..OBS).map(|i| self.q[i] * s[i] * s[i]).sum::<f64>()
+            - (0..ACT).map(|i| self.r[i] * a[i] * a[i]).sum::<f64>();
         (r, next)
     }
 }
@@ -213,7 +217,12 @@ impl DynamicsModel for Linear {
 }
 
 /// Host f64 MLP with ReLU hidden layers from a VarMap's `prefix.l{i}` tensors.
-fn host_mlp(params: &HashMap<String, Vec<f64>>, shapes: &HashMap<String, (usize, usize)>, prefix: &str, x: &[f64]) -> Vec<f64> {
+fn host_mlp(
+    params: &HashMap<String, Vec<f64>>,
+    shapes: &HashMap<String, (usize, usize)>,
+    prefix: &str,
+    x: &[f64],
+) -> Vec<f64> {
     let mut h = x.to_vec();
     let mut i = 0;
     while let Some(w) = params.get(&format!("{prefix}.l{i}.weight")) {
@@ -267,7 +276,10 @@ fn host_objective(
             let scale = (high[i] - low[i]) / 2.0;
             a[i] = u.tanh() * scale + (high[i] + low[i]) / 2.0;
             let z = (u - out[i]) / ls.exp();
-            logp += -0.5 * z * z - ls - 0.5 * (2.0 * std::f64::consts::PI).ln() - (scale * (1.0 - u.tanh().powi(2)) + 1e-6).ln();
+            logp += -0.5 * z * z
+                - ls
+                - 0.5 * (2.0 * std::f64::consts::PI).ln()
+                - (scale * (1.0 - u.tanh().powi(2)) + 1e-6).ln();
         }
         (a, logp)
     };
@@ -306,12 +318,7 @@ fn linear_dynamics_gradient_matches_finite_differences() {
     let s0 = Tensor::from_vec(s0v.concat(), (rows, OBS), &d).unwrap();
     let knobs = (3usize, 0.95, 0.2);
     let out = policy_objective(&policy, &critic, &rollout, &s0, knobs.0, knobs.1, knobs.2, &mut rng).unwrap();
-    let noise: Vec<Vec<Vec<f64>>> = out
-        .trajectory
-        .noise
-        .iter()
-        .map(|n| n.to_vec2::<f64>().unwrap())
-        .collect();
+    let noise: Vec<Vec<Vec<f64>>> = out.trajectory.noise.iter().map(|n| n.to_vec2::<f64>().unwrap()).collect();
     let (crit, crit_shapes) = read(critic.varmap());
     let (pol0, pol_shapes) = read(policy.varmap());
     let j_host = host_objective(&pol0, &pol_shapes, &crit, &crit_shapes, &sys, &s0v, &noise, &low, &high, knobs);
@@ -337,7 +344,11 @@ fn linear_dynamics_gradient_matches_finite_differences() {
             let fp = host_objective(&plus, &pol_shapes, &crit, &crit_shapes, &sys, &s0v, &noise, &low, &high, knobs);
             let fm = host_objective(&minus, &pol_shapes, &crit, &crit_shapes, &sys, &s0v, &noise, &low, &high, knobs);
             let fd = (fp - fm) / (2.0 * h);
-            assert!((fd - g[k]).abs() <= 1e-6 * (1.0 + fd.abs()), "{name}[{k}]: autograd {} vs finite difference {fd}", g[k]);
+            assert!(
+                (fd - g[k]).abs() <= 1e-6 * (1.0 + fd.abs()),
+                "{name}[{k}]: autograd {} vs finite difference {fd}",
+                g[k]
+            );
             checked += 1;
         }
     }

@@ -42,10 +42,7 @@ fn recorded_transitions_are_the_runs_first_and_load_into_a_fresh_agent() {
     let mut agent = Agent::new(cfg.clone()).unwrap();
     load_transitions(&mut agent, &data, 250).unwrap();
     assert_eq!((agent.env_steps(), agent.env_buffer.len()), (250, 250));
-    assert_eq!(
-        agent.env_buffer.newest(250).obs,
-        data.newest(399).obs[..250 * data.obs_dim()]
-    );
+    assert_eq!(agent.env_buffer.newest(250).obs, data.newest(399).obs[..250 * data.obs_dim()]);
     // Only once, and never more rows than recorded.
     assert!(load_transitions(&mut agent, &data, 10).is_err());
     assert!(load_transitions(&mut Agent::new(cfg.clone()).unwrap(), &data, 400).is_err());
@@ -67,11 +64,7 @@ fn last_model_training_reports_each_ensembles_epochs() {
     assert!(t.prediction.seconds > 0.0 && g.seconds > 0.0);
     // The rollout then fills D_model at the schedule's k = 2.
     agent.rollout_models().unwrap();
-    assert!(
-        agent.model_buffer.len() > 200 && agent.model_buffer.len() <= 400,
-        "{}",
-        agent.model_buffer.len()
-    );
+    assert!(agent.model_buffer.len() > 200 && agent.model_buffer.len() <= 400, "{}", agent.model_buffer.len());
 
     let mut sac = cfg.clone();
     sac.variant = ddppo_agent::Variant::Sac;

@@ -28,8 +28,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion};
 use ddppo_buffer::{
-    Batch, NeighbourIndex, NeighbourMethod, NeighbourOptions, ReplayBuffer, brute_force_neighbours,
-    effective_dimension,
+    Batch, NeighbourIndex, NeighbourMethod, NeighbourOptions, ReplayBuffer, brute_force_neighbours, effective_dimension,
 };
 use ddppo_env::{Task, make};
 use rand::{Rng, SeedableRng};
@@ -47,25 +46,19 @@ struct Dataset {
 
 fn uniform(dim: usize, seed: u64) -> Vec<f32> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    (0..N * dim)
-        .map(|_| rng.random_range(-1.0f32..1.0))
-        .collect()
+    (0..N * dim).map(|_| rng.random_range(-1.0f32..1.0)).collect()
 }
 
 /// Momentum random walks, 1000-step episodes, column scales spread over
 /// three decades (like positions, velocities and actions side by side).
 fn random_walk(dim: usize, seed: u64) -> Vec<f32> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let scales: Vec<f32> = (0..dim)
-        .map(|_| 10f32.powf(rng.random_range(-2.0..1.0)))
-        .collect();
+    let scales: Vec<f32> = (0..dim).map(|_| 10f32.powf(rng.random_range(-2.0..1.0))).collect();
     let mut p = Vec::with_capacity(N * dim);
     let (mut x, mut v) = (vec![0f32; dim], vec![0f32; dim]);
     for r in 0..N {
         if r % 1000 == 0 {
-            x.iter_mut()
-                .zip(&scales)
-                .for_each(|(xk, s)| *xk = rng.random_range(-0.1..0.1) * s);
+            x.iter_mut().zip(&scales).for_each(|(xk, s)| *xk = rng.random_range(-0.1..0.1) * s);
             v.iter_mut().for_each(|vk| *vk = 0.0);
         }
         for k in 0..dim {
@@ -91,15 +84,9 @@ fn replay(task: Task, seed: u64) -> Vec<f32> {
     let mut episode = 0u64;
     let mut obs = env.reset(seed);
     while p.len() < N * (env.obs_dim() + env.act_dim()) {
-        let action: Vec<f64> = low
-            .iter()
-            .zip(&high)
-            .map(|(l, h)| rng.random_range(*l..=*h))
-            .collect();
+        let action: Vec<f64> = low.iter().zip(&high).map(|(l, h)| rng.random_range(*l..=*h)).collect();
         p.extend(obs.iter().chain(&action).map(|&v| v as f32));
-        let step = env
-            .step(&action)
-            .unwrap_or_else(|e| panic!("{task} step failed: {e}"));
+        let step = env.step(&action).unwrap_or_else(|e| panic!("{task} step failed: {e}"));
         obs = step.obs;
         if step.terminated || step.truncated {
             episode += 1;
@@ -112,28 +99,12 @@ fn replay(task: Task, seed: u64) -> Vec<f32> {
 fn datasets() -> Vec<Dataset> {
     let mut out = Vec::new();
     for &dim in &DIMS {
-        out.push(Dataset {
-            name: format!("uniform-d{dim}"),
-            dim,
-            points: uniform(dim, dim as u64),
-        });
-        out.push(Dataset {
-            name: format!("walk-d{dim}"),
-            dim,
-            points: random_walk(dim, dim as u64),
-        });
+        out.push(Dataset { name: format!("uniform-d{dim}"), dim, points: uniform(dim, dim as u64) });
+        out.push(Dataset { name: format!("walk-d{dim}"), dim, points: random_walk(dim, dim as u64) });
     }
-    for (task, label) in [
-        (Task::Hopper, "hopper"),
-        (Task::Ant, "ant"),
-        (Task::Humanoid, "humanoid"),
-    ] {
+    for (task, label) in [(Task::Hopper, "hopper"), (Task::Ant, "ant"), (Task::Humanoid, "humanoid")] {
         let dim = task.obs_dim() + task.act_dim();
-        out.push(Dataset {
-            name: format!("{label}-d{dim}"),
-            dim,
-            points: replay(task, 1),
-        });
+        out.push(Dataset { name: format!("{label}-d{dim}"), dim, points: replay(task, 1) });
     }
     out
 }
@@ -144,11 +115,8 @@ fn workspace_root() -> PathBuf {
 
 /// Writes `points` as a C-ordered float32 .npy (format version 1.0).
 fn write_npy(path: &Path, points: &[f32], dim: usize) -> std::io::Result<()> {
-    let mut header = format!(
-        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({}, {}), }}",
-        points.len() / dim,
-        dim
-    );
+    let mut header =
+        format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({}, {}), }}", points.len() / dim, dim);
     // Magic (6) + version (2) + header length (2) + header, padded to 64 bytes, ending in '\n'.
     while (10 + header.len() + 1) % 64 != 0 {
         header.push(' ');
@@ -200,16 +168,9 @@ fn best_of(reps: usize, mut f: impl FnMut()) -> Duration {
         .unwrap_or_default()
 }
 
-fn criterion_benches(
-    c: &mut Criterion,
-    data: &[Dataset],
-    single: &rayon::ThreadPool,
-    all: &rayon::ThreadPool,
-) {
+fn criterion_benches(c: &mut Criterion, data: &[Dataset], single: &rayon::ThreadPool, all: &rayon::ThreadPool) {
     let mut g = c.benchmark_group("neighbours");
-    g.sample_size(10)
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(1));
+    g.sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(1));
     for d in data {
         // Uniform data is the slow worst case (seconds per build): to keep the
         // whole bench near 10 minutes it gets the all-threads runs only; the
@@ -221,14 +182,9 @@ fn criterion_benches(
                     continue;
                 }
                 let id = BenchmarkId::new(format!("auto/{threads}/n{n}"), &d.name);
-                g.bench_function(id, |b| {
-                    b.iter(|| p.install(|| black_box(build(&d.points, d.dim, n))))
-                });
+                g.bench_function(id, |b| b.iter(|| p.install(|| black_box(build(&d.points, d.dim, n)))));
             }
-            for (label, method) in [
-                ("tree", NeighbourMethod::Tree),
-                ("gemm", NeighbourMethod::Gemm),
-            ] {
+            for (label, method) in [("tree", NeighbourMethod::Tree), ("gemm", NeighbourMethod::Gemm)] {
                 if uniform && method == NeighbourMethod::Tree {
                     continue;
                 }
@@ -241,9 +197,7 @@ fn criterion_benches(
         if !uniform {
             // The baseline: exhaustive search, all threads, n = 5 (its cost barely depends on n).
             let id = BenchmarkId::new("brute-force/all-threads/n5", &d.name);
-            g.bench_function(id, |b| {
-                b.iter(|| all.install(|| black_box(brute(&d.points, d.dim, 5))))
-            });
+            g.bench_function(id, |b| b.iter(|| all.install(|| black_box(brute(&d.points, d.dim, 5)))));
         }
     }
     g.finish();
@@ -253,22 +207,14 @@ fn criterion_benches(
     let mut buf = ReplayBuffer::new(obs_dim, act_dim, 1_000_000);
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let rows = 100_000;
-    let col = |w: usize, rng: &mut ChaCha8Rng| -> Vec<f32> {
-        (0..rows * w).map(|_| rng.random_range(-1.0..1.0)).collect()
-    };
-    let (o, a, r, o2) = (
-        col(obs_dim, &mut rng),
-        col(act_dim, &mut rng),
-        col(1, &mut rng),
-        col(obs_dim, &mut rng),
-    );
+    let col =
+        |w: usize, rng: &mut ChaCha8Rng| -> Vec<f32> { (0..rows * w).map(|_| rng.random_range(-1.0..1.0)).collect() };
+    let (o, a, r, o2) = (col(obs_dim, &mut rng), col(act_dim, &mut rng), col(1, &mut rng), col(obs_dim, &mut rng));
     if let Err(e) = buf.push_batch(&o, &a, &r, &o2, &vec![1.0; rows], &vec![0.0; rows]) {
         panic!("{e}");
     }
     let mut batch = Batch::new(256, obs_dim, act_dim);
-    g.bench_function("sample_into/256-rows/obs17-act6/100k-rows", |b| {
-        b.iter(|| buf.sample_into(&mut rng, &mut batch))
-    });
+    g.bench_function("sample_into/256-rows/obs17-act6/100k-rows", |b| b.iter(|| buf.sample_into(&mut rng, &mut batch)));
     let model = buf.clone();
     g.bench_function("sample_mixed/256-rows/real-ratio-0.05", |b| {
         b.iter(|| ddppo_buffer::sample_mixed(&buf, &model, 0.05, &mut rng, &mut batch))
@@ -287,8 +233,7 @@ fn python() -> Option<PathBuf> {
 /// SciPy seconds per (dataset name, n, workers), from the script's output lines
 /// `scipy <name> <n> <workers> <seconds>`.
 fn scipy_times(dir: &Path, reps: usize) -> Result<Vec<(String, usize, usize, f64)>, String> {
-    let py = python()
-        .ok_or("no Python with scipy: set DDPPO_BENCH_PYTHON or create .cache/venv-bench")?;
+    let py = python().ok_or("no Python with scipy: set DDPPO_BENCH_PYTHON or create .cache/venv-bench")?;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/scipy_neighbours.py");
     let out = Command::new(&py)
         .arg(&script)
@@ -297,10 +242,7 @@ fn scipy_times(dir: &Path, reps: usize) -> Result<Vec<(String, usize, usize, f64
         .output()
         .map_err(|e| format!("cannot run {}: {e}", py.display()))?;
     if !out.status.success() {
-        return Err(format!(
-            "scipy script failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+        return Err(format!("scipy script failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
     }
     let text = String::from_utf8_lossy(&out.stdout);
     Ok(text
@@ -308,44 +250,23 @@ fn scipy_times(dir: &Path, reps: usize) -> Result<Vec<(String, usize, usize, f64
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
             match f.as_slice() {
-                ["scipy", name, n, w, s] => Some((
-                    name.to_string(),
-                    n.parse().ok()?,
-                    w.parse().ok()?,
-                    s.parse().ok()?,
-                )),
+                ["scipy", name, n, w, s] => Some((name.to_string(), n.parse().ok()?, w.parse().ok()?, s.parse().ok()?)),
                 _ => None,
             }
         })
         .collect())
 }
 
-fn summary(
-    data: &[Dataset],
-    dir: &Path,
-    single: &rayon::ThreadPool,
-    all: &rayon::ThreadPool,
-    threads: usize,
-) {
-    let reps: usize = std::env::var("DDPPO_BENCH_REPS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+fn summary(data: &[Dataset], dir: &Path, single: &rayon::ThreadPool, all: &rayon::ThreadPool, threads: usize) {
+    let reps: usize = std::env::var("DDPPO_BENCH_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
     let scipy = scipy_times(dir, reps);
     if let Err(e) = &scipy {
         println!("SciPy side skipped: {e}");
     }
     let scipy_of = |name: &str, n: usize, w: usize| -> Option<f64> {
-        scipy
-            .as_ref()
-            .ok()?
-            .iter()
-            .find(|(s, sn, sw, _)| s == name && *sn == n && *sw == w)
-            .map(|t| t.3)
+        scipy.as_ref().ok()?.iter().find(|(s, sn, sw, _)| s == name && *sn == n && *sw == w).map(|t| t.3)
     };
-    println!(
-        "\nN = {N}, best of {reps}, seconds (build + query of the full table); {threads} threads = all"
-    );
+    println!("\nN = {N}, best of {reps}, seconds (build + query of the full table); {threads} threads = all");
     println!(
         "{:<13} {:>2} {:>5} {:>4} | {:>8} {:>8} {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>4} {:>4} | {:>8}",
         "data",
@@ -386,18 +307,10 @@ fn summary(
             // The summary only reports exact tables: check every method against brute force.
             let mut fb = Vec::new();
             let mut chosen = NeighbourMethod::Auto;
-            for method in [
-                NeighbourMethod::Auto,
-                NeighbourMethod::Tree,
-                NeighbourMethod::Gemm,
-            ] {
+            for method in [NeighbourMethod::Auto, NeighbourMethod::Tree, NeighbourMethod::Gemm] {
                 let ix = all.install(|| build_with(&d.points, d.dim, n, method));
                 let same = (0..N).all(|i| ix.neighbours(i) == &reference[i * 25..i * 25 + n]);
-                assert!(
-                    same,
-                    "{}: {method:?} table differs from brute force",
-                    d.name
-                );
+                assert!(same, "{}: {method:?} table differs from brute force", d.name);
                 fb.push(ix.exact_fallbacks());
                 if method == NeighbourMethod::Auto {
                     chosen = ix.method();
@@ -406,19 +319,14 @@ fn summary(
             let s1 = scipy_of(&d.name, n, 1);
             let sa = scipy_of(&d.name, n, threads);
             let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
-            let ratio = |s: Option<f64>, k: Duration| {
-                s.map_or("-".to_string(), |s| format!("{:.2}x", s / k.as_secs_f64()))
-            };
+            let ratio =
+                |s: Option<f64>, k: Duration| s.map_or("-".to_string(), |s| format!("{:.2}x", s / k.as_secs_f64()));
             println!(
                 "{:<13} {:>2} {:>5.1} {:>4} | {:>8.4} {:>8.4} {:>8.4} {:>8} {:>6} | {:>8.4} {:>8} {:>6} | {:>4} {:>4} | {:>8.3}",
                 d.name,
                 n,
                 eff,
-                if chosen == NeighbourMethod::Tree {
-                    "tree"
-                } else {
-                    "gemm"
-                },
+                if chosen == NeighbourMethod::Tree { "tree" } else { "gemm" },
                 t1.as_secs_f64(),
                 tt.as_secs_f64(),
                 tg.as_secs_f64(),

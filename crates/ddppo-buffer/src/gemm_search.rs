@@ -70,11 +70,7 @@ impl Best<'_> {
     /// The key a new candidate must beat (infinite until full).
     #[inline]
     fn threshold(&self) -> f32 {
-        if self.count < self.keys.len() {
-            f32::INFINITY
-        } else {
-            self.keys[self.count - 1]
-        }
+        if self.count < self.keys.len() { f32::INFINITY } else { self.keys[self.count - 1] }
     }
 
     /// Insert (caller checked `key < threshold()`); the largest falls out when full.
@@ -103,11 +99,7 @@ fn scan_row(best: &mut Best<'_>, dots: &[f32], p: &[f32], c0: usize, self_id: us
     let mut thr = best.threshold();
     const W: usize = 16;
     let full = dots.len() / W * W;
-    for (ci, (dc, pc)) in dots[..full]
-        .chunks_exact(W)
-        .zip(p[..full].chunks_exact(W))
-        .enumerate()
-    {
+    for (ci, (dc, pc)) in dots[..full].chunks_exact(W).zip(p[..full].chunks_exact(W)).enumerate() {
         let mut keys = [0f32; W];
         let mut mn = f32::INFINITY;
         for t in 0..W {
@@ -144,13 +136,7 @@ fn scan_row(best: &mut Best<'_>, dots: &[f32], p: &[f32], c0: usize, self_id: us
 }
 
 /// The exact table and the number of rows that needed the brute-force fallback.
-pub(crate) fn gemm_neighbours(
-    coords: &[f64],
-    mean: &[f64],
-    dim: usize,
-    len: usize,
-    n: usize,
-) -> (Vec<u32>, usize) {
+pub(crate) fn gemm_neighbours(coords: &[f64], mean: &[f64], dim: usize, len: usize, n: usize) -> (Vec<u32>, usize) {
     let k = (n + EXTRA).min(len - 1);
     let all_seen = k == len - 1;
     let c = rounding_factor(dim);
@@ -158,22 +144,15 @@ pub(crate) fn gemm_neighbours(
     // Centred f64 rows and their squared norms.
     let mut w = vec![0.0f64; len * dim];
     let mut w_norm = vec![0.0f64; len];
-    w.par_chunks_mut(dim)
-        .zip(coords.par_chunks(dim))
-        .zip(w_norm.par_iter_mut())
-        .for_each(|((wr, cr), nr)| {
-            for ((a, b), m) in wr.iter_mut().zip(cr).zip(mean) {
-                *a = b - m;
-            }
-            *nr = wr.iter().map(|v| v * v).sum();
-        });
+    w.par_chunks_mut(dim).zip(coords.par_chunks(dim)).zip(w_norm.par_iter_mut()).for_each(|((wr, cr), nr)| {
+        for ((a, b), m) in wr.iter_mut().zip(cr).zip(mean) {
+            *a = b - m;
+        }
+        *nr = wr.iter().map(|v| v * v).sum();
+    });
     let max_norm_sq = w_norm.iter().copied().fold(0.0, f64::max);
     // A power of two with max |w| * scale <= 1: multiplying by it is exact.
-    let scale = if max_norm_sq > 0.0 {
-        2f64.powi(-(max_norm_sq.sqrt().log2().ceil() as i32))
-    } else {
-        1.0
-    };
+    let scale = if max_norm_sq > 0.0 { 2f64.powi(-(max_norm_sq.sqrt().log2().ceil() as i32)) } else { 1.0 };
     let scale_sq = scale * scale;
 
     let x: Vec<f32> = w.iter().map(|&v| (v * scale) as f32).collect();
@@ -245,13 +224,7 @@ pub(crate) fn gemm_neighbours(
                         ids: &mut s.ids[r * k..(r + 1) * k],
                         count: s.counts[r],
                     };
-                    scan_row(
-                        &mut best,
-                        &s.dst[r * nc..(r + 1) * nc],
-                        &p[c0..c0 + nc],
-                        c0,
-                        r0 + r,
-                    );
+                    scan_row(&mut best, &s.dst[r * nc..(r + 1) * nc], &p[c0..c0 + nc], c0, r0 + r);
                     s.counts[r] = best.count;
                 }
                 c0 += nc;
@@ -263,15 +236,12 @@ pub(crate) fn gemm_neighbours(
                 let count = s.counts[r];
                 let q = &coords[i * dim..(i + 1) * dim];
                 s.rerank.clear();
-                s.rerank
-                    .extend(s.ids[r * k..r * k + count].iter().map(|&j| {
-                        (
-                            exact_sq_dist(q, &coords[j as usize * dim..(j as usize + 1) * dim]),
-                            j,
-                        )
-                    }));
-                s.rerank
-                    .sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+                s.rerank.extend(
+                    s.ids[r * k..r * k + count]
+                        .iter()
+                        .map(|&j| (exact_sq_dist(q, &coords[j as usize * dim..(j as usize + 1) * dim]), j)),
+                );
+                s.rerank.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
                 let certified = count >= n
                     && (all_seen || {
                         let t = f64::from(s.keys[r * k + k - 1]);
@@ -300,11 +270,7 @@ mod tests {
     #[test]
     fn best_keeps_the_smallest_sorted() {
         let (mut keys, mut ids) = (vec![0f32; 3], vec![0u32; 3]);
-        let mut best = Best {
-            keys: &mut keys,
-            ids: &mut ids,
-            count: 0,
-        };
+        let mut best = Best { keys: &mut keys, ids: &mut ids, count: 0 };
         for (key, id) in [(5.0, 0), (1.0, 1), (4.0, 2), (3.0, 3), (0.5, 4), (9.0, 5)] {
             if key < best.threshold() {
                 best.insert(key, id);
@@ -322,14 +288,10 @@ mod tests {
         let c = rounding_factor(dim);
         let mut worst = f64::NEG_INFINITY;
         for s in 0..2000u64 {
-            let wi: Vec<f64> = (0..dim)
-                .map(|k| (((s * 131 + k as u64 * 977) % 1009) as f64 / 1009.0 - 0.5) * 0.25)
-                .collect();
-            let wj: Vec<f64> = wi
-                .iter()
-                .enumerate()
-                .map(|(k, v)| v + ((k as u64 * 7 + s) % 13) as f64 * 1e-7)
-                .collect();
+            let wi: Vec<f64> =
+                (0..dim).map(|k| (((s * 131 + k as u64 * 977) % 1009) as f64 / 1009.0 - 0.5) * 0.25).collect();
+            let wj: Vec<f64> =
+                wi.iter().enumerate().map(|(k, v)| v + ((k as u64 * 7 + s) % 13) as f64 * 1e-7).collect();
             let xi: Vec<f32> = wi.iter().map(|&v| v as f32).collect();
             let xj: Vec<f32> = wj.iter().map(|&v| v as f32).collect();
             let dot: f32 = xi.iter().zip(&xj).map(|(a, b)| a * b).sum();
@@ -340,9 +302,6 @@ mod tests {
             let exact = exact_sq_dist(&wi, &wj);
             worst = worst.max(lower - exact);
         }
-        assert!(
-            worst <= 0.0,
-            "lower bound exceeded the exact distance by {worst}"
-        );
+        assert!(worst <= 0.0, "lower bound exceeded the exact distance by {worst}");
     }
 }

@@ -48,8 +48,8 @@ pub mod storage;
 
 pub use distance::exact_sq_dist;
 pub use neighbours::{
-    LID_SAMPLES, MAX_TREE_WIDTH, NeighbourIndex, NeighbourMethod, NeighbourOptions,
-    TREE_MAX_EFFECTIVE_DIM, brute_force_neighbours, effective_dimension,
+    LID_SAMPLES, MAX_TREE_WIDTH, NeighbourIndex, NeighbourMethod, NeighbourOptions, TREE_MAX_EFFECTIVE_DIM,
+    brute_force_neighbours, effective_dimension,
 };
 pub use replay::{Batch, Columns, ReplayBuffer, sample_mixed, try_sample_mixed};
 pub use storage::Fnv1a;
@@ -77,19 +77,10 @@ pub enum Error {
     NonFinitePoint { row: usize, col: usize, value: f32 },
     /// A pushed column whose length is not `rows x width`.
     #[error("column {column}: expected {expected} values for {rows} rows, got {got}")]
-    RowWidth {
-        column: &'static str,
-        expected: usize,
-        got: usize,
-        rows: usize,
-    },
+    RowWidth { column: &'static str, expected: usize, got: usize, rows: usize },
     /// NaN or infinity in a pushed transition (the models must never see one).
     #[error("column {column}, row {row}: non-finite value {value}")]
-    NonFiniteValue {
-        column: &'static str,
-        row: usize,
-        value: f32,
-    },
+    NonFiniteValue { column: &'static str, row: usize, value: f32 },
     /// A push into a buffer of capacity 0.
     #[error("cannot push into a replay buffer of capacity 0")]
     ZeroCapacity,
@@ -101,32 +92,19 @@ pub enum Error {
     RealRatio(f64),
     /// Mixed sampling from buffers of different (obs, act) widths.
     #[error("env buffer has (obs, act) widths {env:?}, model buffer {model:?}")]
-    MixedWidths {
-        env: (usize, usize),
-        model: (usize, usize),
-    },
+    MixedWidths { env: (usize, usize), model: (usize, usize) },
     /// A file system error while saving or loading.
     #[error("{}: {source}", path.display())]
-    Io {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: std::path::PathBuf, source: std::io::Error },
     /// A file that does not start with the replay-buffer magic bytes.
     #[error("{}: not a replay buffer file (wrong magic bytes)", path.display())]
     NotABuffer { path: std::path::PathBuf },
     /// A replay-buffer file of another format version.
     #[error("{}: replay buffer format version {found}, this build reads version {supported}", path.display())]
-    UnsupportedVersion {
-        path: std::path::PathBuf,
-        found: u32,
-        supported: u32,
-    },
+    UnsupportedVersion { path: std::path::PathBuf, found: u32, supported: u32 },
     /// A truncated, over-long or corrupted replay-buffer file.
     #[error("{}: corrupted replay buffer file: {reason}", path.display())]
-    Corrupt {
-        path: std::path::PathBuf,
-        reason: String,
-    },
+    Corrupt { path: std::path::PathBuf, reason: String },
 }
 
 /// This crate's result type.

@@ -117,20 +117,13 @@ impl NeighbourIndex {
                         let (t, f) = tree_or_brute(&coords, &mean, dim, len, n, None);
                         (t, f, NeighbourMethod::Tree)
                     } else {
-                        let (t, f) =
-                            crate::gemm_search::gemm_neighbours(&coords, &mean, dim, len, n);
+                        let (t, f) = crate::gemm_search::gemm_neighbours(&coords, &mean, dim, len, n);
                         (t, f, NeighbourMethod::Gemm)
                     }
                 }
             }
         };
-        Ok(Self {
-            len,
-            n,
-            table,
-            exact_fallbacks,
-            method,
-        })
+        Ok(Self { len, n, table, exact_fallbacks, method })
     }
 
     /// The method that computed the table ([`NeighbourMethod::Tree`] or
@@ -175,12 +168,7 @@ impl NeighbourIndex {
 
 /// Reference implementation: the same table by exhaustive search,
 /// O(N^2 dim), parallel over points. Same errors as [`NeighbourIndex::build`].
-pub fn brute_force_neighbours(
-    points: &[f32],
-    dim: usize,
-    n: usize,
-    opts: &NeighbourOptions,
-) -> Result<Vec<u32>> {
+pub fn brute_force_neighbours(points: &[f32], dim: usize, n: usize, opts: &NeighbourOptions) -> Result<Vec<u32>> {
     let len = validate(points, dim, n)?;
     let coords = search_coords(points, dim, opts.standardise);
     Ok(brute_force_table(&coords, dim, len, n))
@@ -236,10 +224,7 @@ fn validate(points: &[f32], dim: usize, n: usize) -> Result<usize> {
         return Err(Error::ZeroDim);
     }
     if !points.len().is_multiple_of(dim) {
-        return Err(Error::RaggedPoints {
-            len: points.len(),
-            dim,
-        });
+        return Err(Error::RaggedPoints { len: points.len(), dim });
     }
     let len = points.len() / dim;
     if n == 0 {
@@ -252,11 +237,7 @@ fn validate(points: &[f32], dim: usize, n: usize) -> Result<usize> {
         return Err(Error::TooManyPoints { points: len });
     }
     if let Some(pos) = points.iter().position(|v| !v.is_finite()) {
-        return Err(Error::NonFinitePoint {
-            row: pos / dim,
-            col: pos % dim,
-            value: points[pos],
-        });
+        return Err(Error::NonFinitePoint { row: pos / dim, col: pos % dim, value: points[pos] });
     }
     Ok(len)
 }
@@ -309,9 +290,7 @@ fn brute_force_table(coords: &[f64], dim: usize, len: usize, n: usize) -> Vec<u3
     table
         .par_chunks_mut(n)
         .enumerate()
-        .for_each_init(Vec::new, |scratch, (i, out)| {
-            brute_force_row(coords, dim, i, n, scratch, out)
-        });
+        .for_each_init(Vec::new, |scratch, (i, out)| brute_force_row(coords, dim, i, n, scratch, out));
     table
 }
 
@@ -450,12 +429,7 @@ struct Candidates {
     last_dist: Vec<f64>,
 }
 
-fn tree_candidates<const K: usize>(
-    rotated: &[f64],
-    dim: usize,
-    len: usize,
-    kq: usize,
-) -> Candidates {
+fn tree_candidates<const K: usize>(rotated: &[f64], dim: usize, len: usize, kq: usize) -> Candidates {
     let padded: Vec<[f64; K]> = rotated
         .chunks_exact(dim)
         .map(|row| {
@@ -473,27 +447,17 @@ fn tree_candidates<const K: usize>(
     let mut ids = vec![0u32; len * kq];
     let mut count = vec![0u32; len];
     let mut last_dist = vec![0.0f64; len];
-    ids.par_chunks_mut(kq)
-        .zip(count.par_iter_mut())
-        .zip(last_dist.par_iter_mut())
-        .zip(padded.par_iter())
-        .for_each(|(((out, cnt), last), q)| {
-            let found = tree
-                .query(q)
-                .nearest_n::<SquaredEuclidean<f64>>(kq_nz)
-                .execute();
+    ids.par_chunks_mut(kq).zip(count.par_iter_mut()).zip(last_dist.par_iter_mut()).zip(padded.par_iter()).for_each(
+        |(((out, cnt), last), q)| {
+            let found = tree.query(q).nearest_n::<SquaredEuclidean<f64>>(kq_nz).execute();
             *cnt = found.len() as u32;
             *last = found.iter().map(|r| r.distance).fold(0.0, f64::max);
             for (o, r) in out.iter_mut().zip(&found) {
                 *o = r.item;
             }
-        });
-    Candidates {
-        kq,
-        ids,
-        count,
-        last_dist,
-    }
+        },
+    );
+    Candidates { kq, ids, count, last_dist }
 }
 
 macro_rules! dispatch_tree {
@@ -527,14 +491,7 @@ fn tree_or_brute(
     }
 }
 
-fn tree_neighbours(
-    coords: &[f64],
-    mean: &[f64],
-    axes: &[f64],
-    dim: usize,
-    len: usize,
-    n: usize,
-) -> (Vec<u32>, usize) {
+fn tree_neighbours(coords: &[f64], mean: &[f64], axes: &[f64], dim: usize, len: usize, n: usize) -> (Vec<u32>, usize) {
     let eps = f64::EPSILON;
 
     // y = V^T (c - mean), one row per point.
@@ -571,9 +528,7 @@ fn tree_neighbours(
     let mut orth = 0.0f64;
     for a in 0..dim {
         for b in 0..dim {
-            let dot: f64 = (0..dim)
-                .map(|r| axes[a * dim + r] * axes[b * dim + r])
-                .sum();
+            let dot: f64 = (0..dim).map(|r| axes[a * dim + r] * axes[b * dim + r]).sum();
             let target = if a == b { 1.0 } else { 0.0 };
             orth = orth.max((dot - target).abs());
         }
@@ -582,8 +537,7 @@ fn tree_neighbours(
     let m = max_norm_sq.sqrt();
     let e = 2.0 * (d.powf(1.5) + 1.0) * eps * m;
     let v2 = 4.0 * max_norm_sq;
-    let slack =
-        8.0 * (d * orth * v2 + 2.0 * (2.0 * m) * e + e * e + 2.0 * d * eps * (2.0 * m + e).powi(2));
+    let slack = 8.0 * (d * orth * v2 + 2.0 * (2.0 * m) * e + e * e + 2.0 * d * eps * (2.0 * m + e).powi(2));
 
     let kq = (n + 1 + OVERFETCH).min(len);
     let cand = candidates_for_width(&rotated, dim, len, kq);
@@ -597,17 +551,15 @@ fn tree_neighbours(
             let ids = &cand.ids[i * cand.kq..i * cand.kq + count];
             let q = &coords[i * dim..(i + 1) * dim];
             scratch.clear();
-            scratch.extend(ids.iter().filter(|&&j| j as usize != i).map(|&j| {
-                (
-                    exact_sq_dist(q, &coords[j as usize * dim..(j as usize + 1) * dim]),
-                    j,
-                )
-            }));
+            scratch.extend(
+                ids.iter()
+                    .filter(|&&j| j as usize != i)
+                    .map(|&j| (exact_sq_dist(q, &coords[j as usize * dim..(j as usize + 1) * dim]), j)),
+            );
             scratch.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
             // Every point is a candidate when the tree returned all N of them.
             let all_seen = count == len;
-            let certified =
-                scratch.len() >= n && (all_seen || scratch[n - 1].0 < cand.last_dist[i] - slack);
+            let certified = scratch.len() >= n && (all_seen || scratch[n - 1].0 < cand.last_dist[i] - slack);
             if certified {
                 for (o, &(_, j)) in out.iter_mut().zip(scratch.iter()) {
                     *o = j;
@@ -630,9 +582,7 @@ mod tests {
     fn jacobi_diagonalises_and_stays_orthogonal() {
         let dim = 7;
         // A symmetric matrix with known structure: B^T B for a fixed B.
-        let b: Vec<f64> = (0..dim * dim)
-            .map(|k| ((k * 37 % 11) as f64 - 5.0) * 0.3)
-            .collect();
+        let b: Vec<f64> = (0..dim * dim).map(|k| ((k * 37 % 11) as f64 - 5.0) * 0.3).collect();
         let mut a = vec![0.0; dim * dim];
         for i in 0..dim {
             for j in 0..dim {
@@ -644,10 +594,7 @@ mod tests {
             // A v_c = lambda_c v_c
             for r in 0..dim {
                 let av: f64 = (0..dim).map(|k| a[r * dim + k] * v[k * dim + c]).sum();
-                assert!(
-                    (av - vals[c] * v[r * dim + c]).abs() < 1e-9,
-                    "column {c} row {r}"
-                );
+                assert!((av - vals[c] * v[r * dim + c]).abs() < 1e-9, "column {c} row {r}");
             }
             for c2 in 0..dim {
                 let dot: f64 = (0..dim).map(|r| v[r * dim + c] * v[r * dim + c2]).sum();
@@ -662,14 +609,10 @@ mod tests {
         // Small random sets in every width 1..=MAX_TREE_WIDTH + 2 against brute force.
         let len = 60;
         for dim in 1..=MAX_TREE_WIDTH + 2 {
-            let pts: Vec<f32> = (0..len * dim)
-                .map(|k| ((k * 7919 + dim * 31) % 1000) as f32 / 997.0)
-                .collect();
+            let pts: Vec<f32> = (0..len * dim).map(|k| ((k * 7919 + dim * 31) % 1000) as f32 / 997.0).collect();
             let bf = brute_force_neighbours(&pts, dim, 4, &NeighbourOptions::default()).unwrap();
             for method in [NeighbourMethod::Tree, NeighbourMethod::Gemm] {
-                let idx =
-                    NeighbourIndex::build_with(&pts, dim, 4, &NeighbourOptions::default(), method)
-                        .unwrap();
+                let idx = NeighbourIndex::build_with(&pts, dim, 4, &NeighbourOptions::default(), method).unwrap();
                 assert_eq!(idx.table(), &bf[..], "dim {dim} {method:?}");
             }
         }

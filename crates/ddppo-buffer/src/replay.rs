@@ -343,10 +343,7 @@ pub fn try_sample_mixed(
         return Err(Error::RealRatio(real_ratio));
     }
     if (env.obs_dim, env.act_dim) != (model.obs_dim, model.act_dim) {
-        return Err(Error::MixedWidths {
-            env: (env.obs_dim, env.act_dim),
-            model: (model.obs_dim, model.act_dim),
-        });
+        return Err(Error::MixedWidths { env: (env.obs_dim, env.act_dim), model: (model.obs_dim, model.act_dim) });
     }
     batch.shape(env.obs_dim, env.act_dim);
     let size = batch.size;

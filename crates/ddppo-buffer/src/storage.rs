@@ -140,9 +140,7 @@ impl ReplayBuffer {
     pub fn load(path: &Path) -> Result<Self> {
         let corrupt = |reason: String| Error::Corrupt { path: path.to_path_buf(), reason };
         let mut bytes = Vec::new();
-        File::open(path)
-            .and_then(|mut f| f.read_to_end(&mut bytes))
-            .map_err(|e| io_error(path, e))?;
+        File::open(path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(|e| io_error(path, e))?;
         if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
             return Err(Error::NotABuffer { path: path.to_path_buf() });
         }
@@ -157,7 +155,11 @@ impl ReplayBuffer {
         };
         let version = u32_at(8);
         if version != FORMAT_VERSION {
-            return Err(Error::UnsupportedVersion { path: path.to_path_buf(), found: version, supported: FORMAT_VERSION });
+            return Err(Error::UnsupportedVersion {
+                path: path.to_path_buf(),
+                found: version,
+                supported: FORMAT_VERSION,
+            });
         }
         let obs_dim = u32_at(12) as usize;
         let act_dim = u32_at(16) as usize;

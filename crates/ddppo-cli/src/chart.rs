@@ -84,11 +84,7 @@ fn draw_panel(area: &DrawingArea<SVGBackend, plotters::coord::Shift>, panel: &Pa
         y_range = (y_range.0 - 1.0, y_range.1 + 1.0);
     }
     let mut builder = ChartBuilder::on(area);
-    builder
-        .caption(&panel.title, ("sans-serif", 20))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(64);
+    builder.caption(&panel.title, ("sans-serif", 20)).margin(12).x_label_area_size(40).y_label_area_size(64);
     if panel.log_y {
         let y = (y_range.0 * 0.8)..(y_range.1 * 1.25);
         let mut chart = builder.build_cartesian_2d(x_range.0..x_range.1, y.log_scale()).map_err(draw_err)?;

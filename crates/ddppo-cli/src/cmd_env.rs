@@ -1,7 +1,7 @@
 //! `ddppo env list`, `ddppo env replay` and `ddppo env jacobian`.
 use anyhow::{Context, Result};
-use ddppo_env::{JacobianInput, Task};
 use ddppo_env::replay::{ReplayInput, replay};
+use ddppo_env::{JacobianInput, Task};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -90,8 +90,8 @@ fn jacobian_file(env: &str, path: &std::path::Path) -> Result<()> {
     let task = Task::from_name(env)?;
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let points = JacobianInput::list_from_json(&text).with_context(|| format!("{}", path.display()))?;
-    let jacobians =
-        JacobianInput::jacobians(task, &points).with_context(|| format!("jacobians of {} on {task}", path.display()))?;
+    let jacobians = JacobianInput::jacobians(task, &points)
+        .with_context(|| format!("jacobians of {} on {task}", path.display()))?;
     let cols = task.obs_dim() + task.act_dim();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     for jac in jacobians {

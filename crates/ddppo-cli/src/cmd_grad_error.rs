@@ -45,7 +45,10 @@ pub fn run(args: GradErrorArgs) -> Result<()> {
         if p.epoch == cfg.epochs {
             note!(
                 "[{done}/{total}] seed {} {}: pred_mse {:.3e} grad_mse {:.3e}",
-                p.seed, p.variant, p.pred_mse, p.grad_mse
+                p.seed,
+                p.variant,
+                p.pred_mse,
+                p.grad_mse
             );
         }
     })?;
@@ -53,12 +56,7 @@ pub fn run(args: GradErrorArgs) -> Result<()> {
     let summary = serde_json::to_string_pretty(&study.summary)?;
     std::fs::write(args.out.join("summary.json"), summary + "\n")
         .with_context(|| format!("cannot write {}", args.out.join("summary.json").display()))?;
-    plot(
-        &args.out.join("grad_error.svg"),
-        env,
-        &study.curves,
-        cfg.epochs,
-    )?;
+    plot(&args.out.join("grad_error.svg"), env, &study.curves, cfg.epochs)?;
     for v in &study.summary.variants {
         say!(
             "{:<17} pred_mse {:.3e} ± {:.1e}   grad_mse {:.3e} ± {:.1e}   (reward row {:.3e}, dynamics rows {:.3e})",
@@ -71,14 +69,8 @@ pub fn run(args: GradErrorArgs) -> Result<()> {
             v.grad_mse_dynamics.mean
         );
     }
-    say!(
-        "gradient MSE ratio (with / without the loss): {:.3}",
-        study.summary.grad_mse_ratio
-    );
-    say!(
-        "wrote {}/{{curves.csv,summary.json,grad_error.svg}}",
-        args.out.display()
-    );
+    say!("gradient MSE ratio (with / without the loss): {:.3}", study.summary.grad_mse_ratio);
+    say!("wrote {}/{{curves.csv,summary.json,grad_error.svg}}", args.out.display());
     Ok(())
 }
 
@@ -90,23 +82,13 @@ fn prepare_out(out: &Path) -> Result<()> {
 }
 
 fn write_curves(path: &Path, curves: &[CurvePoint]) -> Result<()> {
-    let mut f =
-        std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
-    writeln!(
-        f,
-        "variant,seed,epoch,pred_mse,grad_mse,grad_mse_reward,grad_mse_dynamics"
-    )?;
+    let mut f = std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
+    writeln!(f, "variant,seed,epoch,pred_mse,grad_mse,grad_mse_reward,grad_mse_dynamics")?;
     for p in curves {
         writeln!(
             f,
             "{},{},{},{:e},{:e},{:e},{:e}",
-            p.variant,
-            p.seed,
-            p.epoch,
-            p.pred_mse,
-            p.grad_mse,
-            p.grad_mse_reward,
-            p.grad_mse_dynamics
+            p.variant, p.seed, p.epoch, p.pred_mse, p.grad_mse, p.grad_mse_reward, p.grad_mse_dynamics
         )?;
     }
     Ok(())
@@ -121,11 +103,8 @@ fn plot(path: &Path, env: StudyEnv, curves: &[CurvePoint], epochs: usize) -> Res
             .map(|variant| {
                 let (mut x, mut mean, mut std) = (Vec::new(), Vec::new(), Vec::new());
                 for epoch in 1..=epochs {
-                    let v: Vec<f64> = curves
-                        .iter()
-                        .filter(|p| p.variant == *variant && p.epoch == epoch)
-                        .map(metric)
-                        .collect();
+                    let v: Vec<f64> =
+                        curves.iter().filter(|p| p.variant == *variant && p.epoch == epoch).map(metric).collect();
                     if v.is_empty() {
                         continue;
                     }
@@ -134,12 +113,7 @@ fn plot(path: &Path, env: StudyEnv, curves: &[CurvePoint], epochs: usize) -> Res
                     mean.push(m);
                     std.push(s);
                 }
-                Series {
-                    label: variant.replace('_', " "),
-                    x,
-                    mean,
-                    std,
-                }
+                Series { label: variant.replace('_', " "), x, mean, std }
             })
             .collect()
     };

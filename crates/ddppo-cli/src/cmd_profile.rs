@@ -124,10 +124,7 @@ pub fn run(args: ProfileArgs) -> Result<()> {
     // split leaves nothing to train on.
     let least = (cfg.gradient.neighbours + 2).max(10);
     if let Some(bad) = sizes.iter().find(|&&n| n < least || n >= cfg.replay_size) {
-        bail!(
-            "--rows {bad} is out of range: each size must be in {least}..{} (replay_size)",
-            cfg.replay_size
-        );
+        bail!("--rows {bad} is out of range: each size must be in {least}..{} (replay_size)", cfg.replay_size);
     }
     let baseline = args.baseline.as_deref().map(read_baseline).transpose()?;
     let largest = sizes.iter().copied().max().context("--rows names no size")?;
@@ -172,21 +169,12 @@ fn transitions(cfg: &AgentConfig, rows: usize, dir: &Path) -> Result<ReplayBuffe
             note!("reusing {} recorded transitions from {}", data.len(), path.display());
             return Ok(data);
         }
-        note!(
-            "{} holds {} transitions, {rows} needed: recording again",
-            path.display(),
-            data.len()
-        );
+        note!("{} holds {} transitions, {rows} needed: recording again", path.display(), data.len());
     }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    note!(
-        "recording {rows} transitions of {} (uniform random actions, seed {})",
-        cfg.task,
-        cfg.seed
-    );
+    note!("recording {rows} transitions of {} (uniform random actions, seed {})", cfg.task, cfg.seed);
     let data = record_transitions(cfg, rows, &mut |n| note!("  {n} of {rows} transitions"))?;
-    data.save(&path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    data.save(&path).with_context(|| format!("cannot write {}", path.display()))?;
     note!("recorded {rows} transitions into {}", path.display());
     Ok(data)
 }
@@ -207,35 +195,27 @@ fn profile_rows(
     let cap = max_epochs.map_or(String::new(), |m| format!(" (--max-epochs {m})"));
     let model_train_s = timed(&format!("rows {n}: model training{cap}"), || agent.train_models())?;
     let training = last_model_training(&agent);
-    let rollout_s = timed(
-        &format!("rows {n}: model rollout of {} rows, k = {k}", cfg.rollout_batch_size),
-        || agent.rollout_models(),
-    )?;
+    let rollout_s = timed(&format!("rows {n}: model rollout of {} rows, k = {k}", cfg.rollout_batch_size), || {
+        agent.rollout_models()
+    })?;
     let critic_per_step = critic_updates_per_step(cfg);
     let (mut critic_s, mut policy_s) = (0.0, 0.0);
     let backprop = cfg.variant.backprop_policy();
-    timed(
-        &format!("rows {n}: updates of {update_steps} env steps"),
-        || -> ddppo_agent::Result<()> {
-            for _ in 0..update_steps {
-                let t = Instant::now();
-                for _ in 0..critic_per_step {
-                    agent.update_critic()?;
-                }
-                critic_s += t.elapsed().as_secs_f64();
-                let t = Instant::now();
-                for _ in 0..cfg.policy_updates_per_step {
-                    if backprop {
-                        agent.update_policy_through_model()?
-                    } else {
-                        agent.update_policy_sac()?
-                    }
-                }
-                policy_s += t.elapsed().as_secs_f64();
+    timed(&format!("rows {n}: updates of {update_steps} env steps"), || -> ddppo_agent::Result<()> {
+        for _ in 0..update_steps {
+            let t = Instant::now();
+            for _ in 0..critic_per_step {
+                agent.update_critic()?;
             }
-            Ok(())
-        },
-    )?;
+            critic_s += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            for _ in 0..cfg.policy_updates_per_step {
+                if backprop { agent.update_policy_through_model()? } else { agent.update_policy_sac()? }
+            }
+            policy_s += t.elapsed().as_secs_f64();
+        }
+        Ok(())
+    })?;
     // The first evaluation also draws the Jacobian diagnostics' held-out
     // states, once per run: the second is the one every evaluation costs.
     timed(&format!("rows {n}: first evaluation"), || agent.evaluate().map(drop))?;
@@ -295,12 +275,8 @@ where
 
 fn read_baseline(path: &Path) -> Result<Profile> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read --baseline {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| {
-        format!(
-            "--baseline {} is not the JSON of `ddppo profile --json`",
-            path.display()
-        )
-    })
+    serde_json::from_str(&text)
+        .with_context(|| format!("--baseline {} is not the JSON of `ddppo profile --json`", path.display()))
 }
 
 fn epochs_cell(epochs: Option<usize>, seconds: Option<f64>) -> (String, String) {
@@ -358,11 +334,7 @@ fn or_unset(v: &str) -> &str {
 }
 
 fn fmt_ratio(v: f64) -> String {
-    if v.fract() == 0.0 {
-        format!("{v:.0}")
-    } else {
-        format!("{v:.3}")
-    }
+    if v.fract() == 0.0 { format!("{v:.0}") } else { format!("{v:.3}") }
 }
 
 /// This profile's projection beside a baseline's, row size by row size.
@@ -374,16 +346,12 @@ fn comparison(p: &Profile, b: &Profile) -> String {
     for r in &p.rows {
         let base = b.rows.iter().find(|x| x.rows == r.rows && b.task == p.task);
         let (bs, ratio) = match base {
-            Some(x) => (
-                format!("{:.1}", x.projected_s_per_1k),
-                format!("{:.3}", r.projected_s_per_1k / x.projected_s_per_1k),
-            ),
+            Some(x) => {
+                (format!("{:.1}", x.projected_s_per_1k), format!("{:.3}", r.projected_s_per_1k / x.projected_s_per_1k))
+            }
             None => ("-".into(), "-".into()),
         };
-        out.push_str(&format!(
-            "| {} | {:.1} | {bs} | {ratio} |\n",
-            r.rows, r.projected_s_per_1k
-        ));
+        out.push_str(&format!("| {} | {:.1} | {bs} | {ratio} |\n", r.rows, r.projected_s_per_1k));
     }
     out
 }

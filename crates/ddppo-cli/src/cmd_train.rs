@@ -197,7 +197,11 @@ fn open_run(dir: &Path, resolved: Option<ValidConfig>, device: candle_core::Devi
                 "resuming {} from {} ({step} of {total} env steps{})",
                 dir.display(),
                 checkpoints.root().join(format!("step-{step:010}")).display(),
-                if dropped > 0 { format!("; {dropped} later metrics lines will be written again") } else { String::new() }
+                if dropped > 0 {
+                    format!("; {dropped} later metrics lines will be written again")
+                } else {
+                    String::new()
+                }
             );
             agent
         }

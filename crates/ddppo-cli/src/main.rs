@@ -119,7 +119,9 @@ fn main() {
         }
         // The reader of our output went away (`ddppo env list | head -1`):
         // nothing is wrong and nobody is left to tell.
-        if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)) {
+        if e.chain()
+            .any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
+        {
             std::process::exit(0);
         }
         // One line: the cause chain, no backtrace (some causes, e.g. TOML

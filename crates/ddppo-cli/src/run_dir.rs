@@ -196,7 +196,10 @@ impl RunLock {
                 Ok(()) => break,
                 Err(std::fs::TryLockError::WouldBlock) => {}
                 Err(std::fs::TryLockError::Error(e)) => {
-                    bail!("cannot lock {} ({e}): its file system does not support locks; use a local directory", path.display())
+                    bail!(
+                        "cannot lock {} ({e}): its file system does not support locks; use a local directory",
+                        path.display()
+                    )
                 }
             }
             let mut holder = String::new();
@@ -204,7 +207,12 @@ impl RunLock {
             let holder = holder.trim();
             let holder = if holder.is_empty() { "another process" } else { holder };
             if started.elapsed() >= wait || stop() {
-                bail!("{} is in use by {holder} (lock file {}); waited {} s", dir.display(), path.display(), wait.as_secs());
+                bail!(
+                    "{} is in use by {holder} (lock file {}); waited {} s",
+                    dir.display(),
+                    path.display(),
+                    wait.as_secs()
+                );
             }
             if !said {
                 note!("waiting up to {} s for {} (in use by {holder})", wait.as_secs(), dir.display());

@@ -23,10 +23,33 @@ fn tempdir(name: &str) -> PathBuf {
 /// A pendulum run of a few hundred steps: evaluations, a checkpoint and the
 /// closing lines all write to stderr.
 const TINY: &[&str] = &[
-    "train", "--env", "pendulum", "--variant", "sac", "--set", "epochs=1", "--set", "epoch_length=300",
-    "--set", "start_steps=100", "--set", "min_pool_size=100", "--set", "eval_every=100", "--set", "eval_episodes=1",
-    "--set", "checkpoint_every=200", "--set", "hidden=[16, 16]", "--set", "batch_size=16",
-    "--set", "policy_updates_per_step=1", "--set", "critic_updates_per_step=1",
+    "train",
+    "--env",
+    "pendulum",
+    "--variant",
+    "sac",
+    "--set",
+    "epochs=1",
+    "--set",
+    "epoch_length=300",
+    "--set",
+    "start_steps=100",
+    "--set",
+    "min_pool_size=100",
+    "--set",
+    "eval_every=100",
+    "--set",
+    "eval_episodes=1",
+    "--set",
+    "checkpoint_every=200",
+    "--set",
+    "hidden=[16, 16]",
+    "--set",
+    "batch_size=16",
+    "--set",
+    "policy_updates_per_step=1",
+    "--set",
+    "critic_updates_per_step=1",
 ];
 
 fn run(args: &[&str], stdout: Stdio, stderr: Stdio) -> Output {
@@ -52,7 +75,11 @@ fn listing_into_a_closed_pipe_ends_quietly() {
     assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(o.stderr.is_empty(), "{}", String::from_utf8_lossy(&o.stderr));
     // Both closed: an error line that cannot be written is no panic.
-    let o = run(&["env", "replay", "--env", "cartpole", "--input", "x"], Stdio::from(closed_pipe()), Stdio::from(closed_pipe()));
+    let o = run(
+        &["env", "replay", "--env", "cartpole", "--input", "x"],
+        Stdio::from(closed_pipe()),
+        Stdio::from(closed_pipe()),
+    );
     assert_eq!(o.status.code(), Some(1));
     let o = run(&["--help"], Stdio::from(closed_pipe()), Stdio::from(closed_pipe()));
     assert_eq!(o.status.code(), Some(0));

@@ -61,7 +61,8 @@ fn pendulum_replay_prints_the_dynamics() {
 #[test]
 fn hopper_replay_matches_gymnasium_and_stops_at_termination() {
     let fixture: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../ddppo-env/tests/fixtures/hopper.json")).unwrap(),
+        &std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../ddppo-env/tests/fixtures/hopper.json"))
+            .unwrap(),
     )
     .unwrap();
     let run = &fixture["runs"][1];
@@ -88,12 +89,22 @@ fn hopper_replay_matches_gymnasium_and_stops_at_termination() {
 fn replay_errors_are_one_line() {
     let pendulum_ok = tmp_file("ok.json", r#"{"state": [0.0, 0.0], "actions": [[0.0]]}"#);
     let p = pendulum_ok.to_str().unwrap();
-    assert_one_line_error(&ddppo(&["env", "replay", "--env", "cheetah", "--input", p]), "valid names: inverted-pendulum");
-    assert_one_line_error(&ddppo(&["env", "replay", "--env", "pendulum", "--input", "no/such/file.json"]), "reading no/such/file.json");
+    assert_one_line_error(
+        &ddppo(&["env", "replay", "--env", "cheetah", "--input", p]),
+        "valid names: inverted-pendulum",
+    );
+    assert_one_line_error(
+        &ddppo(&["env", "replay", "--env", "pendulum", "--input", "no/such/file.json"]),
+        "reading no/such/file.json",
+    );
     let cases = [
         ("pendulum", "not json", "bad replay input"),
         ("pendulum", r#"{"state": [0.0], "actions": [[0.0]]}"#, "state has 1 values, pendulum expects 2"),
-        ("pendulum", r#"{"state": [0.0, 0.0], "actions": [[0.0, 1.0]]}"#, "action 0: action has 2 components, pendulum expects 1"),
+        (
+            "pendulum",
+            r#"{"state": [0.0, 0.0], "actions": [[0.0, 1.0]]}"#,
+            "action 0: action has 2 components, pendulum expects 1",
+        ),
         ("pendulum", r#"{"state": [0.0, 0.0]}"#, "missing field `actions`"),
         ("linear", r#"{"qpos": [0.0], "qvel": [0.0], "actions": []}"#, "give `state`, not `qpos`/`qvel`"),
         ("hopper", r#"{"state": [0.0], "actions": []}"#, "give `qpos` and `qvel`, not `state`"),
@@ -111,7 +122,10 @@ fn mujoco_replay_errors_are_one_line() {
     let qpos = "[0.0, 1.25, 0.0, 0.0, 0.0, 0.0]";
     let cases = [
         (r#"{"qpos": [0.0], "qvel": [0,0,0,0,0,0], "actions": []}"#.to_string(), "qpos has 1 values, hopper expects 6"),
-        (format!(r#"{{"qpos": {qpos}, "qvel": [0,0,0,0,0,0], "actions": [[0.0, 0.0]]}}"#), "action 0: action has 2 components, hopper expects 3"),
+        (
+            format!(r#"{{"qpos": {qpos}, "qvel": [0,0,0,0,0,0], "actions": [[0.0, 0.0]]}}"#),
+            "action 0: action has 2 components, hopper expects 3",
+        ),
     ];
     for (k, (text, needle)) in cases.into_iter().enumerate() {
         let path = tmp_file(&format!("mj{k}.json"), &text);
@@ -161,7 +175,8 @@ fn jacobian_of_a_mujoco_task_is_the_library_one() {
     let lines = lines(&out);
     let rows: Vec<Vec<f64>> = serde_json::from_value(lines[0]["jacobian"].clone()).unwrap();
     assert_eq!((rows.len(), rows[0].len()), (5, 5));
-    let expected = MujocoJacobian::new(&MujocoModel::load(Task::InvertedPendulum).unwrap()).step_jacobian(&obs, &[0.5]).unwrap();
+    let expected =
+        MujocoJacobian::new(&MujocoModel::load(Task::InvertedPendulum).unwrap()).step_jacobian(&obs, &[0.5]).unwrap();
     assert_eq!(rows.concat(), expected);
 }
 
@@ -169,15 +184,33 @@ fn jacobian_of_a_mujoco_task_is_the_library_one() {
 fn jacobian_errors_are_one_line_and_print_nothing() {
     let ok = tmp_file("jac-ok.json", r#"[{"obs": [0.0, 0.0], "action": [0.0]}]"#);
     let p = ok.to_str().unwrap();
-    assert_one_line_error(&ddppo(&["env", "jacobian", "--env", "cheetah", "--input", p]), "valid names: inverted-pendulum");
-    assert_one_line_error(&ddppo(&["env", "jacobian", "--env", "pendulum", "--input", "no/such/file.json"]), "reading no/such/file.json");
+    assert_one_line_error(
+        &ddppo(&["env", "jacobian", "--env", "cheetah", "--input", p]),
+        "valid names: inverted-pendulum",
+    );
+    assert_one_line_error(
+        &ddppo(&["env", "jacobian", "--env", "pendulum", "--input", "no/such/file.json"]),
+        "reading no/such/file.json",
+    );
     let cases = [
         ("pendulum", "not json", "bad jacobian input"),
         ("pendulum", r#"{"obs": [0.0, 0.0], "action": [0.0]}"#, "bad jacobian input"),
         ("pendulum", r#"[{"obs": [0.0, 0.0]}]"#, "missing field `action`"),
-        ("pendulum", r#"[{"obs": [0.0, 0.0], "action": [0.0]}, {"obs": [0.0], "action": [0.0]}]"#, "item 1: observation has 1 values, pendulum expects 2"),
-        ("linear", r#"[{"obs": [0.0, 0.0, 0.0], "action": [0.0]}]"#, "item 0: action has 1 components, linear expects 2"),
-        ("hopper", r#"[{"obs": [0.0, 0.0, 0.0], "action": [0.0, 0.0, 0.0]}]"#, "item 0: observation has 3 values, hopper expects 11"),
+        (
+            "pendulum",
+            r#"[{"obs": [0.0, 0.0], "action": [0.0]}, {"obs": [0.0], "action": [0.0]}]"#,
+            "item 1: observation has 1 values, pendulum expects 2",
+        ),
+        (
+            "linear",
+            r#"[{"obs": [0.0, 0.0, 0.0], "action": [0.0]}]"#,
+            "item 0: action has 1 components, linear expects 2",
+        ),
+        (
+            "hopper",
+            r#"[{"obs": [0.0, 0.0, 0.0], "action": [0.0, 0.0, 0.0]}]"#,
+            "item 0: observation has 3 values, hopper expects 11",
+        ),
     ];
     for (k, (env, text, needle)) in cases.into_iter().enumerate() {
         let path = tmp_file(&format!("jac-bad{k}.json"), text);

@@ -20,7 +20,6 @@ fn tempdir(name: &str) -> PathBuf {
     common::tempdir("kill", name)
 }
 
-
 /// `ddppo train --config CFG --out DIR`: the command a user (or a requeued
 /// cluster job) runs again unchanged.
 fn train(cfg: &Path, out: &Path) -> Command {

@@ -5,7 +5,8 @@ use std::process::Command;
 
 fn fake_run(dir: &Path, env: &str, variant: &str, seed: u64, returns: &[f64]) {
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("config.toml"), format!("task = \"{env}\"\nvariant = \"{variant}\"\nseed = {seed}\n")).unwrap();
+    std::fs::write(dir.join("config.toml"), format!("task = \"{env}\"\nvariant = \"{variant}\"\nseed = {seed}\n"))
+        .unwrap();
     let lines: Vec<String> = returns
         .iter()
         .enumerate()
@@ -57,12 +58,15 @@ fn plot_rejects_bad_input_with_one_line() {
     let tmp = tempdir("plot_bad");
     let cases: Vec<(Vec<String>, &str)> = vec![
         (vec![tmp.join("missing").display().to_string()], "not a run directory"),
-        (vec![{
-            let d = tmp.join("corrupt");
-            fake_run(&d, "hopper", "ddppo", 0, &[1.0]);
-            std::fs::write(d.join("metrics.jsonl"), "{not json\n").unwrap();
-            d.display().to_string()
-        }], "not a metrics record"),
+        (
+            vec![{
+                let d = tmp.join("corrupt");
+                fake_run(&d, "hopper", "ddppo", 0, &[1.0]);
+                std::fs::write(d.join("metrics.jsonl"), "{not json\n").unwrap();
+                d.display().to_string()
+            }],
+            "not a metrics record",
+        ),
     ];
     for (runs, expect) in cases {
         let mut args = vec!["plot".to_string()];
@@ -85,7 +89,10 @@ fn plot_rejects_bad_input_with_one_line() {
 
 /// The contents of the SVG's `<text>` elements, trimmed.
 fn svg_texts(svg: &str) -> Vec<String> {
-    svg.split("<text").skip(1).filter_map(|t| Some(t.split_once('>')?.1.split_once("</text>")?.0.trim().to_string())).collect()
+    svg.split("<text")
+        .skip(1)
+        .filter_map(|t| Some(t.split_once('>')?.1.split_once("</text>")?.0.trim().to_string()))
+        .collect()
 }
 
 fn tempdir(name: &str) -> std::path::PathBuf {
@@ -154,5 +161,8 @@ fn plot_draws_any_metric_column() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(err.contains("no run has a value in column `jacobian_mse`") && err.contains("grad_jacobian_mse_dynamics"), "{err}");
+    assert!(
+        err.contains("no run has a value in column `jacobian_mse`") && err.contains("grad_jacobian_mse_dynamics"),
+        "{err}"
+    );
 }

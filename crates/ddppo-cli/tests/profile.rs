@@ -41,10 +41,7 @@ fn profile(data: &Path, rows: &str, extra: &[&str]) -> (String, String) {
     ];
     args.extend_from_slice(extra);
     let o = ddppo(&args);
-    let (out, err) = (
-        String::from_utf8_lossy(&o.stdout).to_string(),
-        String::from_utf8_lossy(&o.stderr).to_string(),
-    );
+    let (out, err) = (String::from_utf8_lossy(&o.stdout).to_string(), String::from_utf8_lossy(&o.stderr).to_string());
     assert_eq!(o.status.code(), Some(0), "{args:?}: {err}");
     (out, err)
 }
@@ -55,10 +52,7 @@ fn f(v: &Value, key: &str) -> f64 {
 
 /// The cells of the Markdown table's data rows.
 fn table_rows(out: &str) -> Vec<Vec<String>> {
-    let header = out
-        .lines()
-        .position(|l| l.starts_with("| rows |"))
-        .expect("no table header");
+    let header = out.lines().position(|l| l.starts_with("| rows |")).expect("no table header");
     out.lines()
         .skip(header + 2)
         .take_while(|l| l.starts_with('|'))
@@ -82,10 +76,7 @@ fn profile_table_projection_and_reused_data() {
     assert_eq!(cells, COLUMNS, "{out}");
 
     let p: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_eq!(
-        (p["task"].as_str(), p["variant"].as_str()),
-        (Some("inverted-pendulum"), Some("ddppo"))
-    );
+    assert_eq!((p["task"].as_str(), p["variant"].as_str()), (Some("inverted-pendulum"), Some("ddppo")));
     let (freq, every, steps) = (f(&p, "model_train_freq"), f(&p, "eval_every"), f(&p, "update_steps"));
     assert_eq!((freq, every, steps), (250.0, 1000.0, 2.0));
     let rows = p["rows"].as_array().unwrap();
@@ -100,15 +91,7 @@ fn profile_table_projection_and_reused_data() {
         assert_eq!((f(r, "pred_epochs"), f(r, "grad_epochs")), (1.0, 1.0));
         assert_eq!(r["capped"], Value::Bool(true));
         assert!(f(r, "model_pool") > 0.0 && f(r, "model_pool") <= 100_000.0, "{r}");
-        for key in [
-            "pred_s",
-            "grad_s",
-            "model_train_s",
-            "rollout_s",
-            "critic_s",
-            "policy_s",
-            "eval_s",
-        ] {
+        for key in ["pred_s", "grad_s", "model_train_s", "rollout_s", "critic_s", "policy_s", "eval_s"] {
             assert!(f(r, key) > 0.0, "{key}: {r}");
         }
         // Both ensembles train at once, so the call takes about the longer.
@@ -118,10 +101,7 @@ fn profile_table_projection_and_reused_data() {
             + 1000.0 * (f(r, "critic_s") + f(r, "policy_s")) / steps
             + 1000.0 / every * (f(r, "eval_s") + f(r, "diagnostics_s"));
         let got = f(r, "projected_s_per_1k");
-        assert!(
-            (got - expect).abs() <= 1e-9 * expect,
-            "projected {got}, formula {expect}"
-        );
+        assert!((got - expect).abs() <= 1e-9 * expect, "projected {got}, formula {expect}");
         // The table shows the same figures.
         assert_eq!(cells[0], format!("{n}"));
         assert_eq!(cells[2], "1");
@@ -129,21 +109,14 @@ fn profile_table_projection_and_reused_data() {
         assert_eq!(cells[7], format!("{:.2}", f(r, "rollout_s")));
         assert_eq!(cells[8], format!("{:.4}", f(r, "critic_s") / steps));
     }
-    assert!(
-        out.contains("projected s/1k steps = 4 x (train s + rollout s)"),
-        "{out}"
-    );
+    assert!(out.contains("projected s/1k steps = 4 x (train s + rollout s)"), "{out}");
 
     // A second call, at a size the file holds, reuses it untouched and
     // compares with the first call's figures.
     let (out, err) = profile(&data, "250", &["--baseline", s(&json)]);
     assert!(err.contains("reusing 300 recorded transitions"), "{err}");
     assert!(!err.contains("recording"), "{err}");
-    assert_eq!(
-        std::fs::read(&file).unwrap(),
-        recorded,
-        "the recorded transitions changed"
-    );
+    assert_eq!(std::fs::read(&file).unwrap(), recorded, "the recorded transitions changed");
     let base = f(&rows[0], "projected_s_per_1k");
     let line = out
         .lines()
@@ -161,16 +134,10 @@ fn profile_rejects_bad_input_with_one_line() {
     std::fs::write(&garbage, "not json").unwrap();
     for (args, expect) in [
         (vec!["--env", "nope"], "no preset for task `nope`"),
-        (
-            vec!["--env", "inverted-pendulum", "--rows", "5"],
-            "--rows 5 is out of range",
-        ),
+        (vec!["--env", "inverted-pendulum", "--rows", "5"], "--rows 5 is out of range"),
         (vec!["--env", "inverted-pendulum", "--rows", "2000000"], "out of range"),
         (vec!["--env", "inverted-pendulum", "--device", "tpu"], "unknown device"),
-        (
-            vec!["--env", "inverted-pendulum", "--baseline", s(&garbage)],
-            "is not the JSON of `ddppo profile --json`",
-        ),
+        (vec!["--env", "inverted-pendulum", "--baseline", s(&garbage)], "is not the JSON of `ddppo profile --json`"),
     ] {
         let mut all = vec!["profile", "--data-dir", s(&data)];
         all.extend_from_slice(&args);
@@ -186,21 +153,10 @@ fn profile_rejects_bad_input_with_one_line() {
     std::fs::create_dir_all(&data).unwrap();
     let file = data.join("inverted-pendulum-seed0.transitions");
     std::fs::write(&file, b"DDPPORB\0 cut short").unwrap();
-    let o = ddppo(&[
-        "profile",
-        "--env",
-        "inverted-pendulum",
-        "--rows",
-        "300",
-        "--data-dir",
-        s(&data),
-    ]);
+    let o = ddppo(&["profile", "--env", "inverted-pendulum", "--rows", "300", "--data-dir", s(&data)]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(
-        err.contains("delete it to record again") && err.trim().lines().count() == 1,
-        "{err}"
-    );
+    assert!(err.contains("delete it to record again") && err.trim().lines().count() == 1, "{err}");
     assert_eq!(std::fs::read(&file).unwrap(), b"DDPPORB\0 cut short");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -13,7 +13,6 @@ fn tempdir(name: &str) -> PathBuf {
     common::tempdir("resume", name)
 }
 
-
 fn one_line_error(o: &Output, expect: &str) {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "expected exit 1 with '{expect}': {err}");

@@ -11,7 +11,6 @@ fn tempdir(name: &str) -> PathBuf {
     common::tempdir("lock", name)
 }
 
-
 const TINY: &str = r#"
 task = "pendulum"
 variant = "sac"
@@ -84,7 +83,8 @@ fn a_second_process_on_a_run_directory_waits_then_refuses_naming_the_holder() {
 
     // A waiting process goes on once the holder lets go, and the run ends as
     // the uninterrupted one.
-    let mut waiter = train(&cfg, &run, &["--lock-wait", "120"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut waiter =
+        train(&cfg, &run, &["--lock-wait", "120"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(1500));
     assert!(waiter.try_wait().unwrap().is_none(), "the waiter did not wait for the lock");
     drop(holder);
@@ -137,11 +137,7 @@ fn torn_lines_are_cut_and_a_run_without_a_checkpoint_starts_again() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         assert!(String::from_utf8_lossy(&o.stderr).contains("torn last line"));
 
-        let o = if resume {
-            ddppo(&["train", "--resume", s(&run)])
-        } else {
-            train(&cfg, &run, &[]).output().unwrap()
-        };
+        let o = if resume { ddppo(&["train", "--resume", s(&run)]) } else { train(&cfg, &run, &[]).output().unwrap() };
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(o.status.success(), "{err}");
         assert!(err.contains("cutting a torn last line") && err.contains("from step 0"), "{err}");

@@ -28,7 +28,11 @@ fn argument_errors_are_one_line_and_point_to_help() {
     usage_error(&["train", "--bogus"], &["unexpected argument '--bogus'"], "ddppo train");
     usage_error(&["trian"], &["unrecognized subcommand 'trian'", "train"], "ddppo");
     usage_error(&["train", "--env", "hopper"], &["required arguments were not provided", "--out <OUT>"], "ddppo train");
-    usage_error(&["train", "--env", "hopper", "--seed", "abc", "--out", "x"], &["invalid value 'abc'", "--seed"], "ddppo train");
+    usage_error(
+        &["train", "--env", "hopper", "--seed", "abc", "--out", "x"],
+        &["invalid value 'abc'", "--seed"],
+        "ddppo train",
+    );
     usage_error(&["train", "--env"], &["a value is required for '--env <ENV>'"], "ddppo train");
     usage_error(&["env", "replay", "--env", "hopper"], &["--input <INPUT>"], "ddppo env replay");
     usage_error(&["train", "--resume", "a", "--out", "b"], &["cannot be used with"], "ddppo train");

@@ -20,7 +20,8 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-const TASKS: [Task; 6] = [Task::InvertedPendulum, Task::Hopper, Task::Walker2d, Task::HalfCheetah, Task::Ant, Task::Humanoid];
+const TASKS: [Task; 6] =
+    [Task::InvertedPendulum, Task::Hopper, Task::Walker2d, Task::HalfCheetah, Task::Ant, Task::Humanoid];
 const EPISODE: usize = 1000;
 
 /// Total time and steps of each (task, variant), over everything criterion ran.
@@ -162,15 +163,23 @@ fn main() {
 
     let times = TIMES.lock().unwrap();
     println!("\nenv step vs bare mj_step x frame_skip (same model, same run; overhead from the paired blocks):");
-    println!("{:<18} {:>12} {:>12} {:>15} {:>15} {:>9}", "task", "env steps/s", "raw steps/s", "paired env/s", "paired raw/s", "overhead");
+    println!(
+        "{:<18} {:>12} {:>12} {:>15} {:>15} {:>9}",
+        "task", "env steps/s", "raw steps/s", "paired env/s", "paired raw/s", "overhead"
+    );
     for task in TASKS {
-        let rate = |variant| {
-            times.get(&(task.name().to_string(), variant)).map(|(d, n)| *n as f64 / d.as_secs_f64())
-        };
-        if let (Some(env), Some(raw), Some(penv), Some(praw)) = (rate("env"), rate("raw"), rate("paired env"), rate("paired raw")) {
+        let rate = |variant| times.get(&(task.name().to_string(), variant)).map(|(d, n)| *n as f64 / d.as_secs_f64());
+        if let (Some(env), Some(raw), Some(penv), Some(praw)) =
+            (rate("env"), rate("raw"), rate("paired env"), rate("paired raw"))
+        {
             println!(
                 "{:<18} {:>12.0} {:>12.0} {:>15.0} {:>15.0} {:>8.1}%",
-                task.name(), env, raw, penv, praw, (praw / penv - 1.0) * 100.0
+                task.name(),
+                env,
+                raw,
+                penv,
+                praw,
+                (praw / penv - 1.0) * 100.0
             );
         }
     }

@@ -252,7 +252,13 @@ impl LinearEnv {
     pub fn new(sys: LinearSystem) -> Result<Self> {
         sys.validate()?;
         let (n, m) = (sys.state_dim(), sys.action_dim());
-        Ok(LinearEnv { sys, state: vec![0.0; n], steps: 0, low: vec![-Self::ACTION_BOUND; m], high: vec![Self::ACTION_BOUND; m] })
+        Ok(LinearEnv {
+            sys,
+            state: vec![0.0; n],
+            steps: 0,
+            low: vec![-Self::ACTION_BOUND; m],
+            high: vec![Self::ACTION_BOUND; m],
+        })
     }
 
     /// The system's matrices.

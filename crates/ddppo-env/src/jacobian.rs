@@ -99,11 +99,7 @@ impl StepJacobian for LinearEnv {
 
 /// Central differences `(f(x + h e_j) - f(x - h e_j)) / 2h` of `f: R^n -> R^k`,
 /// row-major `k x n`.
-fn central_differences(
-    x: &[f64],
-    h: f64,
-    mut f: impl FnMut(&[f64]) -> Result<Vec<f64>>,
-) -> Result<Vec<f64>> {
+fn central_differences(x: &[f64], h: f64, mut f: impl FnMut(&[f64]) -> Result<Vec<f64>>) -> Result<Vec<f64>> {
     let n = x.len();
     let mut columns = Vec::with_capacity(n);
     let mut probe = x.to_vec();

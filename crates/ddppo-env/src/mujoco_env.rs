@@ -136,17 +136,27 @@ impl MujocoModel {
         })?;
         let nu = model.ffi().nu as usize;
         if nu != task.act_dim() {
-            return Err(Error::ModelLoad { path, msg: format!("has {nu} actuators, {task} expects {}", task.act_dim()) });
+            return Err(Error::ModelLoad {
+                path,
+                msg: format!("has {nu} actuators, {task} expects {}", task.act_dim()),
+            });
         }
         let torso = match task {
-            Task::Ant => model.name_to_id(MjtObjBase::mjOBJ_BODY, "torso").ok_or_else(|| Error::ModelLoad {
-                path: path.clone(),
-                msg: "has no body named `torso`".into(),
-            })?,
+            Task::Ant => model
+                .name_to_id(MjtObjBase::mjOBJ_BODY, "torso")
+                .ok_or_else(|| Error::ModelLoad { path: path.clone(), msg: "has no body named `torso`".into() })?,
             _ => 0,
         };
         let (low, high) = model.actuator_ctrlrange().iter().map(|r| (r[0], r[1])).unzip();
-        Ok(MujocoModel { task, model: Arc::new(model), frame_skip: spec.frame_skip, noise: spec.noise, torso, low, high })
+        Ok(MujocoModel {
+            task,
+            model: Arc::new(model),
+            frame_skip: spec.frame_skip,
+            noise: spec.noise,
+            torso,
+            low,
+            high,
+        })
     }
 
     pub fn task(&self) -> Task {
@@ -187,7 +197,11 @@ impl MujocoModel {
         if nq - hidden + nv != obs.len() {
             return Err(Error::ModelLoad {
                 path: PathBuf::from(spec(self.task).map_or("", |s| s.xml)),
-                msg: format!("has nq {nq}, nv {nv}, which do not make the {} observed values of {}", obs.len(), self.task),
+                msg: format!(
+                    "has nq {nq}, nv {nv}, which do not make the {} observed values of {}",
+                    obs.len(),
+                    self.task
+                ),
             });
         }
         let mut qpos = vec![0.0; hidden];

@@ -33,10 +33,10 @@ impl Task {
 
     /// Parses a task name as used by the CLI and the configs (`half-cheetah`, ...).
     pub fn from_name(name: &str) -> Result<Task> {
-        Task::ALL.into_iter().find(|t| t.name() == name).ok_or_else(|| Error::UnknownTask {
-            name: name.to_string(),
-            valid: Task::ALL.map(Task::name).join(", "),
-        })
+        Task::ALL
+            .into_iter()
+            .find(|t| t.name() == name)
+            .ok_or_else(|| Error::UnknownTask { name: name.to_string(), valid: Task::ALL.map(Task::name).join(", ") })
     }
 
     /// The task's name as the CLI and configs spell it.

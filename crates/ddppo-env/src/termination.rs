@@ -15,11 +15,7 @@ pub fn is_terminal(task: Task, next_obs: &[f32]) -> bool {
     let healthy = match task {
         // finite && all |s[1:]| < 100 && s[0] > 0.7 && |s[1]| < 0.2
         Task::Hopper => {
-            s.len() >= 2
-                && finite()
-                && s[1..].iter().all(|x| x.abs() < 100.0)
-                && s[0] > 0.7
-                && s[1].abs() < 0.2
+            s.len() >= 2 && finite() && s[1..].iter().all(|x| x.abs() < 100.0) && s[0] > 0.7 && s[1].abs() < 0.2
         }
         // 0.8 < s[0] < 2.0 && -1 < s[1] < 1 (a NaN fails every comparison)
         Task::Walker2d => s.len() >= 2 && s[0] > 0.8 && s[0] < 2.0 && s[1] > -1.0 && s[1] < 1.0,

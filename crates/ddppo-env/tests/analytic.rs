@@ -48,10 +48,16 @@ fn pendulum_jacobian_matches_finite_differences() {
         let (_, next) = env.transition(&s, &a);
         let raw_thd = s[1] + (15.0 * f64::sin(s[0]) + 3.0 * a[0].clamp(-2.0, 2.0)) * 0.05;
         let unwrapped = s[0] + next[1] * 0.05;
-        if (a[0].abs() - 2.0).abs() < 1e-3 || (raw_thd.abs() - 8.0).abs() < 1e-3 || (unwrapped.abs() - PI).abs() < 1e-3 {
+        if (a[0].abs() - 2.0).abs() < 1e-3 || (raw_thd.abs() - 8.0).abs() < 1e-3 || (unwrapped.abs() - PI).abs() < 1e-3
+        {
             continue;
         }
-        assert_close(&env.jacobian(&s, &a), &finite_difference_jacobian(&env, &s, &a), 1e-6, &format!("s {s:?} a {a:?}"));
+        assert_close(
+            &env.jacobian(&s, &a),
+            &finite_difference_jacobian(&env, &s, &a),
+            1e-6,
+            &format!("s {s:?} a {a:?}"),
+        );
         checked += 1;
     }
 }

@@ -68,7 +68,16 @@ mod mujoco {
         // SAFETY: the model and data are valid, A is (2nv + na)^2 and B
         // (2nv + na) x nu as MuJoCo's API requires; C and D are not wanted.
         unsafe {
-            mjd_transitionFD(m.ffi(), data.ffi_mut(), 1e-6, true, a.as_mut_ptr(), b.as_mut_ptr(), null_mut(), null_mut());
+            mjd_transitionFD(
+                m.ffi(),
+                data.ffi_mut(),
+                1e-6,
+                true,
+                a.as_mut_ptr(),
+                b.as_mut_ptr(),
+                null_mut(),
+                null_mut(),
+            );
         }
         (a, b)
     }
@@ -77,7 +86,12 @@ mod mujoco {
     /// four stages `k_i = f(x_i)` of `x' = x + h/6 (k1 + 2 k2 + 2 k3 + k4)`,
     /// with `f(x, u) = (qvel, qacc)` from `mj_forward` and its derivative by
     /// central differences (eps 1e-6). Only for `nq == nv` (no quaternions).
-    fn rk4_linearisation(m: &Arc<MjModel>, data: &mut MjData<Arc<MjModel>>, n: usize, nu: usize) -> (Vec<f64>, Vec<f64>) {
+    fn rk4_linearisation(
+        m: &Arc<MjModel>,
+        data: &mut MjData<Arc<MjModel>>,
+        n: usize,
+        nu: usize,
+    ) -> (Vec<f64>, Vec<f64>) {
         let nv = n / 2;
         let h = m.opt().timestep;
         let (x0, u): (Vec<f64>, Vec<f64>) = ([data.qpos(), data.qvel()].concat(), data.ctrl().to_vec());
@@ -155,8 +169,14 @@ mod mujoco {
         let mut t: Vec<f64> = (0..n * n).map(|k| if k / n == k % n { 1.0 } else { 0.0 }).collect();
         let mut s = vec![0.0; n * nu];
         for _ in 0..model.frame_skip() {
-            assert_eq!((data.ffi().ncon, data.ffi().nefc), (0, 0), "{}: the state must be contact- and limit-free", model.task());
-            let (a, b) = if rk4 { rk4_linearisation(&m, &mut data, n, nu) } else { euler_linearisation(&m, &mut data, n, nu) };
+            assert_eq!(
+                (data.ffi().ncon, data.ffi().nefc),
+                (0, 0),
+                "{}: the state must be contact- and limit-free",
+                model.task()
+            );
+            let (a, b) =
+                if rk4 { rk4_linearisation(&m, &mut data, n, nu) } else { euler_linearisation(&m, &mut data, n, nu) };
             t = matmul(&a, &t, n, n, n);
             s = matmul(&a, &s, n, n, nu);
             s.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
@@ -240,7 +260,8 @@ mod mujoco {
 
     #[test]
     fn observations_round_trip_through_the_rebuilt_state() {
-        for task in [Task::InvertedPendulum, Task::Hopper, Task::Walker2d, Task::HalfCheetah, Task::Ant, Task::Humanoid] {
+        for task in [Task::InvertedPendulum, Task::Hopper, Task::Walker2d, Task::HalfCheetah, Task::Ant, Task::Humanoid]
+        {
             let model = MujocoModel::load(task).unwrap();
             let mut env = model.make_env();
             let obs = env.reset(3);

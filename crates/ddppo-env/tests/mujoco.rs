@@ -4,7 +4,8 @@
 #![cfg(feature = "mujoco")]
 use ddppo_env::{Env, Error, MujocoEnv, MujocoModel, Task, make};
 
-const MUJOCO_TASKS: [Task; 6] = [Task::InvertedPendulum, Task::Hopper, Task::Walker2d, Task::HalfCheetah, Task::Ant, Task::Humanoid];
+const MUJOCO_TASKS: [Task; 6] =
+    [Task::InvertedPendulum, Task::Hopper, Task::Walker2d, Task::HalfCheetah, Task::Ant, Task::Humanoid];
 
 #[test]
 fn dimensions_bounds_and_limits() {

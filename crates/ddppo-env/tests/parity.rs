@@ -61,7 +61,12 @@ fn check_task(file: &str) {
         env.set_state(&run.qpos, &run.qvel).unwrap();
         assert_close(&env.observation(), &run.obs0, 1e-12, &format!("{task} run {k} obs0"));
         // The steps, via the same path `ddppo env replay` takes.
-        let input = ReplayInput { qpos: Some(run.qpos.clone()), qvel: Some(run.qvel.clone()), state: None, actions: run.actions.clone() };
+        let input = ReplayInput {
+            qpos: Some(run.qpos.clone()),
+            qvel: Some(run.qvel.clone()),
+            state: None,
+            actions: run.actions.clone(),
+        };
         let mut t = 0;
         let steps = replay(task, &input, |step| {
             let ctx = format!("{task} run {k} step {t}");
@@ -69,7 +74,12 @@ fn check_task(file: &str) {
             assert_eq!(step.terminated, run.terminated[t], "{ctx}: terminated");
             assert!(!step.truncated, "{ctx}");
             let expected = run.rewards[t] + if step.terminated { bonus_on_termination(task) } else { 0.0 };
-            assert!((step.reward - expected).abs() < 1e-9, "{ctx}: reward {} vs gymnasium {} (+ v2 bonus)", step.reward, run.rewards[t]);
+            assert!(
+                (step.reward - expected).abs() < 1e-9,
+                "{ctx}: reward {} vs gymnasium {} (+ v2 bonus)",
+                step.reward,
+                run.rewards[t]
+            );
             t += 1;
         })
         .unwrap();

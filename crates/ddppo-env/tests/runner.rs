@@ -59,7 +59,10 @@ fn policy_errors_and_zero_workers_are_reported() {
     let nan = |_: &[f64]| vec![f64::NAN];
     assert!(matches!(evaluate(Task::Pendulum, &nan, 3, 0, 1).unwrap_err(), Error::NonFiniteAction { .. }));
     let ok = |_: &[f64]| vec![0.0];
-    assert_eq!(evaluate(Task::Pendulum, &ok, 3, 0, 0).unwrap_err().to_string(), "evaluation: needs at least one worker");
+    assert_eq!(
+        evaluate(Task::Pendulum, &ok, 3, 0, 0).unwrap_err().to_string(),
+        "evaluation: needs at least one worker"
+    );
     assert_eq!(evaluate(Task::Pendulum, &ok, 0, 0, 2).unwrap(), Vec::<f64>::new());
 }
 

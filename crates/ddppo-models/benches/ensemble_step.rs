@@ -37,76 +37,42 @@ fn bench(c: &mut Criterion) {
     }
     ddppo_models::tune_allocator();
     let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let ens = ProbabilisticEnsemble::new(
-        OBS,
-        ACT,
-        &EnsembleConfig::default(),
-        &Device::Cpu,
-        DType::F32,
-        &mut rng,
-    )
-    .unwrap();
+    let ens =
+        ProbabilisticEnsemble::new(OBS, ACT, &EnsembleConfig::default(), &Device::Cpu, DType::F32, &mut rng).unwrap();
     let mut opt = ModelOptimizer::new(&ens).unwrap();
     let x = randn(&mut rng, &[E, B, IN]);
     let y = randn(&mut rng, &[E, B, OUT]);
     let xg = randn(&mut rng, &[E, B, IN]);
     let t0 = randn(&mut rng, &[E, B * N, IN]);
     let dy = randn(&mut rng, &[E, B * N, OUT]);
-    let nll_batch = LossBatch {
-        x: x.clone(),
-        y: y.clone(),
-        neighbours: None,
-    };
+    let nll_batch = LossBatch { x: x.clone(), y: y.clone(), neighbours: None };
     let grad_batch = LossBatch {
         x: x.clone(),
         y: y.clone(),
-        neighbours: Some(NeighbourBatch {
-            points: xg.clone(),
-            directions: t0.clone(),
-            differences: dy.clone(),
-            k: N,
-        }),
+        neighbours: Some(NeighbourBatch { points: xg.clone(), directions: t0.clone(), differences: dy.clone(), k: N }),
     };
 
     let mut g = c.benchmark_group("ensemble_step_E7_B256");
     g.sample_size(20);
-    g.bench_function("nll", |b| {
-        b.iter(|| black_box(opt.step(&ens, &nll_batch, 0.0).unwrap()))
-    });
-    g.bench_function("nll+grad_loss_tangents_n5", |b| {
-        b.iter(|| black_box(opt.step(&ens, &grad_batch, 1.0).unwrap()))
-    });
+    g.bench_function("nll", |b| b.iter(|| black_box(opt.step(&ens, &nll_batch, 0.0).unwrap())));
+    g.bench_function("nll+grad_loss_tangents_n5", |b| b.iter(|| black_box(opt.step(&ens, &grad_batch, 1.0).unwrap())));
     // Baseline: J·v through the full Jacobian, 35 unit tangent directions per point,
     // then contracted with the n = 5 directions.
-    let eye: Vec<f32> = (0..B)
-        .flat_map(|_| (0..IN * IN).map(|i| if i / IN == i % IN { 1.0 } else { 0.0 }))
-        .collect();
+    let eye: Vec<f32> = (0..B).flat_map(|_| (0..IN * IN).map(|i| if i / IN == i % IN { 1.0 } else { 0.0 })).collect();
     let eye = Tensor::from_vec(eye, (1, B * IN, IN), &Device::Cpu)
         .unwrap()
         .broadcast_as((E, B * IN, IN))
         .unwrap()
         .contiguous()
         .unwrap();
-    let v = t0
-        .reshape((E, B, N, IN))
-        .unwrap()
-        .transpose(2, 3)
-        .unwrap()
-        .contiguous()
-        .unwrap();
+    let v = t0.reshape((E, B, N, IN)).unwrap().transpose(2, 3).unwrap().contiguous().unwrap();
     let dy4 = dy.reshape((E, B, N, OUT)).unwrap();
     g.sample_size(10);
     g.bench_function("nll+grad_loss_full_jacobian_baseline", |b| {
         b.iter(|| {
             let terms = ens.loss(&nll_batch, 0.0).unwrap();
             let jac = ens.jvp(&xg, &eye, IN).unwrap(); // E x (B*IN) x OUT: column i of J per point
-            let jac = jac
-                .reshape((E, B, IN, OUT))
-                .unwrap()
-                .transpose(2, 3)
-                .unwrap()
-                .contiguous()
-                .unwrap();
+            let jac = jac.reshape((E, B, IN, OUT)).unwrap().transpose(2, 3).unwrap().contiguous().unwrap();
             let jv = jac.matmul(&v).unwrap().transpose(2, 3).unwrap(); // E x B x N x OUT
             let r = (jv - &dy4).unwrap().sqr().unwrap().mean_all().unwrap();
             let total = (terms.total + r).unwrap();

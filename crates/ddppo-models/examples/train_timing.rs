@@ -16,9 +16,7 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device};
-use ddppo_models::{
-    EnsembleConfig, GradientLossConfig, ModelEnsemble, TransitionData,
-};
+use ddppo_models::{EnsembleConfig, GradientLossConfig, ModelEnsemble, TransitionData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -32,30 +30,9 @@ struct Shape {
 }
 
 const SHAPES: [Shape; 3] = [
-    Shape {
-        name: "ip2k",
-        obs: 4,
-        act: 1,
-        neighbours: 10,
-        weight: 10.0,
-        rows: 2_000,
-    },
-    Shape {
-        name: "ip10k",
-        obs: 4,
-        act: 1,
-        neighbours: 10,
-        weight: 10.0,
-        rows: 10_000,
-    },
-    Shape {
-        name: "hopper5k",
-        obs: 11,
-        act: 3,
-        neighbours: 25,
-        weight: 50.0,
-        rows: 5_000,
-    },
+    Shape { name: "ip2k", obs: 4, act: 1, neighbours: 10, weight: 10.0, rows: 2_000 },
+    Shape { name: "ip10k", obs: 4, act: 1, neighbours: 10, weight: 10.0, rows: 10_000 },
+    Shape { name: "hopper5k", obs: 11, act: 3, neighbours: 25, weight: 50.0, rows: 5_000 },
 ];
 
 struct Data {
@@ -72,15 +49,8 @@ fn synthetic(shape: &Shape, seed: u64) -> Data {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let am: Vec<f64> = (0..o * o).map(|_| rng.random_range(-0.8..0.8)).collect();
     let bm: Vec<f64> = (0..o * a).map(|_| rng.random_range(-1.0..1.0)).collect();
-    let mut d = Data {
-        obs: Vec::new(),
-        act: Vec::new(),
-        rew: Vec::new(),
-        next: Vec::new(),
-    };
-    let reset = |rng: &mut ChaCha8Rng| -> Vec<f64> {
-        (0..o).map(|_| rng.random_range(-0.1..0.1)).collect()
-    };
+    let mut d = Data { obs: Vec::new(), act: Vec::new(), rew: Vec::new(), next: Vec::new() };
+    let reset = |rng: &mut ChaCha8Rng| -> Vec<f64> { (0..o).map(|_| rng.random_range(-0.1..0.1)).collect() };
     let mut s = reset(&mut rng);
     let mut t = 0;
     let dt = 0.05;
@@ -115,10 +85,7 @@ fn synthetic(shape: &Shape, seed: u64) -> Data {
 /// CPU seconds used by this process so far (on a shared machine a steadier measure
 /// than wall time, which also counts waiting for a core).
 fn cpu_seconds() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes one timespec through a valid pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
@@ -144,31 +111,16 @@ fn main() -> ddppo_models::Result<()> {
     if names.is_empty() {
         names = SHAPES.iter().map(|s| s.name.to_string()).collect();
     }
-    println!(
-        "RAYON_NUM_THREADS={}",
-        std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into())
-    );
+    println!("RAYON_NUM_THREADS={}", std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into()));
     for name in &names {
         let Some(shape) = SHAPES.iter().find(|s| s.name == name) else {
             eprintln!("unknown shape {name}");
             std::process::exit(2);
         };
         let d = synthetic(shape, 1);
-        let data = TransitionData {
-            obs: &d.obs,
-            act: &d.act,
-            rew: &d.rew,
-            next_obs: &d.next,
-        };
-        let cfg = EnsembleConfig {
-            max_epochs,
-            ..Default::default()
-        };
-        let gcfg = GradientLossConfig {
-            neighbours: shape.neighbours,
-            weight: shape.weight,
-            ..Default::default()
-        };
+        let data = TransitionData { obs: &d.obs, act: &d.act, rew: &d.rew, next_obs: &d.next };
+        let cfg = EnsembleConfig { max_epochs, ..Default::default() };
+        let gcfg = GradientLossConfig { neighbours: shape.neighbours, weight: shape.weight, ..Default::default() };
         let report = |kind: &str, call: usize, t: (Instant, f64), epochs: usize, loss: f64| {
             let (wall, cpu) = (t.0.elapsed().as_secs_f64(), cpu_seconds() - t.1);
             println!(
@@ -178,14 +130,7 @@ fn main() -> ddppo_models::Result<()> {
         };
         if pred {
             let mut rng = ChaCha8Rng::seed_from_u64(7);
-            let mut m = ModelEnsemble::new(
-                shape.obs,
-                shape.act,
-                &cfg, None,
-                &Device::Cpu,
-                DType::F32,
-                &mut rng,
-            )?;
+            let mut m = ModelEnsemble::new(shape.obs, shape.act, &cfg, None, &Device::Cpu, DType::F32, &mut rng)?;
             for call in 1..=calls {
                 let t = (Instant::now(), cpu_seconds());
                 let r = m.train(&data, &mut rng)?;
@@ -194,14 +139,8 @@ fn main() -> ddppo_models::Result<()> {
         }
         if grad {
             let mut rng = ChaCha8Rng::seed_from_u64(7);
-            let mut m = ModelEnsemble::new(
-                shape.obs,
-                shape.act,
-                &cfg, Some(&gcfg),
-                &Device::Cpu,
-                DType::F32,
-                &mut rng,
-            )?;
+            let mut m =
+                ModelEnsemble::new(shape.obs, shape.act, &cfg, Some(&gcfg), &Device::Cpu, DType::F32, &mut rng)?;
             for call in 1..=calls {
                 let t = (Instant::now(), cpu_seconds());
                 let r = m.train(&data, &mut rng)?;

@@ -55,14 +55,7 @@ impl ModelOptimizer {
             m.push(var.as_tensor().zeros_like()?);
         }
         let v = m.clone();
-        Ok(Self {
-            fused: ens.device().is_cpu(),
-            vars,
-            lr: ens.cfg.lr,
-            step: 0,
-            m,
-            v,
-        })
+        Ok(Self { fused: ens.device().is_cpu(), vars, lr: ens.cfg.lr, step: 0, m, v })
     }
 
     /// An optimiser for `ens` continuing from `state`; the moments must match the
@@ -91,10 +84,7 @@ impl ModelOptimizer {
         }
         let own = |t: &Tensor| -> Result<Tensor> {
             // A private contiguous copy in the model's dtype and device.
-            Ok(t.to_dtype(ens.dtype())?
-                .to_device(ens.device())?
-                .contiguous()?
-                .copy()?)
+            Ok(t.to_dtype(ens.dtype())?.to_device(ens.device())?.contiguous()?.copy()?)
         };
         opt.m = state.m.iter().map(own).collect::<Result<_>>()?;
         opt.v = state.v.iter().map(own).collect::<Result<_>>()?;
@@ -104,11 +94,7 @@ impl ModelOptimizer {
 
     /// The current state (cheap: the moment tensors are immutable once made).
     pub fn state(&self) -> OptimizerState {
-        OptimizerState {
-            step: self.step,
-            m: self.m.clone(),
-            v: self.v.clone(),
-        }
+        OptimizerState { step: self.step, m: self.m.clone(), v: self.v.clone() }
     }
 
     /// Back-propagates `total` and updates the parameters; returns the loss value.
@@ -125,12 +111,7 @@ impl ModelOptimizer {
     }
 
     /// One step on `batch`, `weight` being `w` of equation 10; returns the loss value.
-    pub fn step(
-        &mut self,
-        ens: &ProbabilisticEnsemble,
-        batch: &crate::LossBatch,
-        weight: f64,
-    ) -> Result<f64> {
+    pub fn step(&mut self, ens: &ProbabilisticEnsemble, batch: &crate::LossBatch, weight: f64) -> Result<f64> {
         let terms = ens.loss(batch, weight)?;
         self.apply(&terms.total)
     }
@@ -142,10 +123,7 @@ impl ModelOptimizer {
         let t = self.step as f64;
         let bc1 = 1.0 - BETA1.powf(t);
         let bc2 = 1.0 - BETA2.powf(t);
-        let k = AdamStep {
-            step_size: self.lr / bc1,
-            bc2_sqrt: bc2.sqrt(),
-        };
+        let k = AdamStep { step_size: self.lr / bc1, bc2_sqrt: bc2.sqrt() };
         for (i, var) in self.vars.iter().enumerate() {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
@@ -180,14 +158,9 @@ impl ModelOptimizer {
     }
 }
 
-fn slice<'a, T: candle_core::WithDType>(
-    s: &'a CpuStorage,
-    l: &Layout,
-    what: &str,
-) -> candle_core::Result<&'a [T]> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("adam: {what} must be contiguous")))?;
+fn slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
+    let (a, b) =
+        l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("adam: {what} must be contiguous")))?;
     Ok(&s.as_slice::<T>()?[a..b])
 }
 
@@ -230,10 +203,7 @@ impl Moment {
             }
             Moment::Second => {
                 let (b2, w) = (T::from_f64(BETA2), T::from_f64(1.0 - BETA2));
-                old.iter()
-                    .zip(g)
-                    .map(|(&v, &g)| v * b2 + w * g * g)
-                    .collect()
+                old.iter().zip(g).map(|(&v, &g)| v * b2 + w * g * g).collect()
             }
         }
     }
@@ -254,12 +224,12 @@ impl CustomOp2 for Moment {
             candle_core::bail!("adam: moment {:?} and gradient {:?}", l1.dims(), l2.dims())
         }
         let out = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(
-                self.run::<f32>(slice(s1, l1, "moment")?, slice(s2, l2, "gradient")?),
-            ),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(
-                self.run::<f64>(slice(s1, l1, "moment")?, slice(s2, l2, "gradient")?),
-            ),
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                CpuStorage::F32(self.run::<f32>(slice(s1, l1, "moment")?, slice(s2, l2, "gradient")?))
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                CpuStorage::F64(self.run::<f64>(slice(s1, l1, "moment")?, slice(s2, l2, "gradient")?))
+            }
             _ => candle_core::bail!("adam: f32 or f64 tensors of one dtype"),
         };
         Ok((out, l1.shape().clone()))
@@ -274,11 +244,7 @@ struct AdamStep {
 
 impl AdamStep {
     fn run<T: Real>(&self, p: &mut [T], m: &[T], v: &[T]) {
-        let (s, c, e) = (
-            T::from_f64(self.step_size),
-            T::from_f64(self.bc2_sqrt),
-            T::from_f64(EPS),
-        );
+        let (s, c, e) = (T::from_f64(self.step_size), T::from_f64(self.bc2_sqrt), T::from_f64(EPS));
         for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
             *p -= s * (m / (v.sqrt() / c + e));
         }
@@ -305,16 +271,12 @@ impl InplaceOp3 for AdamStep {
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("adam: parameter must be contiguous".into()))?;
         match (s1, s2, s3) {
-            (CpuStorage::F32(p), CpuStorage::F32(_), CpuStorage::F32(_)) => self.run::<f32>(
-                &mut p[a..b],
-                slice(s2, l2, "moment")?,
-                slice(s3, l3, "moment")?,
-            ),
-            (CpuStorage::F64(p), CpuStorage::F64(_), CpuStorage::F64(_)) => self.run::<f64>(
-                &mut p[a..b],
-                slice(s2, l2, "moment")?,
-                slice(s3, l3, "moment")?,
-            ),
+            (CpuStorage::F32(p), CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                self.run::<f32>(&mut p[a..b], slice(s2, l2, "moment")?, slice(s3, l3, "moment")?)
+            }
+            (CpuStorage::F64(p), CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                self.run::<f64>(&mut p[a..b], slice(s2, l2, "moment")?, slice(s3, l3, "moment")?)
+            }
             _ => candle_core::bail!("adam: f32 or f64 tensors of one dtype"),
         }
         Ok(())
@@ -342,16 +304,7 @@ mod tests {
     }
 
     fn flat(e: &ProbabilisticEnsemble) -> Vec<f64> {
-        e.vars()
-            .iter()
-            .flat_map(|v| {
-                v.as_tensor()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f64>()
-                    .unwrap()
-            })
-            .collect()
+        e.vars().iter().flat_map(|v| v.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap()).collect()
     }
 
     /// A loss whose gradient differs per element and changes with the parameters.
@@ -359,10 +312,7 @@ mod tests {
         let mut total = Tensor::new(0.0f64, &Device::Cpu).unwrap();
         for (i, v) in e.vars().iter().enumerate() {
             let t = v.as_tensor();
-            let term = ((t * (0.3 + i as f64)).unwrap().sin().unwrap() + t.sqr().unwrap())
-                .unwrap()
-                .sum_all()
-                .unwrap();
+            let term = ((t * (0.3 + i as f64)).unwrap().sin().unwrap() + t.sqr().unwrap()).unwrap().sum_all().unwrap();
             total = (total + term).unwrap();
         }
         total
@@ -379,26 +329,14 @@ mod tests {
         let g: Vec<f64> = e
             .vars()
             .iter()
-            .flat_map(|v| {
-                grads
-                    .get(v.as_tensor())
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f64>()
-                    .unwrap()
-            })
+            .flat_map(|v| grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap())
             .collect();
         let mut opt = ModelOptimizer::new(&e).unwrap();
         opt.update(&grads).unwrap();
         let after = flat(&e);
         for i in 0..g.len() {
             let want = before[i] - 1e-3 * g[i] / (g[i].abs() + EPS);
-            assert!(
-                (after[i] - want).abs() < 1e-15,
-                "{i}: {} vs {want}",
-                after[i]
-            );
+            assert!((after[i] - want).abs() < 1e-15, "{i}: {} vs {want}", after[i]);
         }
         assert_eq!(opt.state().step, 1);
     }

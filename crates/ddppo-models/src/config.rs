@@ -75,18 +75,11 @@ pub const MAX_NEIGHBOURS: usize = 1_000;
 pub const MAX_NEIGHBOUR_SET: usize = 100_000_000;
 
 fn in_range(field: &str, v: usize, lo: usize, hi: usize) -> Result<()> {
-    if (lo..=hi).contains(&v) {
-        Ok(())
-    } else {
-        Err(bad(field, format!("must be in {lo}..={hi}, got {v}")))
-    }
+    if (lo..=hi).contains(&v) { Ok(()) } else { Err(bad(field, format!("must be in {lo}..={hi}, got {v}"))) }
 }
 
 fn bad(field: &str, why: impl Into<String>) -> Error {
-    Error::Config {
-        field: field.to_string(),
-        reason: why.into(),
-    }
+    Error::Config { field: field.to_string(), reason: why.into() }
 }
 
 impl EnsembleConfig {
@@ -96,10 +89,7 @@ impl EnsembleConfig {
         if self.elites == 0 || self.elites > self.ensemble_size {
             return Err(bad(
                 "elites",
-                format!(
-                    "must be in 1..={} (ensemble_size), got {}",
-                    self.ensemble_size, self.elites
-                ),
+                format!("must be in 1..={} (ensemble_size), got {}", self.ensemble_size, self.elites),
             ));
         }
         in_range("hidden", self.hidden, 1, MAX_HIDDEN)?;
@@ -118,17 +108,11 @@ impl EnsembleConfig {
             return Err(bad("weight_decay", "entries must be finite and >= 0"));
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
-            return Err(bad(
-                "lr",
-                format!("must be finite and > 0, got {}", self.lr),
-            ));
+            return Err(bad("lr", format!("must be finite and > 0, got {}", self.lr)));
         }
         in_range("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)?;
         if !(self.holdout_ratio > 0.0 && self.holdout_ratio < 1.0) {
-            return Err(bad(
-                "holdout_ratio",
-                format!("must be in (0, 1), got {}", self.holdout_ratio),
-            ));
+            return Err(bad("holdout_ratio", format!("must be in (0, 1), got {}", self.holdout_ratio)));
         }
         if self.patience == 0 {
             return Err(bad("patience", "must be at least 1"));
@@ -146,10 +130,7 @@ impl EnsembleConfig {
             && self.min_logvar_init.is_finite()
             && self.min_logvar_init < self.max_logvar_init)
         {
-            return Err(bad(
-                "min_logvar_init",
-                "bounds must be finite with min < max",
-            ));
+            return Err(bad("min_logvar_init", "bounds must be finite with min < max"));
         }
         if !(self.logvar_bound_penalty.is_finite() && self.logvar_bound_penalty >= 0.0) {
             return Err(bad("logvar_bound_penalty", "must be finite and >= 0"));
@@ -184,13 +165,7 @@ fn uses_all_neighbours(directions_per_step: &usize) -> bool {
 
 impl Default for GradientLossConfig {
     fn default() -> Self {
-        Self {
-            neighbours: 5,
-            weight: 0.1,
-            neighbour_set: 10_000,
-            standardise_search: false,
-            directions_per_step: 0,
-        }
+        Self { neighbours: 5, weight: 0.1, neighbour_set: 10_000, standardise_search: false, directions_per_step: 0 }
     }
 }
 
@@ -200,16 +175,10 @@ impl GradientLossConfig {
         in_range("neighbours", self.neighbours, 1, MAX_NEIGHBOURS)?;
         in_range("neighbour_set", self.neighbour_set, 2, MAX_NEIGHBOUR_SET)?;
         if !(self.weight.is_finite() && self.weight >= 0.0) {
-            return Err(bad(
-                "weight",
-                format!("w must be finite and >= 0, got {}", self.weight),
-            ));
+            return Err(bad("weight", format!("w must be finite and >= 0, got {}", self.weight)));
         }
         if self.neighbour_set <= self.neighbours {
-            return Err(bad(
-                "neighbour_set",
-                "must be larger than the number of neighbours",
-            ));
+            return Err(bad("neighbour_set", "must be larger than the number of neighbours"));
         }
         if self.directions_per_step > self.neighbours {
             return Err(bad(

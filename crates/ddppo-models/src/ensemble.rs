@@ -109,15 +109,10 @@ impl ProbabilisticEnsemble {
     ) -> Result<Self> {
         cfg.validate()?;
         if obs_dim == 0 || act_dim == 0 {
-            return Err(Error::Data(format!(
-                "obs_dim and act_dim must be >= 1, got {obs_dim} and {act_dim}"
-            )));
+            return Err(Error::Data(format!("obs_dim and act_dim must be >= 1, got {obs_dim} and {act_dim}")));
         }
         if !matches!(dtype, DType::F32 | DType::F64) {
-            return Err(Error::Config {
-                field: "dtype".into(),
-                reason: format!("must be f32 or f64, got {dtype:?}"),
-            });
+            return Err(Error::Config { field: "dtype".into(), reason: format!("must be f32 or f64, got {dtype:?}") });
         }
         let in_dim = obs_dim + act_dim;
         let out_dim = 1 + obs_dim;
@@ -127,19 +122,8 @@ impl ProbabilisticEnsemble {
         let mut layers = Vec::with_capacity(cfg.hidden_layers + 1);
         let mut fan_in = in_dim;
         for l in 0..=cfg.hidden_layers {
-            let fan_out = if l == cfg.hidden_layers {
-                2 * out_dim
-            } else {
-                cfg.hidden
-            };
-            layers.push(EnsembleLinear::new(
-                &vb.pp(format!("layer{l}")),
-                &varmap,
-                e,
-                fan_in,
-                fan_out,
-                rng,
-            )?);
+            let fan_out = if l == cfg.hidden_layers { 2 * out_dim } else { cfg.hidden };
+            layers.push(EnsembleLinear::new(&vb.pp(format!("layer{l}")), &varmap, e, fan_in, fan_out, rng)?);
             fan_in = fan_out;
         }
         let maxv = Tensor::full(cfg.max_logvar_init, (1, out_dim), device)?.to_dtype(dtype)?;
@@ -259,20 +243,12 @@ impl ProbabilisticEnsemble {
 
     /// A parameter as used in the forward pass: itself, or detached in a frozen view.
     pub(crate) fn param(&self, v: &Var) -> Tensor {
-        if self.frozen {
-            v.as_tensor().detach()
-        } else {
-            v.as_tensor().clone()
-        }
+        if self.frozen { v.as_tensor().detach() } else { v.as_tensor().clone() }
     }
 
     /// `h W` for a layer's weights: on CPU a frozen view skips the weight gradient.
     fn layer_matmul(&self, h: &Tensor, w: &Tensor) -> Result<Tensor> {
-        if self.frozen && self.fused {
-            Ok(h.apply_op2(w, crate::fused::ConstWeightMatmul)?)
-        } else {
-            Ok(h.matmul(w)?)
-        }
+        if self.frozen && self.fused { Ok(h.apply_op2(w, crate::fused::ConstWeightMatmul)?) } else { Ok(h.matmul(w)?) }
     }
 
     /// All parameters in a fixed order: per layer weight and bias, then the log-variance
@@ -313,18 +289,11 @@ impl ProbabilisticEnsemble {
     /// Sets the input scaler; a std below 1e-12 becomes 1 (constant inputs).
     pub fn set_scaler(&mut self, mean: Vec<f64>, std: Vec<f64>) -> Result<()> {
         if mean.len() != self.in_dim() || std.len() != self.in_dim() {
-            return Err(Error::Data(format!(
-                "scaler needs {} entries",
-                self.in_dim()
-            )));
+            return Err(Error::Data(format!("scaler needs {} entries", self.in_dim())));
         }
-        let std: Vec<f64> = std
-            .into_iter()
-            .map(|s| if s.is_finite() && s >= 1e-12 { s } else { 1.0 })
-            .collect();
+        let std: Vec<f64> = std.into_iter().map(|s| if s.is_finite() && s >= 1e-12 { s } else { 1.0 }).collect();
         let inv: Vec<f64> = std.iter().map(|s| 1.0 / s).collect();
-        self.scaler_mean_t =
-            host_tensor(mean.clone(), &[1, self.in_dim()], self.dtype, &self.device)?;
+        self.scaler_mean_t = host_tensor(mean.clone(), &[1, self.in_dim()], self.dtype, &self.device)?;
         self.scaler_inv_std_t = host_tensor(inv, &[1, self.in_dim()], self.dtype, &self.device)?;
         self.scaler_mean = mean;
         self.scaler_std = std;
@@ -333,8 +302,7 @@ impl ProbabilisticEnsemble {
 
     /// `(x - mean) / std` for raw `x` of shape `B x in` (differentiable).
     pub fn standardise(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.broadcast_sub(&self.scaler_mean_t)?
-            .broadcast_mul(&self.scaler_inv_std_t)?)
+        Ok(x.broadcast_sub(&self.scaler_mean_t)?.broadcast_mul(&self.scaler_inv_std_t)?)
     }
 
     /// The log-variance bounds of section 2: `lv = max - softplus(max - raw)`,
@@ -359,11 +327,7 @@ impl ProbabilisticEnsemble {
         member: Option<usize>,
         tangent: Option<(&Tensor, usize, usize)>,
     ) -> Result<TangentOutput> {
-        if self.fused {
-            self.forward_fused(x, member, tangent)
-        } else {
-            self.forward_plain(x, member, tangent)
-        }
+        if self.fused { self.forward_fused(x, member, tangent) } else { self.forward_plain(x, member, tangent) }
     }
 
     /// CPU path: base and tangent rows stacked, one matmul per layer, the fused
@@ -378,14 +342,7 @@ impl ProbabilisticEnsemble {
         let (ep, base, _) = x.dims3()?;
         let (mut h, op) = match tangent {
             Some((t0, start, k)) => (Tensor::cat(&[x, t0], 1)?, SiluTangent { base, start, k }),
-            None => (
-                x.clone(),
-                SiluTangent {
-                    base,
-                    start: 0,
-                    k: 1,
-                },
-            ),
+            None => (x.clone(), SiluTangent { base, start: 0, k: 1 }),
         };
         let last = self.layers.len() - 1;
         for layer in &self.layers[..last] {
@@ -399,20 +356,13 @@ impl ProbabilisticEnsemble {
         let ones = Tensor::ones((ep, base, 1), self.dtype, &self.device)?;
         let out = (y.narrow(1, 0, base)? + ones.matmul(&b)?)?;
         let t = match tangent {
-            Some(_) => Some(
-                y.narrow(1, base, y.dim(1)? - base)?
-                    .narrow(D::Minus1, 0, od)?,
-            ),
+            Some(_) => Some(y.narrow(1, base, y.dim(1)? - base)?.narrow(D::Minus1, 0, od)?),
             None => None,
         };
         let mean = out.narrow(D::Minus1, 0, od)?;
         let raw = out.narrow(D::Minus1, od, od)?;
         let logvar = self.bound_logvar(&raw)?;
-        Ok(TangentOutput {
-            mean,
-            logvar,
-            tangent: t,
-        })
+        Ok(TangentOutput { mean, logvar, tangent: t })
     }
 
     /// Device-independent path written with candle's ops (used off-CPU, and in tests
@@ -450,10 +400,7 @@ impl ProbabilisticEnsemble {
                 let d = ((&s_t + &a_t)? - (&a_t * &s_t)?)?;
                 let wt = tt.matmul(&w)?;
                 let o = wt.dim(D::Minus1)?;
-                let nt = wt
-                    .reshape((ep, bt, k, o))?
-                    .broadcast_mul(&d.unsqueeze(2)?)?
-                    .reshape((ep, bt * k, o))?;
+                let nt = wt.reshape((ep, bt, k, o))?.broadcast_mul(&d.unsqueeze(2)?)?.reshape((ep, bt * k, o))?;
                 t = Some(nt);
             }
             h = a;
@@ -461,11 +408,7 @@ impl ProbabilisticEnsemble {
         let mean = h.narrow(D::Minus1, 0, od)?;
         let raw = h.narrow(D::Minus1, od, od)?;
         let logvar = self.bound_logvar(&raw)?;
-        Ok(TangentOutput {
-            mean,
-            logvar,
-            tangent: t,
-        })
+        Ok(TangentOutput { mean, logvar, tangent: t })
     }
 
     /// Forward pass of all members with the directional derivatives `J · t0` of the
@@ -477,13 +420,7 @@ impl ProbabilisticEnsemble {
     /// `in` columns of `J` are propagated as unit tangents instead and contracted with
     /// `t0` afterwards: the same `J · t0` (up to float rounding) from `in` instead of
     /// `k` tangent rows per point, which are most of the cost of the gradient loss.
-    pub(crate) fn forward_jv(
-        &self,
-        x: &Tensor,
-        start: usize,
-        t0: &Tensor,
-        k: usize,
-    ) -> Result<TangentOutput> {
+    pub(crate) fn forward_jv(&self, x: &Tensor, start: usize, t0: &Tensor, k: usize) -> Result<TangentOutput> {
         let (ind, od) = (self.in_dim(), self.out_dim());
         if k <= ind {
             return self.forward_std(x, None, Some((t0, start, k)));
@@ -495,19 +432,13 @@ impl ProbabilisticEnsemble {
             .broadcast_as((e * bt, ind, ind))?
             .reshape((e, bt * ind, ind))?;
         let mut out = self.forward_std(x, None, Some((&eye, start, ind)))?;
-        let cols = out
-            .tangent
-            .take()
-            .ok_or_else(|| Error::Internal("no tangent".into()))?
-            .reshape((e * bt, ind, od))?;
+        let cols =
+            out.tangent.take().ok_or_else(|| Error::Internal("no tangent".into()))?.reshape((e * bt, ind, od))?;
         let v = t0.reshape((e * bt, k, ind))?;
         let jv = if self.fused {
             v.contiguous()?.apply_op2(
                 &cols.contiguous()?,
-                crate::fused::SmallBatchedMatmul {
-                    kind: crate::fused::SmallProduct::Forward,
-                    threads: self.threads,
-                },
+                crate::fused::SmallBatchedMatmul { kind: crate::fused::SmallProduct::Forward, threads: self.threads },
             )?
         } else {
             v.matmul(&cols)?
@@ -534,18 +465,12 @@ impl ProbabilisticEnsemble {
     /// One elite per row, uniformly (ALGORITHM.md section 2, rollout step).
     pub fn draw_elites(&self, rows: usize, rng: &mut impl Rng) -> Vec<usize> {
         let k = self.elites.len();
-        (0..rows)
-            .map(|_| self.elites[rng.random_range(0..k)])
-            .collect()
+        (0..rows).map(|_| self.elites[rng.random_range(0..k)]).collect()
     }
 
     fn check_rows(&self, obs: &Tensor, act: &Tensor, members: &[usize]) -> Result<usize> {
-        let (b, od) = obs
-            .dims2()
-            .map_err(|_| Error::Data(format!("obs must be B x {}", self.obs_dim)))?;
-        let (b2, ad) = act
-            .dims2()
-            .map_err(|_| Error::Data(format!("act must be B x {}", self.act_dim)))?;
+        let (b, od) = obs.dims2().map_err(|_| Error::Data(format!("obs must be B x {}", self.obs_dim)))?;
+        let (b2, ad) = act.dims2().map_err(|_| Error::Data(format!("act must be B x {}", self.act_dim)))?;
         if od != self.obs_dim || ad != self.act_dim || b != b2 {
             return Err(Error::Data(format!(
                 "obs {b} x {od} and act {b2} x {ad} do not match the model's {} + {}",
@@ -553,16 +478,10 @@ impl ProbabilisticEnsemble {
             )));
         }
         if members.len() != b {
-            return Err(Error::Data(format!(
-                "{} members given for {b} rows",
-                members.len()
-            )));
+            return Err(Error::Data(format!("{} members given for {b} rows", members.len())));
         }
         if let Some(m) = members.iter().find(|&&m| m >= self.cfg.ensemble_size) {
-            return Err(Error::Data(format!(
-                "member {m} out of range 0..{}",
-                self.cfg.ensemble_size
-            )));
+            return Err(Error::Data(format!("member {m} out of range 0..{}", self.cfg.ensemble_size)));
         }
         Ok(b)
     }
@@ -627,17 +546,9 @@ impl ProbabilisticEnsemble {
     /// Mean and log-variance of `(r, ds)` of the given member for each row; only the
     /// members actually used run, each on its own rows (grouped with `index_select`,
     /// scattered back), never every member on every row.
-    fn member_rows(
-        &self,
-        obs: &Tensor,
-        act: &Tensor,
-        members: &[usize],
-    ) -> Result<(Tensor, Tensor)> {
+    fn member_rows(&self, obs: &Tensor, act: &Tensor, members: &[usize]) -> Result<(Tensor, Tensor)> {
         self.check_rows(obs, act, members)?;
-        let groups = self
-            .group_members(&[members])?
-            .pop()
-            .ok_or_else(|| Error::Internal("no member groups".into()))?;
+        let groups = self.group_members(&[members])?.pop().ok_or_else(|| Error::Internal("no member groups".into()))?;
         self.grouped_rows(obs, act, &groups)
     }
 
@@ -679,13 +590,7 @@ impl ProbabilisticEnsemble {
     /// A sample `y = mu + exp(lv / 2) eps` for given standard-normal `eps` (`B x (1 + obs)`,
     /// on the device), on rows grouped by [`group_members`](Self::group_members): the
     /// value [`sample`](Self::sample) returns for the same draws.
-    pub fn sample_grouped(
-        &self,
-        obs: &Tensor,
-        act: &Tensor,
-        groups: &MemberGroups,
-        eps: &Tensor,
-    ) -> Result<ModelStep> {
+    pub fn sample_grouped(&self, obs: &Tensor, act: &Tensor, groups: &MemberGroups, eps: &Tensor) -> Result<ModelStep> {
         let (mean, lv) = self.grouped_rows(obs, act, groups)?;
         let y = (&mean + (lv * 0.5)?.exp()?.mul(eps)?)?;
         self.to_step(obs, &y)
@@ -727,9 +632,7 @@ impl ProbabilisticEnsemble {
         let b = self.check_rows(obs, act, &vec![member; obs.dim(0).unwrap_or(0)])?;
         let ind = self.in_dim();
         let od = self.out_dim();
-        let x = self
-            .standardise(&Tensor::cat(&[obs, act], 1)?)?
-            .unsqueeze(0)?;
+        let x = self.standardise(&Tensor::cat(&[obs, act], 1)?)?.unsqueeze(0)?;
         // Unit direction e_i in raw x is e_i / std_i in standardised units.
         let mut t0 = vec![0.0; b * ind * ind];
         for r in 0..b {
@@ -739,19 +642,14 @@ impl ProbabilisticEnsemble {
         }
         let t0 = host_tensor(t0, &[1, b * ind, ind], self.dtype, &self.device)?;
         let out = self.forward_std(&x, Some(member), Some((&t0, 0, ind)))?;
-        let t = out
-            .tangent
-            .ok_or_else(|| Error::Internal("no tangent".into()))?;
+        let t = out.tangent.ok_or_else(|| Error::Internal("no tangent".into()))?;
         // s' = s + ds, so d s'/d s gains the identity.
         let mut eye = vec![0.0; od * ind];
         for i in 0..self.obs_dim {
             eye[(1 + i) * ind + i] = 1.0;
         }
         let eye = host_tensor(eye, &[1, od, ind], self.dtype, &self.device)?;
-        Ok(t.reshape((b, ind, od))?
-            .transpose(1, 2)?
-            .broadcast_add(&eye)?
-            .contiguous()?)
+        Ok(t.reshape((b, ind, od))?.transpose(1, 2)?.broadcast_add(&eye)?.contiguous()?)
     }
 
     /// Directional derivatives `J_g(x) · v` of every member's mean `g(x) = (r, s + ds)`
@@ -760,13 +658,7 @@ impl ProbabilisticEnsemble {
     pub fn jvp(&self, x: &Tensor, v: &Tensor, k: usize) -> Result<Tensor> {
         let (e, b, ind) = x.dims3()?;
         let (e2, bk, ind2) = v.dims3()?;
-        if e != self.cfg.ensemble_size
-            || e2 != e
-            || ind != self.in_dim()
-            || ind2 != ind
-            || k == 0
-            || bk != b * k
-        {
+        if e != self.cfg.ensemble_size || e2 != e || ind != self.in_dim() || ind2 != ind || k == 0 || bk != b * k {
             return Err(Error::Data(format!(
                 "jvp needs x E x B x {} and v E x (B * k) x {} with E = {}",
                 self.in_dim(),
@@ -777,9 +669,7 @@ impl ProbabilisticEnsemble {
         let xs = self.standardise(x)?;
         let t0 = v.broadcast_mul(&self.scaler_inv_std_t)?;
         let out = self.forward_jv(&xs, 0, &t0, k)?;
-        let t = out
-            .tangent
-            .ok_or_else(|| Error::Internal("no tangent".into()))?;
+        let t = out.tangent.ok_or_else(|| Error::Internal("no tangent".into()))?;
         // g = (r, s + ds): the s part adds v_s itself.
         let zeros = Tensor::zeros((e, bk, 1), self.dtype, &self.device)?;
         let vs = Tensor::cat(&[&zeros, &v.narrow(2, 0, self.obs_dim)?], 2)?;
@@ -791,16 +681,9 @@ impl ProbabilisticEnsemble {
     pub(crate) fn member_mse(&self, x_std: &Tensor, y: &Tensor) -> Result<Vec<f64>> {
         let (h, ind) = x_std.dims2()?;
         let e = self.cfg.ensemble_size;
-        let xb = x_std
-            .unsqueeze(0)?
-            .broadcast_as((e, h, ind))?
-            .contiguous()?;
+        let xb = x_std.unsqueeze(0)?.broadcast_as((e, h, ind))?.contiguous()?;
         let out = self.forward_std(&xb.detach(), None, None)?;
-        let err = out
-            .mean
-            .broadcast_sub(&y.unsqueeze(0)?)?
-            .sqr()?
-            .mean((1, 2))?;
+        let err = out.mean.broadcast_sub(&y.unsqueeze(0)?)?.sqr()?.mean((1, 2))?;
         crate::transfer::download_f64(&err)
     }
 
@@ -868,7 +751,8 @@ impl ProbabilisticEnsemble {
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let mut map: HashMap<String, Tensor> = self.tensors()?.into_iter().collect();
-        let meta = Metadata { format: FORMAT.into(), obs_dim: self.obs_dim, act_dim: self.act_dim, config: self.cfg.clone() };
+        let meta =
+            Metadata { format: FORMAT.into(), obs_dim: self.obs_dim, act_dim: self.act_dim, config: self.cfg.clone() };
         let json = serde_json::to_vec(&meta).map_err(|e| Error::Internal(e.to_string()))?;
         let n = json.len();
         map.insert("meta.json".into(), Tensor::from_vec(json, n, &Device::Cpu)?);
@@ -937,8 +821,7 @@ mod tests {
         let ens = ProbabilisticEnsemble::new(2, 2, &cfg, &Device::Cpu, dtype, rng).unwrap();
         for v in ens.vars() {
             let noise = randt(rng, v.dims(), dtype);
-            v.set(&(v.as_tensor() + (noise * 0.2).unwrap()).unwrap())
-                .unwrap();
+            v.set(&(v.as_tensor() + (noise * 0.2).unwrap()).unwrap()).unwrap();
         }
         ens
     }
@@ -960,8 +843,7 @@ mod tests {
                 let out = if route {
                     ens.forward_jv(&x, b, t0.as_tensor(), k).unwrap()
                 } else {
-                    ens.forward_std(&x, None, Some((t0.as_tensor(), b, k)))
-                        .unwrap()
+                    ens.forward_std(&x, None, Some((t0.as_tensor(), b, k))).unwrap()
                 };
                 let t = out.tangent.unwrap();
                 let loss = (t.sin().unwrap().sum_all().unwrap()
@@ -979,10 +861,7 @@ mod tests {
             let (direct, route) = (run(false), run(true));
             assert_eq!(direct.len(), route.len());
             for (i, (a, b)) in route.iter().zip(&direct).enumerate() {
-                assert!(
-                    (a - b).abs() <= 1e-11 * (1.0 + b.abs()),
-                    "fused {fused} entry {i}: route {a} direct {b}"
-                );
+                assert!((a - b).abs() <= 1e-11 * (1.0 + b.abs()), "fused {fused} entry {i}: route {a} direct {b}");
             }
         }
     }
@@ -1008,24 +887,10 @@ mod tests {
             let run = |ens: &ProbabilisticEnsemble| {
                 let terms = ens.loss(&batch, 0.9).unwrap();
                 let grads = terms.total.backward().unwrap();
-                let mut all = vec![
-                    terms
-                        .total
-                        .to_dtype(DType::F64)
-                        .unwrap()
-                        .to_scalar::<f64>()
-                        .unwrap(),
-                ];
+                let mut all = vec![terms.total.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()];
                 for v in ens.vars() {
                     let g = grads.get(v.as_tensor()).unwrap();
-                    all.extend(
-                        g.flatten_all()
-                            .unwrap()
-                            .to_dtype(DType::F64)
-                            .unwrap()
-                            .to_vec1::<f64>()
-                            .unwrap(),
-                    );
+                    all.extend(g.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap());
                 }
                 all
             };
@@ -1035,10 +900,7 @@ mod tests {
             let plain = run(&ens);
             assert_eq!(fused.len(), plain.len());
             for (i, (a, b)) in fused.iter().zip(&plain).enumerate() {
-                assert!(
-                    (a - b).abs() <= tol * (1.0 + b.abs()),
-                    "{dtype:?} entry {i}: fused {a} plain {b}"
-                );
+                assert!((a - b).abs() <= tol * (1.0 + b.abs()), "{dtype:?} entry {i}: fused {a} plain {b}");
             }
         }
     }

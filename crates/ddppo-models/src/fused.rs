@@ -80,10 +80,7 @@ fn exp_f32(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
     let n = (x * LOG2E + ROUND) - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
     let bits = ((n as i32 + 127) as u32) << 23;
     p * f32::from_bits(bits)
 }
@@ -102,11 +99,7 @@ fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::R
 impl SiluTangent {
     fn check(&self, rows: usize) -> candle_core::Result<usize> {
         if self.k == 0 || rows < self.base || !(rows - self.base).is_multiple_of(self.k) {
-            candle_core::bail!(
-                "silu-tangent: {rows} rows do not split into {} base rows and k = {}",
-                self.base,
-                self.k
-            )
+            candle_core::bail!("silu-tangent: {rows} rows do not split into {} base rows and k = {}", self.base, self.k)
         }
         let nt = (rows - self.base) / self.k;
         if nt > 0 && self.start + nt > self.base {
@@ -320,9 +313,7 @@ impl SiluTangent {
                 // SAFETY: the CPU supports the features the function is compiled for.
                 return unsafe { fwd_avx512(self, y, b, out, dims) };
             }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
                 // SAFETY: as above.
                 return unsafe { fwd_avx2(self, y, b, out, dims) };
             }
@@ -342,9 +333,7 @@ impl SiluTangent {
                 // SAFETY: the CPU supports the features the function is compiled for.
                 return unsafe { bwd_avx512(self, ybg, out, dims) };
             }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
                 // SAFETY: as above.
                 return unsafe { bwd_avx2(self, ybg, out, dims) };
             }
@@ -433,9 +422,7 @@ where
     std::thread::scope(|s| {
         let mut groups = groups.into_iter();
         let own = groups.next();
-        let handles: Vec<_> = groups
-            .map(|(ms, chunk)| s.spawn(|| f(ms, chunk)))
-            .collect();
+        let handles: Vec<_> = groups.map(|(ms, chunk)| s.spawn(|| f(ms, chunk))).collect();
         let mut result = match own {
             Some((ms, chunk)) => f(ms, chunk),
             None => Ok(()),
@@ -468,18 +455,11 @@ pub(crate) struct HiddenLayer {
 
 impl HiddenLayer {
     pub(crate) fn new(op: SiluTangent, threads: usize) -> Self {
-        Self {
-            op,
-            threads,
-            y: std::sync::Mutex::new(None),
-        }
+        Self { op, threads, y: std::sync::Mutex::new(None) }
     }
 }
 
-fn cpu_slice<'a, T: WithDType>(
-    s: &'a candle_core::Storage,
-    l: &Layout,
-) -> candle_core::Result<&'a [T]> {
+fn cpu_slice<'a, T: WithDType>(s: &'a candle_core::Storage, l: &Layout) -> candle_core::Result<&'a [T]> {
     match s {
         candle_core::Storage::Cpu(c) => contiguous(c, l),
         _ => candle_core::bail!("hidden-layer: CPU tensors only"),
@@ -570,18 +550,8 @@ impl HiddenLayer {
         b: &[T],
         (e, rows, k, o): (usize, usize, usize, usize),
     ) -> candle_core::Result<(Vec<T>, Vec<T>)> {
-        let lhs = Operand {
-            data: h,
-            skip: rows * k,
-            cs: 1,
-            rs: k,
-        };
-        let rhs = Operand {
-            data: w,
-            skip: k * o,
-            cs: 1,
-            rs: o,
-        };
+        let lhs = Operand { data: h, skip: rows * k, cs: 1, rs: k };
+        let rhs = Operand { data: w, skip: k * o, cs: 1, rs: o };
         let y = batched_gemm(e, (rows, o, k), lhs, rhs, self.threads)?;
         let out = self.op.fwd(&y, b, (e, rows, o), self.threads)?;
         Ok((y, out))
@@ -598,36 +568,16 @@ impl HiddenLayer {
         let gy = self.op.bwd([y, b, g], (e, rows, o), self.threads)?;
         let gh = if want[0] {
             // gy W^T: W^T's element (j, c) is W[c * o + j].
-            let lhs = Operand {
-                data: &gy,
-                skip: rows * o,
-                cs: 1,
-                rs: o,
-            };
-            let rhs = Operand {
-                data: w,
-                skip: k * o,
-                cs: o,
-                rs: 1,
-            };
+            let lhs = Operand { data: &gy, skip: rows * o, cs: 1, rs: o };
+            let rhs = Operand { data: w, skip: k * o, cs: o, rs: 1 };
             Some(batched_gemm(e, (rows, k, o), lhs, rhs, self.threads)?)
         } else {
             None
         };
         let gw = if want[1] {
             // h^T gy: h^T's element (c, r) is h[r * k + c].
-            let lhs = Operand {
-                data: h,
-                skip: rows * k,
-                cs: k,
-                rs: 1,
-            };
-            let rhs = Operand {
-                data: &gy,
-                skip: rows * o,
-                cs: 1,
-                rs: o,
-            };
+            let lhs = Operand { data: h, skip: rows * k, cs: k, rs: 1 };
+            let rhs = Operand { data: &gy, skip: rows * o, cs: 1, rs: o };
             Some(batched_gemm(e, (k, o, rows), lhs, rhs, self.threads)?)
         } else {
             None
@@ -652,21 +602,12 @@ impl HiddenLayer {
     }
 }
 
-fn hidden_dims(
-    l1: &Layout,
-    l2: &Layout,
-    l3: &Layout,
-) -> candle_core::Result<(usize, usize, usize, usize)> {
+fn hidden_dims(l1: &Layout, l2: &Layout, l3: &Layout) -> candle_core::Result<(usize, usize, usize, usize)> {
     let (e, rows, k) = dims3(l1)?;
     let (e2, k2, o) = dims3(l2)?;
     let (e3, one, o3) = dims3(l3)?;
     if e2 != e || k2 != k || e3 != e || one != 1 || o3 != o {
-        candle_core::bail!(
-            "hidden-layer: h {:?}, W {:?}, b {:?}",
-            l1.dims(),
-            l2.dims(),
-            l3.dims()
-        )
+        candle_core::bail!("hidden-layer: h {:?}, W {:?}, b {:?}", l1.dims(), l2.dims(), l3.dims())
     }
     Ok((e, rows, k, o))
 }
@@ -688,29 +629,18 @@ impl CustomOp3 for HiddenLayer {
         let dims = hidden_dims(l1, l2, l3)?;
         let (y, out) = match (s1, s2, s3) {
             (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                let (y, out) = self.fwd_t::<f32>(
-                    contiguous(s1, l1)?,
-                    contiguous(s2, l2)?,
-                    contiguous(s3, l3)?,
-                    dims,
-                )?;
+                let (y, out) =
+                    self.fwd_t::<f32>(contiguous(s1, l1)?, contiguous(s2, l2)?, contiguous(s3, l3)?, dims)?;
                 (CpuStorage::F32(y), CpuStorage::F32(out))
             }
             (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                let (y, out) = self.fwd_t::<f64>(
-                    contiguous(s1, l1)?,
-                    contiguous(s2, l2)?,
-                    contiguous(s3, l3)?,
-                    dims,
-                )?;
+                let (y, out) =
+                    self.fwd_t::<f64>(contiguous(s1, l1)?, contiguous(s2, l2)?, contiguous(s3, l3)?, dims)?;
                 (CpuStorage::F64(y), CpuStorage::F64(out))
             }
             _ => candle_core::bail!("hidden-layer: f32 or f64 inputs of one dtype"),
         };
-        *self
-            .y
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("hidden-layer: lock poisoned".into()))? = Some(y);
+        *self.y.lock().map_err(|_| candle_core::Error::Msg("hidden-layer: lock poisoned".into()))? = Some(y);
         let (e, rows, _, o) = dims;
         Ok((out, Shape::from((e, rows, o))))
     }
@@ -724,48 +654,25 @@ impl CustomOp3 for HiddenLayer {
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let want = [h.track_op(), w.track_op(), b.track_op()];
-        let (h, w, b, g) = (
-            h.contiguous()?,
-            w.contiguous()?,
-            b.contiguous()?,
-            g.contiguous()?,
-        );
+        let (h, w, b, g) = (h.contiguous()?, w.contiguous()?, b.contiguous()?, g.contiguous()?);
         let dims = hidden_dims(h.layout(), w.layout(), b.layout())?;
-        let saved = self
-            .y
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("hidden-layer: lock poisoned".into()))?;
-        let y = saved
-            .as_ref()
-            .ok_or_else(|| candle_core::Error::Msg("hidden-layer: no forward pass".into()))?;
-        let ((hs, hl), (ws, wl), (bs, bl), (gs, gl)) = (
-            h.storage_and_layout(),
-            w.storage_and_layout(),
-            b.storage_and_layout(),
-            g.storage_and_layout(),
-        );
+        let saved = self.y.lock().map_err(|_| candle_core::Error::Msg("hidden-layer: lock poisoned".into()))?;
+        let y = saved.as_ref().ok_or_else(|| candle_core::Error::Msg("hidden-layer: no forward pass".into()))?;
+        let ((hs, hl), (ws, wl), (bs, bl), (gs, gl)) =
+            (h.storage_and_layout(), w.storage_and_layout(), b.storage_and_layout(), g.storage_and_layout());
         let (e, rows, k, o) = dims;
         let dev = h.device();
         macro_rules! grads {
             ($t:ty, $y:expr) => {{
                 let (gh, gw, gb) = self.bwd_t::<$t>(
-                    [
-                        cpu_slice(&hs, hl)?,
-                        cpu_slice(&ws, wl)?,
-                        cpu_slice(&bs, bl)?,
-                        $y,
-                        cpu_slice(&gs, gl)?,
-                    ],
+                    [cpu_slice(&hs, hl)?, cpu_slice(&ws, wl)?, cpu_slice(&bs, bl)?, $y, cpu_slice(&gs, gl)?],
                     dims,
                     want,
                 )?;
                 (
-                    gh.map(|v| Tensor::from_vec(v, (e, rows, k), dev))
-                        .transpose()?,
-                    gw.map(|v| Tensor::from_vec(v, (e, k, o), dev))
-                        .transpose()?,
-                    gb.map(|v| Tensor::from_vec(v, (e, 1, o), dev))
-                        .transpose()?,
+                    gh.map(|v| Tensor::from_vec(v, (e, rows, k), dev)).transpose()?,
+                    gw.map(|v| Tensor::from_vec(v, (e, k, o), dev)).transpose()?,
+                    gb.map(|v| Tensor::from_vec(v, (e, 1, o), dev)).transpose()?,
                 )
             }};
         }
@@ -906,15 +813,7 @@ impl SmallProduct {
 }
 
 impl SmallBatchedMatmul {
-    fn run<T: Real>(
-        self,
-        a: &[T],
-        b: &[T],
-        p: usize,
-        k: usize,
-        ind: usize,
-        od: usize,
-    ) -> candle_core::Result<Vec<T>> {
+    fn run<T: Real>(self, a: &[T], b: &[T], p: usize, k: usize, ind: usize, od: usize) -> candle_core::Result<Vec<T>> {
         let per = match self.kind {
             SmallProduct::Forward => k * od,
             SmallProduct::GradLhs => k * ind,
@@ -954,22 +853,12 @@ impl CustomOp2 for SmallBatchedMatmul {
             candle_core::bail!("small-batched-matmul: {:?} and {:?}", l1.dims(), l2.dims())
         }
         let out = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(self.run::<f32>(
-                contiguous(s1, l1)?,
-                contiguous(s2, l2)?,
-                p,
-                k,
-                ind,
-                od,
-            )?),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(self.run::<f64>(
-                contiguous(s1, l1)?,
-                contiguous(s2, l2)?,
-                p,
-                k,
-                ind,
-                od,
-            )?),
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                CpuStorage::F32(self.run::<f32>(contiguous(s1, l1)?, contiguous(s2, l2)?, p, k, ind, od)?)
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                CpuStorage::F64(self.run::<f64>(contiguous(s1, l1)?, contiguous(s2, l2)?, p, k, ind, od)?)
+            }
             _ => candle_core::bail!("small-batched-matmul: f32 or f64 inputs of one dtype"),
         };
         Ok((out, Shape::from(shape)))
@@ -985,16 +874,8 @@ impl CustomOp2 for SmallBatchedMatmul {
         let g = g.contiguous()?;
         let op = |kind| SmallBatchedMatmul { kind, threads: self.threads };
         // The directions are data in training; their gradient only when asked for.
-        let gv = if v.track_op() {
-            Some(g.apply_op2_no_bwd(j, &op(SmallProduct::GradLhs))?)
-        } else {
-            None
-        };
-        let gj = if j.track_op() {
-            Some(v.apply_op2_no_bwd(&g, &op(SmallProduct::GradRhs))?)
-        } else {
-            None
-        };
+        let gv = if v.track_op() { Some(g.apply_op2_no_bwd(j, &op(SmallProduct::GradLhs))?) } else { None };
+        let gj = if j.track_op() { Some(v.apply_op2_no_bwd(&g, &op(SmallProduct::GradRhs))?) } else { None };
         Ok((gv, gj))
     }
 }

@@ -30,12 +30,7 @@ pub(crate) fn truncated_normal(rng: &mut impl Rng, std: f64) -> f64 {
 
 /// A host vector uploaded in the requested dtype. Candle's CPU `randn` cannot
 /// be seeded, so every random tensor is drawn on the host and uploaded.
-pub(crate) fn host_tensor(
-    data: Vec<f64>,
-    shape: &[usize],
-    dtype: DType,
-    device: &Device,
-) -> Result<Tensor> {
+pub(crate) fn host_tensor(data: Vec<f64>, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
     crate::transfer::upload_f64(data, shape, dtype, device)
 }
 
@@ -49,20 +44,14 @@ pub(crate) fn named_var(
 ) -> Result<Var> {
     // Registering through the VarBuilder gives the parameter its stable path name.
     let _ = vb.get_with_hints(shape, name, Init::Const(0.0))?;
-    let full = if vb.prefix().is_empty() {
-        name.to_string()
-    } else {
-        format!("{}.{name}", vb.prefix())
-    };
+    let full = if vb.prefix().is_empty() { name.to_string() } else { format!("{}.{name}", vb.prefix()) };
     let var = map
         .data()
         .lock()
         .map_err(|_| crate::Error::Internal("var map lock poisoned".into()))?
         .get(&full)
         .cloned()
-        .ok_or_else(|| {
-            crate::Error::Internal(format!("parameter {full} missing after registration"))
-        })?;
+        .ok_or_else(|| crate::Error::Internal(format!("parameter {full} missing after registration")))?;
     var.set(&init)?;
     Ok(var)
 }
@@ -79,20 +68,12 @@ impl EnsembleLinear {
         rng: &mut impl Rng,
     ) -> Result<Self> {
         let std = 1.0 / (2.0 * (in_dim as f64).sqrt());
-        let w: Vec<f64> = (0..members * in_dim * out_dim)
-            .map(|_| truncated_normal(rng, std))
-            .collect();
+        let w: Vec<f64> = (0..members * in_dim * out_dim).map(|_| truncated_normal(rng, std)).collect();
         let w = host_tensor(w, &[members, in_dim, out_dim], vb.dtype(), vb.device())?;
         let b = Tensor::zeros((members, 1, out_dim), vb.dtype(), vb.device())?;
         let weight = named_var(vb, map, "weight", &[members, in_dim, out_dim], w)?;
         let bias = named_var(vb, map, "bias", &[members, 1, out_dim], b)?;
-        Ok(Self {
-            weight,
-            bias,
-            members,
-            in_dim,
-            out_dim,
-        })
+        Ok(Self { weight, bias, members, in_dim, out_dim })
     }
 
     pub fn members(&self) -> usize {
@@ -109,15 +90,9 @@ impl EnsembleLinear {
     /// `frozen`: detached from the `Var`s (same storage, no gradient reaches them).
     pub(crate) fn params(&self, member: Option<usize>, frozen: bool) -> Result<(Tensor, Tensor)> {
         let (w, b) = if frozen {
-            (
-                self.weight.as_tensor().detach(),
-                self.bias.as_tensor().detach(),
-            )
+            (self.weight.as_tensor().detach(), self.bias.as_tensor().detach())
         } else {
-            (
-                self.weight.as_tensor().clone(),
-                self.bias.as_tensor().clone(),
-            )
+            (self.weight.as_tensor().clone(), self.bias.as_tensor().clone())
         };
         match member {
             None => Ok((w, b)),

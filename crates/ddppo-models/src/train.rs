@@ -29,10 +29,7 @@ impl TransitionData<'_> {
     /// Number of rows, after checking that the columns agree and are finite.
     pub fn rows(&self, obs_dim: usize, act_dim: usize) -> Result<usize> {
         let n = self.rew.len();
-        if self.obs.len() != n * obs_dim
-            || self.next_obs.len() != n * obs_dim
-            || self.act.len() != n * act_dim
-        {
+        if self.obs.len() != n * obs_dim || self.next_obs.len() != n * obs_dim || self.act.len() != n * act_dim {
             return Err(Error::Data(format!(
                 "columns disagree: {n} rewards, {} obs, {} act, {} next_obs values for obs_dim {obs_dim}, act_dim {act_dim}",
                 self.obs.len(),
@@ -146,9 +143,7 @@ impl ProbabilisticEnsemble {
         let mean = out.mean.narrow(1, 0, b)?;
         let lv = out.logvar.narrow(1, 0, b)?;
         // Gaussian NLL per member: mean((mu - y)^2 exp(-lv)) + mean(lv).
-        let nll = ((mean - &batch.y)?.sqr()? * lv.neg()?.exp()?)?
-            .add(&lv)?
-            .mean((1, 2))?;
+        let nll = ((mean - &batch.y)?.sqr()? * lv.neg()?.exp()?)?.add(&lv)?.mean((1, 2))?;
         let mut total = nll.sum_all()?;
         let mut derivative_loss = None;
         if let (Some(nb), Some(tangent)) = (&batch.neighbours, out.tangent) {
@@ -157,9 +152,7 @@ impl ProbabilisticEnsemble {
             derivative_loss = Some(term.per_member);
         }
         let c = self.cfg.logvar_bound_penalty;
-        let penalty = ((self.param(&self.max_logvar).sum_all()?
-            - self.param(&self.min_logvar).sum_all()?)?
-            * c)?;
+        let penalty = ((self.param(&self.max_logvar).sum_all()? - self.param(&self.min_logvar).sum_all()?)? * c)?;
         total = (total + penalty)?;
         for (layer, &d) in self.layers.iter().zip(&self.cfg.weight_decay) {
             if d > 0.0 {
@@ -623,8 +616,7 @@ fn run_epoch(
         let r = terms.derivative_loss.as_ref().map(crate::transfer::download_f64).transpose()?;
         if !total.is_finite() {
             let nll = crate::transfer::download_f64(&terms.nll)?;
-            let member =
-                (0..e).find(|&m| !nll[m].is_finite() || r.as_ref().is_some_and(|r| !r[m].is_finite()));
+            let member = (0..e).find(|&m| !nll[m].is_finite() || r.as_ref().is_some_and(|r| !r[m].is_finite()));
             return Err(Error::NonFinite { member, epoch });
         }
         optimizer.backward_step(&terms.total)?;
@@ -690,9 +682,7 @@ fn train_ensemble(
     let split = SplitData::new(ens, data, rng)?;
     let cfg = ens.cfg.clone();
     let e = cfg.ensemble_size;
-    let mut set = derivative_loss
-        .map(|c| NeighbourSet::new(c, &split.raw_x, split.rows.ind, e))
-        .transpose()?;
+    let mut set = derivative_loss.map(|c| NeighbourSet::new(c, &split.raw_x, split.rows.ind, e)).transpose()?;
     let vars = ens.vars();
     if opt.is_none() {
         *opt = Some(ModelOptimizer::new(ens)?);
@@ -728,10 +718,7 @@ fn train_ensemble(
         };
         let train_loss = sums.loss / sums.minibatches as f64;
         let derivative_mean = set.as_ref().map(|_| sums.derivative_loss / sums.minibatches as f64);
-        on_epoch(
-            ens,
-            &EpochStats { epoch, holdout_mse: mse.clone(), train_loss, derivative_loss: derivative_mean },
-        )?;
+        on_epoch(ens, &EpochStats { epoch, holdout_mse: mse.clone(), train_loss, derivative_loss: derivative_mean })?;
         stop.observe(&vars, &mse, cfg.improvement)?;
         if stop.since >= cfg.patience || cfg.max_epochs.is_some_and(|max| epoch >= max) {
             break (train_loss, derivative_mean);

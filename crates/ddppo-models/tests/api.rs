@@ -1,9 +1,6 @@
 //! The rollout API, checkpoints, config validation and non-finite recovery.
 use candle_core::{DType, Device, Tensor};
-use ddppo_models::{
-    EnsembleConfig, Error, GradientLossConfig, ModelEnsemble, ProbabilisticEnsemble,
-    TransitionData,
-};
+use ddppo_models::{EnsembleConfig, Error, GradientLossConfig, ModelEnsemble, ProbabilisticEnsemble, TransitionData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -31,10 +28,7 @@ fn grouped_rollout_equals_each_member_alone_and_is_seed_deterministic() {
     let members = ens.draw_elites(50, &mut rng);
     assert!(members.iter().all(|m| ens.elites().contains(m)));
     let distinct: std::collections::BTreeSet<_> = members.iter().collect();
-    assert!(
-        distinct.len() > 1,
-        "50 draws over 3 elites should use several"
-    );
+    assert!(distinct.len() > 1, "50 draws over 3 elites should use several");
     let grouped = ens.mean(&obs, &act, &members).unwrap();
     let gr = grouped.next_obs.to_vec2::<f32>().unwrap();
     let rr = grouped.reward.to_vec1::<f32>().unwrap();
@@ -66,27 +60,13 @@ fn mean_is_differentiable_in_obs_and_act() {
     let obs = candle_core::Var::from_tensor(&rows(&mut rng, 6, 3)).unwrap();
     let act = candle_core::Var::from_tensor(&rows(&mut rng, 6, 2)).unwrap();
     let members = vec![0, 1, 2, 0, 1, 2];
-    let step = ens
-        .mean(obs.as_tensor(), act.as_tensor(), &members)
-        .unwrap();
+    let step = ens.mean(obs.as_tensor(), act.as_tensor(), &members).unwrap();
     let loss = (step.reward.sum_all().unwrap() + step.next_obs.sum_all().unwrap()).unwrap();
     let grads = loss.backward().unwrap();
-    let ga = grads
-        .get(act.as_tensor())
-        .expect("gradient reaches the actions");
-    let go = grads
-        .get(obs.as_tensor())
-        .expect("gradient reaches the states");
+    let ga = grads.get(act.as_tensor()).expect("gradient reaches the actions");
+    let go = grads.get(obs.as_tensor()).expect("gradient reaches the states");
     assert_eq!(ga.dims(), &[6, 2]);
-    assert!(
-        go.abs()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            > 0.0
-    );
+    assert!(go.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
 }
 
 #[test]
@@ -95,113 +75,49 @@ fn checkpoint_roundtrip_and_wrong_shape_is_a_clear_error() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("ens.safetensors");
     let mut rng = ChaCha8Rng::seed_from_u64(2);
-    let mut a =
-        ProbabilisticEnsemble::new(3, 2, &cfg(), &Device::Cpu, DType::F32, &mut rng).unwrap();
+    let mut a = ProbabilisticEnsemble::new(3, 2, &cfg(), &Device::Cpu, DType::F32, &mut rng).unwrap();
     a.set_scaler(vec![0.5; 5], vec![2.0; 5]).unwrap();
     a.save(&path).unwrap();
-    let mut b =
-        ProbabilisticEnsemble::new(3, 2, &cfg(), &Device::Cpu, DType::F32, &mut rng).unwrap();
+    let mut b = ProbabilisticEnsemble::new(3, 2, &cfg(), &Device::Cpu, DType::F32, &mut rng).unwrap();
     let (obs, act) = (rows(&mut rng, 5, 3), rows(&mut rng, 5, 2));
-    let before = b
-        .mean(&obs, &act, &[0; 5])
-        .unwrap()
-        .next_obs
-        .to_vec2::<f32>()
-        .unwrap();
+    let before = b.mean(&obs, &act, &[0; 5]).unwrap().next_obs.to_vec2::<f32>().unwrap();
     b.load(&path).unwrap();
-    let want = a
-        .mean(&obs, &act, &[0; 5])
-        .unwrap()
-        .next_obs
-        .to_vec2::<f32>()
-        .unwrap();
-    let got = b
-        .mean(&obs, &act, &[0; 5])
-        .unwrap()
-        .next_obs
-        .to_vec2::<f32>()
-        .unwrap();
+    let want = a.mean(&obs, &act, &[0; 5]).unwrap().next_obs.to_vec2::<f32>().unwrap();
+    let got = b.mean(&obs, &act, &[0; 5]).unwrap().next_obs.to_vec2::<f32>().unwrap();
     assert_eq!(want, got);
     assert_ne!(before, got);
     assert_eq!(b.scaler().1, &[2.0; 5]);
     assert_eq!(b.elites(), a.elites());
 
-    let mut other =
-        ProbabilisticEnsemble::new(4, 2, &cfg(), &Device::Cpu, DType::F32, &mut rng).unwrap();
+    let mut other = ProbabilisticEnsemble::new(4, 2, &cfg(), &Device::Cpu, DType::F32, &mut rng).unwrap();
     let err = other.load(&path).unwrap_err().to_string();
     assert!(err.contains("obs_dim 3") && !err.contains('\n'), "{err}");
     let wide = EnsembleConfig { hidden: 9, ..cfg() };
-    let mut other =
-        ProbabilisticEnsemble::new(3, 2, &wide, &Device::Cpu, DType::F32, &mut rng).unwrap();
+    let mut other = ProbabilisticEnsemble::new(3, 2, &wide, &Device::Cpu, DType::F32, &mut rng).unwrap();
     assert!(matches!(other.load(&path), Err(Error::Checkpoint { .. })));
     std::fs::write(dir.join("junk"), b"not a tensor file").unwrap();
-    assert!(matches!(
-        b.load(dir.join("junk")),
-        Err(Error::Checkpoint { .. })
-    ));
+    assert!(matches!(b.load(dir.join("junk")), Err(Error::Checkpoint { .. })));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn configs_are_validated_with_named_fields() {
     let bad = [
-        (
-            EnsembleConfig {
-                ensemble_size: 0,
-                ..Default::default()
-            },
-            "ensemble_size",
-        ),
-        (
-            EnsembleConfig {
-                elites: 8,
-                ..Default::default()
-            },
-            "elites",
-        ),
-        (
-            EnsembleConfig {
-                lr: -1e-3,
-                ..Default::default()
-            },
-            "lr",
-        ),
-        (
-            EnsembleConfig {
-                weight_decay: vec![0.0; 2],
-                ..Default::default()
-            },
-            "weight_decay",
-        ),
-        (
-            EnsembleConfig {
-                holdout_ratio: 1.0,
-                ..Default::default()
-            },
-            "holdout_ratio",
-        ),
-        (
-            EnsembleConfig {
-                batch_size: 0,
-                ..Default::default()
-            },
-            "batch_size",
-        ),
+        (EnsembleConfig { ensemble_size: 0, ..Default::default() }, "ensemble_size"),
+        (EnsembleConfig { elites: 8, ..Default::default() }, "elites"),
+        (EnsembleConfig { lr: -1e-3, ..Default::default() }, "lr"),
+        (EnsembleConfig { weight_decay: vec![0.0; 2], ..Default::default() }, "weight_decay"),
+        (EnsembleConfig { holdout_ratio: 1.0, ..Default::default() }, "holdout_ratio"),
+        (EnsembleConfig { batch_size: 0, ..Default::default() }, "batch_size"),
     ];
     for (c, field) in bad {
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains(field), "{err}");
     }
     assert!(EnsembleConfig::default().validate().is_ok());
-    let g = GradientLossConfig {
-        neighbours: 0,
-        ..Default::default()
-    };
+    let g = GradientLossConfig { neighbours: 0, ..Default::default() };
     assert!(g.validate().unwrap_err().to_string().contains("neighbours"));
-    let g = GradientLossConfig {
-        weight: f64::NAN,
-        ..Default::default()
-    };
+    let g = GradientLossConfig { weight: f64::NAN, ..Default::default() };
     assert!(g.validate().unwrap_err().to_string().contains("weight"));
     // Unknown keys are refused.
     assert!(serde_json::from_str::<EnsembleConfig>(r#"{"hiden": 3}"#).is_err());
@@ -213,8 +129,7 @@ fn configs_are_validated_with_named_fields() {
 #[test]
 fn non_finite_loss_stops_training_and_keeps_previous_weights() {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
-    let mut model =
-        ModelEnsemble::new(1, 1, &cfg(), None, &Device::Cpu, DType::F32, &mut rng).unwrap();
+    let mut model = ModelEnsemble::new(1, 1, &cfg(), None, &Device::Cpu, DType::F32, &mut rng).unwrap();
     let n = 40;
     let obs: Vec<f32> = (0..n).map(|i| i as f32 / n as f32).collect();
     let act = obs.clone();
@@ -222,34 +137,15 @@ fn non_finite_loss_stops_training_and_keeps_previous_weights() {
     let rew = vec![1e30f32; n];
     let next = obs.clone();
     let before: Vec<Vec<f32>> = snapshot(model.ensemble());
-    let data = TransitionData {
-        obs: &obs,
-        act: &act,
-        rew: &rew,
-        next_obs: &next,
-    };
+    let data = TransitionData { obs: &obs, act: &act, rew: &rew, next_obs: &next };
     let err = model.train(&data, &mut rng).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::NonFinite {
-                member: Some(_),
-                epoch: 1
-            }
-        ),
-        "{err}"
-    );
+    assert!(matches!(err, Error::NonFinite { member: Some(_), epoch: 1 }), "{err}");
     assert!(err.to_string().contains("epoch 1"));
     let after = snapshot(model.ensemble());
     assert_eq!(before, after, "weights restored");
     assert!(after.iter().flatten().all(|v| v.is_finite()));
     // Mismatched columns are a clear error, not a panic.
-    let short = TransitionData {
-        obs: &obs[..10],
-        act: &act,
-        rew: &rew,
-        next_obs: &next,
-    };
+    let short = TransitionData { obs: &obs[..10], act: &act, rew: &rew, next_obs: &next };
     assert!(matches!(model.train(&short, &mut rng), Err(Error::Data(_))));
 }
 
@@ -257,17 +153,7 @@ fn snapshot(ens: &ProbabilisticEnsemble) -> Vec<Vec<f32>> {
     let data = ens.varmap().data().lock().unwrap();
     let mut names: Vec<_> = data.keys().cloned().collect();
     names.sort();
-    names
-        .iter()
-        .map(|k| {
-            data[k]
-                .as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        })
-        .collect()
+    names.iter().map(|k| data[k].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
 }
 
 /// `model.max_epochs = N`: a training call stops after N epochs although the

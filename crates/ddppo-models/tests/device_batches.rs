@@ -23,8 +23,7 @@ fn data() -> Data {
     let obs: Vec<f32> = (0..ROWS * OBS).map(|_| rng.random_range(-1.0..1.0)).collect();
     let act: Vec<f32> = (0..ROWS * ACT).map(|_| rng.random_range(-1.0..1.0)).collect();
     let rew: Vec<f32> = (0..ROWS).map(|r| -obs[r * OBS] * obs[r * OBS] + act[r * ACT]).collect();
-    let next: Vec<f32> =
-        (0..ROWS * OBS).map(|i| obs[i] + 0.1 * act[(i / OBS) * ACT] * (1 + i % OBS) as f32).collect();
+    let next: Vec<f32> = (0..ROWS * OBS).map(|i| obs[i] + 0.1 * act[(i / OBS) * ACT] * (1 + i % OBS) as f32).collect();
     Data { obs, act, rew, next }
 }
 

@@ -29,14 +29,8 @@ fn rand_vec(rng: &mut ChaCha8Rng, n: usize, scale: f64) -> Vec<f64> {
 /// term of the tangent recursion matters.
 fn model(seed: u64) -> ProbabilisticEnsemble {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut ens =
-        ProbabilisticEnsemble::new(OBS, ACT, &small_cfg(), &Device::Cpu, DType::F64, &mut rng)
-            .unwrap();
-    ens.set_scaler(
-        rand_vec(&mut rng, IN, 1.0),
-        (0..IN).map(|_| rng.random_range(0.5..2.0)).collect(),
-    )
-    .unwrap();
+    let mut ens = ProbabilisticEnsemble::new(OBS, ACT, &small_cfg(), &Device::Cpu, DType::F64, &mut rng).unwrap();
+    ens.set_scaler(rand_vec(&mut rng, IN, 1.0), (0..IN).map(|_| rng.random_range(0.5..2.0)).collect()).unwrap();
     let vars = ens.varmap().all_vars();
     for v in vars {
         let n = v.elem_count();
@@ -56,13 +50,7 @@ fn g(ens: &ProbabilisticEnsemble, x: &[f64], m: usize) -> Vec<f64> {
     let act = Tensor::from_slice(&x[OBS..], (1, ACT), &Device::Cpu).unwrap();
     let step = ens.mean(&obs, &act, &[m]).unwrap();
     let mut out = step.reward.to_vec1::<f64>().unwrap();
-    out.extend(
-        step.next_obs
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap(),
-    );
+    out.extend(step.next_obs.flatten_all().unwrap().to_vec1::<f64>().unwrap());
     out
 }
 
@@ -81,9 +69,7 @@ fn jvp_matches(k: usize) {
     let (e, b) = (3, 4);
     let x = rand_vec(&mut rng, e * b * IN, 1.5);
     let v = rand_vec(&mut rng, e * b * k * IN, 0.7);
-    let jv = ens
-        .jvp(&t3(x.clone(), e, b, IN), &t3(v.clone(), e, b * k, IN), k)
-        .unwrap();
+    let jv = ens.jvp(&t3(x.clone(), e, b, IN), &t3(v.clone(), e, b * k, IN), k).unwrap();
     let jv = jv.flatten_all().unwrap().to_vec1::<f64>().unwrap();
     let h = 1e-5;
     let mut worst: f64 = 0.0;
@@ -91,28 +77,18 @@ fn jvp_matches(k: usize) {
         // Full Jacobian of member m at its rows.
         let xm = &x[m * b * IN..(m + 1) * b * IN];
         let obs = Tensor::from_vec(
-            (0..b)
-                .flat_map(|r| xm[r * IN..r * IN + OBS].to_vec())
-                .collect::<Vec<_>>(),
+            (0..b).flat_map(|r| xm[r * IN..r * IN + OBS].to_vec()).collect::<Vec<_>>(),
             (b, OBS),
             &Device::Cpu,
         )
         .unwrap();
         let act = Tensor::from_vec(
-            (0..b)
-                .flat_map(|r| xm[r * IN + OBS..(r + 1) * IN].to_vec())
-                .collect::<Vec<_>>(),
+            (0..b).flat_map(|r| xm[r * IN + OBS..(r + 1) * IN].to_vec()).collect::<Vec<_>>(),
             (b, ACT),
             &Device::Cpu,
         )
         .unwrap();
-        let jac = ens
-            .jacobian(&obs, &act, m)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
+        let jac = ens.jacobian(&obs, &act, m).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
         for r in 0..b {
             let x0 = &xm[r * IN..(r + 1) * IN];
             for d in 0..k {
@@ -129,10 +105,7 @@ fn jvp_matches(k: usize) {
                         (fd - tan).abs() < 1e-6 * (1.0 + fd.abs()),
                         "member {m} row {r} dir {d} out {o}: fd {fd} tangent {tan}"
                     );
-                    assert!(
-                        (full - tan).abs() < 1e-10 * (1.0 + tan.abs()),
-                        "jacobian·v {full} vs tangent {tan}"
-                    );
+                    assert!((full - tan).abs() < 1e-10 * (1.0 + tan.abs()), "jacobian·v {full} vs tangent {tan}");
                     worst = worst.max((fd - tan).abs());
                 }
             }
@@ -166,72 +139,38 @@ fn loss_gradients_match(k: usize) {
     let w = 0.7;
     let loss = ens.loss(&batch, w).unwrap();
     let grads = loss.total.backward().unwrap();
-    let value = |ens: &ProbabilisticEnsemble| {
-        ens.loss(&batch, w)
-            .unwrap()
-            .total
-            .to_scalar::<f64>()
-            .unwrap()
-    };
+    let value = |ens: &ProbabilisticEnsemble| ens.loss(&batch, w).unwrap().total.to_scalar::<f64>().unwrap();
     let data = ens.varmap().data().lock().unwrap().clone();
     let mut names: Vec<_> = data.keys().cloned().collect();
     names.sort();
-    assert_eq!(
-        names.len(),
-        2 * 4 + 2,
-        "weights and biases of 4 layers plus the two log-variance bounds"
-    );
+    assert_eq!(names.len(), 2 * 4 + 2, "weights and biases of 4 layers plus the two log-variance bounds");
     let h = 1e-6;
     for name in names {
         let var = &data[&name];
-        let gr = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let gr = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
         let gr = gr.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        let base = var
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
+        let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
         let n = base.len();
         for &i in &[0, n / 2, n - 1] {
             let mut p = base.clone();
             p[i] += h;
-            var.set(&Tensor::from_vec(p.clone(), var.dims(), &Device::Cpu).unwrap())
-                .unwrap();
+            var.set(&Tensor::from_vec(p.clone(), var.dims(), &Device::Cpu).unwrap()).unwrap();
             let lp = value(&ens);
             p[i] -= 2.0 * h;
-            var.set(&Tensor::from_vec(p, var.dims(), &Device::Cpu).unwrap())
-                .unwrap();
+            var.set(&Tensor::from_vec(p, var.dims(), &Device::Cpu).unwrap()).unwrap();
             let ln = value(&ens);
-            var.set(&Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu).unwrap())
-                .unwrap();
+            var.set(&Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu).unwrap()).unwrap();
             let fd = (lp - ln) / (2.0 * h);
-            assert!(
-                (fd - gr[i]).abs() < 1e-5 * (1.0 + fd.abs()),
-                "{name}[{i}]: autograd {} vs fd {fd}",
-                gr[i]
-            );
+            assert!((fd - gr[i]).abs() < 1e-5 * (1.0 + fd.abs()), "{name}[{i}]: autograd {} vs fd {fd}", gr[i]);
         }
     }
 }
 
 #[test]
 fn softplus_is_stable_and_exact() {
-    let x = Tensor::new(
-        &[-800.0f64, -20.0, -1.0, 0.0, 1.0, 20.0, 800.0],
-        &Device::Cpu,
-    )
-    .unwrap();
-    let y = ddppo_models::softplus(&x)
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
-    for (xi, yi) in [-800.0f64, -20.0, -1.0, 0.0, 1.0, 20.0, 800.0]
-        .iter()
-        .zip(&y)
-    {
+    let x = Tensor::new(&[-800.0f64, -20.0, -1.0, 0.0, 1.0, 20.0, 800.0], &Device::Cpu).unwrap();
+    let y = ddppo_models::softplus(&x).unwrap().to_vec1::<f64>().unwrap();
+    for (xi, yi) in [-800.0f64, -20.0, -1.0, 0.0, 1.0, 20.0, 800.0].iter().zip(&y) {
         let exact = if *xi > 30.0 { *xi } else { xi.exp().ln_1p() };
         assert!(
             yi.is_finite() && (yi - exact).abs() <= 1e-12 * (1.0 + exact.abs()),

@@ -18,21 +18,13 @@ fn model(dtype: DType) -> ProbabilisticEnsemble {
         ..Default::default()
     };
     let mut rng = ChaCha8Rng::seed_from_u64(11);
-    let mut ens =
-        ProbabilisticEnsemble::new(OBS, ACT, &cfg, &Device::Cpu, dtype, &mut rng).unwrap();
-    ens.set_scaler(
-        vec![0.1, -0.2, 0.3, 0.0, 0.5],
-        vec![0.7, 1.3, 2.0, 0.9, 1.1],
-    )
-    .unwrap();
+    let mut ens = ProbabilisticEnsemble::new(OBS, ACT, &cfg, &Device::Cpu, dtype, &mut rng).unwrap();
+    ens.set_scaler(vec![0.1, -0.2, 0.3, 0.0, 0.5], vec![0.7, 1.3, 2.0, 0.9, 1.1]).unwrap();
     // Non-zero biases and log-variance bounds, so every parameter path matters.
     for v in ens.varmap().all_vars() {
         let n = v.elem_count();
         let noise: Vec<f64> = (0..n).map(|_| rng.random_range(-0.3..0.3)).collect();
-        let noise = Tensor::from_vec(noise, v.dims(), &Device::Cpu)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap();
+        let noise = Tensor::from_vec(noise, v.dims(), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
         v.set(&(v.as_tensor() + noise).unwrap()).unwrap();
     }
     ens
@@ -41,29 +33,18 @@ fn model(dtype: DType) -> ProbabilisticEnsemble {
 fn var(rng: &mut ChaCha8Rng, shape: &[usize], dtype: DType) -> Var {
     let n: usize = shape.iter().product();
     let v: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
-    let t = Tensor::from_vec(v, shape, &Device::Cpu)
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap();
+    let t = Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
     Var::from_tensor(&t).unwrap()
 }
 
 fn flat(t: &Tensor) -> Vec<f64> {
-    t.flatten_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap()
+    t.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap()
 }
 
 fn close(a: &[f64], b: &[f64], tol: f64, what: &str) {
     assert_eq!(a.len(), b.len());
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        assert!(
-            (x - y).abs() <= tol * (1.0 + y.abs()),
-            "{what}[{i}]: {x} vs {y}"
-        );
+        assert!((x - y).abs() <= tol * (1.0 + y.abs()), "{what}[{i}]: {x} vs {y}");
     }
 }
 
@@ -76,13 +57,9 @@ fn input_grads(ens: &ProbabilisticEnsemble, dtype: DType) -> (Vec<Vec<f64>>, Gra
     let x = var(&mut rng, &[4, 3, OBS + ACT], dtype);
     let v = var(&mut rng, &[4, 3 * 2, OBS + ACT], dtype);
     let members: Vec<usize> = (0..b).map(|i| [0, 2, 1, 3][i % 4]).collect();
-    let mean = ens
-        .mean(obs.as_tensor(), act.as_tensor(), &members)
-        .unwrap();
+    let mean = ens.mean(obs.as_tensor(), act.as_tensor(), &members).unwrap();
     let mut noise_rng = ChaCha8Rng::seed_from_u64(6);
-    let (sample, _) = ens
-        .sample(obs.as_tensor(), act.as_tensor(), &members, &mut noise_rng)
-        .unwrap();
+    let (sample, _) = ens.sample(obs.as_tensor(), act.as_tensor(), &members, &mut noise_rng).unwrap();
     let jv = ens.jvp(x.as_tensor(), v.as_tensor(), 2).unwrap();
     let loss = [
         (mean.reward * 0.7).unwrap().sum_all().unwrap(),
@@ -95,10 +72,7 @@ fn input_grads(ens: &ProbabilisticEnsemble, dtype: DType) -> (Vec<Vec<f64>>, Gra
     .reduce(|a, b| (a + b).unwrap())
     .unwrap();
     let grads = loss.backward().unwrap();
-    let g = [&obs, &act, &x, &v]
-        .iter()
-        .map(|t| flat(grads.get(t.as_tensor()).expect("input gradient")))
-        .collect();
+    let g = [&obs, &act, &x, &v].iter().map(|t| flat(grads.get(t.as_tensor()).expect("input gradient"))).collect();
     (g, grads)
 }
 

@@ -3,8 +3,7 @@
 //! with another seed trains on bit for bit like the original.
 use candle_core::{DType, Device, Tensor};
 use ddppo_models::{
-    EnsembleConfig, Error, GradientLossConfig, ModelEnsemble, OptimizerState,
-    ProbabilisticEnsemble, TransitionData,
+    EnsembleConfig, Error, GradientLossConfig, ModelEnsemble, OptimizerState, ProbabilisticEnsemble, TransitionData,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -26,11 +25,7 @@ fn cfg() -> EnsembleConfig {
 }
 
 fn grad_cfg() -> GradientLossConfig {
-    GradientLossConfig {
-        neighbours: 3,
-        weight: 1.0,
-        ..Default::default()
-    }
+    GradientLossConfig { neighbours: 3, weight: 1.0, ..Default::default() }
 }
 
 struct Data {
@@ -42,32 +37,21 @@ struct Data {
 
 impl Data {
     fn view(&self) -> TransitionData<'_> {
-        TransitionData {
-            obs: &self.obs,
-            act: &self.act,
-            rew: &self.rew,
-            next_obs: &self.next,
-        }
+        TransitionData { obs: &self.obs, act: &self.act, rew: &self.rew, next_obs: &self.next }
     }
 }
 
 /// Rows of a smooth nonlinear system `s' = s + 0.1 (sin(s_1), a - s_0)`.
 fn data(seed: u64, n: usize) -> Data {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut d = Data {
-        obs: vec![],
-        act: vec![],
-        rew: vec![],
-        next: vec![],
-    };
+    let mut d = Data { obs: vec![], act: vec![], rew: vec![], next: vec![] };
     for _ in 0..n {
         let s: [f32; 2] = [rng.random_range(-1.0..1.0), rng.random_range(-1.0..1.0)];
         let a: f32 = rng.random_range(-1.0..1.0);
         d.obs.extend(s);
         d.act.push(a);
         d.rew.push(-s[0] * s[0] - 0.1 * a * a);
-        d.next
-            .extend([s[0] + 0.1 * s[1].sin(), s[1] + 0.1 * (a - s[0])]);
+        d.next.extend([s[0] + 0.1 * s[1].sin(), s[1] + 0.1 * (a - s[0])]);
     }
     d
 }
@@ -80,12 +64,7 @@ fn bits(ens: &ProbabilisticEnsemble) -> Vec<(String, Vec<u32>)> {
     names
         .into_iter()
         .map(|k| {
-            let v = data[&k]
-                .as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+            let v = data[&k].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             (k, v.into_iter().map(f32::to_bits).collect())
         })
         .collect()
@@ -93,13 +72,7 @@ fn bits(ens: &ProbabilisticEnsemble) -> Vec<(String, Vec<u32>)> {
 
 fn state_bits(s: &OptimizerState) -> (u64, Vec<Vec<u32>>) {
     let flat = |t: &Tensor| -> Vec<u32> {
-        t.flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .into_iter()
-            .map(f32::to_bits)
-            .collect()
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f32::to_bits).collect()
     };
     (s.step, s.m.iter().chain(&s.v).map(flat).collect())
 }
@@ -141,10 +114,7 @@ fn resume_is_exact(mut a: ModelEnsemble, mut b: ModelEnsemble, mut fresh: ModelE
     assert_eq!(bits(a.ensemble()), bits(b.ensemble()), "parameters after resuming");
     assert_eq!(a.ensemble().elites(), b.ensemble().elites());
     assert_eq!(a.ensemble().scaler(), b.ensemble().scaler());
-    assert_eq!(
-        state_bits(&a.optimizer_state().unwrap()),
-        state_bits(&b.optimizer_state().unwrap())
-    );
+    assert_eq!(state_bits(&a.optimizer_state().unwrap()), state_bits(&b.optimizer_state().unwrap()));
     assert_ne!(bits(a.ensemble()), bits(fresh.ensemble()), "a fresh Adam differs");
     // The state read before the last call is a snapshot, not a live view.
     assert_eq!(state_bits(&state), state_then);
@@ -181,8 +151,7 @@ fn optimizer_state_of_another_shape_is_a_one_line_error() {
     let state = a.optimizer_state().unwrap();
 
     let wide = EnsembleConfig { hidden: 8, ..cfg() };
-    let mut b =
-        ModelEnsemble::new(OBS, ACT, &wide, Some(&grad_cfg()), dev, DType::F32, &mut rng).unwrap();
+    let mut b = ModelEnsemble::new(OBS, ACT, &wide, Some(&grad_cfg()), dev, DType::F32, &mut rng).unwrap();
     let err = b.restore_optimizer_state(Some(state.clone())).unwrap_err();
     assert!(matches!(err, Error::OptimizerState(_)), "{err}");
     let msg = err.to_string();
@@ -191,10 +160,7 @@ fn optimizer_state_of_another_shape_is_a_one_line_error() {
 
     let mut short = state.clone();
     short.v.pop();
-    let err = a
-        .restore_optimizer_state(Some(short))
-        .unwrap_err()
-        .to_string();
+    let err = a.restore_optimizer_state(Some(short)).unwrap_err().to_string();
     assert!(err.contains("moments") && !err.contains('\n'), "{err}");
     // The failed restore left a's own state in place.
     assert_eq!(a.optimizer_state().unwrap().step, state.step);

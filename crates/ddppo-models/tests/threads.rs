@@ -7,8 +7,7 @@
 //! `n > in` here) takes its multi-threaded path.
 use candle_core::{DType, Device, Tensor};
 use ddppo_models::{
-    EnsembleConfig, GradientLossConfig, ModelEnsemble,
-    ProbabilisticEnsemble, TrainReport, TransitionData,
+    EnsembleConfig, GradientLossConfig, ModelEnsemble, ProbabilisticEnsemble, TrainReport, TransitionData,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -114,9 +113,7 @@ fn outcome(ens: &ProbabilisticEnsemble, reports: &[TrainReport]) -> Outcome {
         elites: ens.elites().to_vec(),
         reports: reports
             .iter()
-            .map(|r| {
-                (r.epochs, b(&r.holdout_mse), r.train_loss.to_bits(), r.derivative_loss.map(f64::to_bits))
-            })
+            .map(|r| (r.epochs, b(&r.holdout_mse), r.train_loss.to_bits(), r.derivative_loss.map(f64::to_bits)))
             .collect(),
         mean,
     }
@@ -128,9 +125,7 @@ fn train(gradient: bool, threads: usize, dtype: DType) -> Outcome {
     let view = TransitionData { obs: &d.obs, act: &d.act, rew: &d.rew, next_obs: &d.next };
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     if gradient {
-        let mut m =
-            ModelEnsemble::new(OBS, ACT, &cfg(), Some(&grad_cfg()), &Device::Cpu, dtype, &mut rng)
-                .unwrap();
+        let mut m = ModelEnsemble::new(OBS, ACT, &cfg(), Some(&grad_cfg()), &Device::Cpu, dtype, &mut rng).unwrap();
         m.ensemble_mut().set_threads(threads);
         assert_eq!(m.ensemble().threads(), threads);
         let r = vec![m.train(&view, &mut rng).unwrap(), m.train(&view, &mut rng).unwrap()];
