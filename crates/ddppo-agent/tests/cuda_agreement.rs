@@ -40,7 +40,7 @@ fn inverted_pendulum_reaches_1000_on_cuda_within_3000_steps() {
     cfg.epochs = 3;
     cfg.eval_every = 500;
     let mut agent = Agent::with_device(cfg, cuda()).expect("agent");
-    let records = agent.train(&mut NoObserver).expect("training");
+    let records = agent.train(None, &mut NoObserver).expect("training");
     let curve: Vec<(usize, f64)> = records.iter().map(|r| (r.env_steps, r.return_mean)).collect();
     assert_eq!(curve.last().map(|c| c.0), Some(3000));
     assert!(curve.iter().any(|&(_, r)| r >= 1000.0 - 1e-9), "no evaluation reached 1000: {curve:?}");
@@ -65,13 +65,13 @@ fn small() -> AgentConfig {
 
 /// Runs `agent` to `steps` env steps; returns the policy updates made on the way.
 fn run_to(agent: &mut Agent, steps: usize) -> u64 {
-    let before = agent.policy_updates;
-    while agent.env_steps < steps {
+    let before = agent.run_state().policy_updates;
+    while agent.env_steps() < steps {
         if let Some(r) = agent.step().expect("step") {
             assert!(r.return_mean.is_finite() && r.critic_loss.is_none_or(f64::is_finite), "{r:?}");
         }
     }
-    agent.policy_updates - before
+    agent.run_state().policy_updates - before
 }
 
 #[test]
@@ -83,7 +83,7 @@ fn a_checkpoint_resumes_on_the_other_device() {
     cpu.save_checkpoint(&on_cpu).expect("save on cpu");
 
     let mut gpu = Agent::from_checkpoint(cfg.clone(), cuda(), &on_cpu).expect("load on cuda");
-    assert_eq!(gpu.env_steps, 300);
+    assert_eq!(gpu.env_steps(), 300);
     let before = gpu.policy.snapshot().expect("snapshot");
     assert!(run_to(&mut gpu, 450) > 0);
     assert_ne!(format!("{before:?}"), format!("{:?}", gpu.policy.snapshot().expect("snapshot")), "no learning");
@@ -91,7 +91,7 @@ fn a_checkpoint_resumes_on_the_other_device() {
     gpu.save_checkpoint(&on_gpu).expect("save on cuda");
 
     let mut back = Agent::from_checkpoint(cfg, Device::Cpu, &on_gpu).expect("load on cpu");
-    assert_eq!(back.env_steps, 450);
+    assert_eq!(back.env_steps(), 450);
     assert!(run_to(&mut back, 600) > 0);
     let last = back.evaluate().expect("evaluation");
     assert!(last.return_mean.is_finite());

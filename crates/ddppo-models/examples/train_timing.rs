@@ -1,5 +1,5 @@
 //! Seconds per model-training call at the shapes of a real run, for profiling
-//! `train_core` (not a test: the numbers depend on the machine and its load).
+//! `ModelEnsemble::train` (`train_ensemble`) (not a test: the numbers depend on the machine and its load).
 //!
 //! ```text
 //! RAYON_NUM_THREADS=1 cargo run -p ddppo-models --release --example train_timing -- \
