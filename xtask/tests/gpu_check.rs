@@ -5,49 +5,10 @@
 //! prints the CPU figures beside its own, and the agreement check's outcome
 //! decides the script's exit status.
 
+mod common;
+use common::ddppo_binary;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-/// The `ddppo` binary of this build profile, built here only when absent or
-/// older than the sources (a `-p ddppo-cli` build resolves other features
-/// and would rebuild part of the tree; `cargo test --workspace` has built it).
-fn ddppo_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
-    let bin = profile_dir.join("ddppo");
-    let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
-    if built.is_none_or(|t| t < newest_source()) {
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.current_dir(workspace_root()).args(["build", "--quiet", "-p", "ddppo-cli", "--bin", "ddppo"]);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        assert!(cmd.status().unwrap().success(), "cargo build -p ddppo-cli failed");
-    }
-    bin
-}
-
-fn newest_source() -> std::time::SystemTime {
-    let root = workspace_root();
-    let mut newest = std::time::SystemTime::UNIX_EPOCH;
-    let mut stack = vec![root.join("configs"), root.join("Cargo.lock")];
-    for e in std::fs::read_dir(root.join("crates")).unwrap().flatten() {
-        stack.extend(["src", "Cargo.toml", "build.rs"].map(|f| e.path().join(f)));
-    }
-    while let Some(p) = stack.pop() {
-        let Ok(meta) = std::fs::metadata(&p) else { continue };
-        if meta.is_dir() {
-            stack.extend(std::fs::read_dir(&p).unwrap().flatten().map(|e| e.path()));
-        } else if let Ok(t) = meta.modified() {
-            newest = newest.max(t);
-        }
-    }
-    newest
-}
 
 fn tempdir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("ddppo-gpu-check-test-{name}-{}", std::process::id()));
