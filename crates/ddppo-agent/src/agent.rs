@@ -444,10 +444,7 @@ impl Agent {
             // Lines 16-19: G1 policy updates (equation 11, or SAC's for the baselines).
             let t = Instant::now();
             for _ in 0..self.cfg.policy_updates_per_step {
-                match self.cfg.variant.spec().policy_update {
-                    PolicyUpdate::ThroughModel => self.update_policy_through_model()?,
-                    PolicyUpdate::Sac => self.update_policy_sac()?,
-                }
+                self.update_policy()?;
             }
             self.times.policy += secs(t);
         }
@@ -689,6 +686,14 @@ impl Agent {
             self.alpha_opt.backward_step(&loss)?;
         }
         Ok(())
+    }
+
+    /// One policy update of the kind the variant table gives the variant.
+    pub fn update_policy(&mut self) -> Result<()> {
+        match self.cfg.variant.spec().policy_update {
+            PolicyUpdate::ThroughModel => self.update_policy_through_model(),
+            PolicyUpdate::Sac => self.update_policy_sac(),
+        }
     }
 
     /// One policy update by back-propagating equation 11 through `H` model

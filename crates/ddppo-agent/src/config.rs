@@ -485,7 +485,7 @@ impl AgentConfig {
         if let Some(h) = self.double_params_hidden {
             in_range("double_params_hidden", h, 1, MAX_WIDTH)?;
         }
-        if self.variant.uses_model() {
+        if self.variant.spec().uses_model() {
             self.model.validate()?;
             if self.model.elites == 0 || self.model.elites > self.model.ensemble_size {
                 return Err(bad(format!(

@@ -140,17 +140,6 @@ impl Variant {
             Error::Config(format!("unknown variant `{name}`; valid: {}", names.join(", ")))
         })
     }
-
-    /// Whether the variant learns a dynamics model at all.
-    pub fn uses_model(self) -> bool {
-        self.spec().uses_model()
-    }
-
-    /// Whether the policy is trained by back-propagating through the model
-    /// (equation 11) rather than by the SAC policy loss.
-    pub fn backprop_policy(self) -> bool {
-        self.spec().policy_update == PolicyUpdate::ThroughModel
-    }
 }
 
 #[cfg(test)]

@@ -200,7 +200,6 @@ fn profile_rows(
     })?;
     let critic_per_step = critic_updates_per_step(cfg);
     let (mut critic_s, mut policy_s) = (0.0, 0.0);
-    let backprop = cfg.variant.backprop_policy();
     timed(&format!("rows {n}: updates of {update_steps} env steps"), || -> ddppo_agent::Result<()> {
         for _ in 0..update_steps {
             let t = Instant::now();
@@ -210,7 +209,7 @@ fn profile_rows(
             critic_s += t.elapsed().as_secs_f64();
             let t = Instant::now();
             for _ in 0..cfg.policy_updates_per_step {
-                if backprop { agent.update_policy_through_model()? } else { agent.update_policy_sac()? }
+                agent.update_policy()?;
             }
             policy_s += t.elapsed().as_secs_f64();
         }
