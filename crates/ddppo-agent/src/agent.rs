@@ -89,6 +89,57 @@ pub struct EvalRecord {
     pub grad_jacobian_mse_dynamics: Option<f64>,
     /// See `grad_jacobian_mse_reward`.
     pub grad_jacobian_cos: Option<f64>,
+    /// Of the rollout ensemble: MSE of the reward row's action columns
+    /// `d r / d a` alone, and the mean cosine of the model's `d r / d a`
+    /// with the true one (the action cost's derivative).
+    #[serde(default)]
+    pub pred_jacobian_mse_reward_action: Option<f64>,
+    /// See `pred_jacobian_mse_reward_action`.
+    #[serde(default)]
+    pub pred_jacobian_cos_reward_action: Option<f64>,
+    /// The same of the differentiating ensemble.
+    #[serde(default)]
+    pub grad_jacobian_mse_reward_action: Option<f64>,
+    /// See `grad_jacobian_mse_reward_action`.
+    #[serde(default)]
+    pub grad_jacobian_cos_reward_action: Option<f64>,
+    /// Mean `|a_i|` of the deterministic policy's actions over this
+    /// evaluation's episodes (all steps, all components).
+    #[serde(default)]
+    pub eval_action_abs: Option<f64>,
+    /// Policy diagnostics on start states from `D_env` ([`crate::policy_probe`]):
+    /// mean `|mu|` of the pre-squash Gaussian. Empty while `D_env` is empty.
+    #[serde(default)]
+    pub policy_mu_abs: Option<f64>,
+    /// Mean standard deviation of the pre-squash Gaussian.
+    #[serde(default)]
+    pub policy_std: Option<f64>,
+    /// Norm of the policy objective's gradient, the model rewards' part
+    /// (back-propagated update only, after the first model training).
+    #[serde(default)]
+    pub policy_grad_reward: Option<f64>,
+    /// The critic's part (terminal `min Q`, or SAC's `min Q`).
+    #[serde(default)]
+    pub policy_grad_q: Option<f64>,
+    /// The entropy terms' part.
+    #[serde(default)]
+    pub policy_grad_entropy: Option<f64>,
+    /// Action cost `r(s, centre) - r(s, pi(s))` at the probe's states, true
+    /// (one env step each); empty before the first model training and for `sac`.
+    #[serde(default)]
+    pub action_cost_true: Option<f64>,
+    /// The same as the rollout ensemble's elites predict it.
+    #[serde(default)]
+    pub action_cost_pred: Option<f64>,
+    /// The same as the differentiating ensemble's elites predict it.
+    #[serde(default)]
+    pub action_cost_grad: Option<f64>,
+    /// Mean absolute reward error of the rollout ensemble's elites at `(s, pi(s))`.
+    #[serde(default)]
+    pub reward_error_pred: Option<f64>,
+    /// The same for the differentiating ensemble's elites.
+    #[serde(default)]
+    pub reward_error_grad: Option<f64>,
 }
 
 /// Wall seconds per phase of the loop (for profiling).
@@ -574,20 +625,30 @@ impl Agent {
             return Err(Error::Interrupted);
         }
         let (report, prediction_s) = (report.0?, report.1);
-        let elites = models.prediction.ensemble().elites().to_vec();
-        let holdout = elites.iter().map(|&e| report.holdout_mse.get(e).copied().unwrap_or(f64::NAN)).sum::<f64>()
-            / elites.len().max(1) as f64;
+        // Mean holdout MSE of an ensemble's elites.
+        let elite_holdout = |ens: &ModelEnsemble, r: &ddppo_models::TrainReport| {
+            let elites = ens.ensemble().elites();
+            elites.iter().map(|&e| r.holdout_mse.get(e).copied().unwrap_or(f64::NAN)).sum::<f64>()
+                / elites.len().max(1) as f64
+        };
+        let holdout = elite_holdout(&models.prediction, &report);
         // The `grad_loss` column: R of the ensemble trained with it.
         let mut stats =
             ModelStats { loss: Some(report.train_loss), holdout: Some(holdout), grad: report.derivative_loss };
         let mut training = crate::profile::ModelTraining {
-            prediction: crate::profile::EnsembleTraining { epochs: report.epochs, seconds: prediction_s },
+            prediction: crate::profile::EnsembleTraining {
+                epochs: report.epochs,
+                seconds: prediction_s,
+                holdout_mse: holdout,
+            },
             gradient: None,
         };
         if let Some((gr, gradient_s)) = gradient_report {
             let gr = gr?;
             stats.grad = gr.derivative_loss;
-            training.gradient = Some(crate::profile::EnsembleTraining { epochs: gr.epochs, seconds: gradient_s });
+            let holdout_mse = models.gradient.as_ref().map_or(f64::NAN, |g| elite_holdout(g, &gr));
+            training.gradient =
+                Some(crate::profile::EnsembleTraining { epochs: gr.epochs, seconds: gradient_s, holdout_mse });
         }
         self.last_training = Some(training);
         self.run.model_stats = stats;
@@ -615,7 +676,7 @@ impl Agent {
     }
 
     /// The model env of the learned models as the variant table says (`None` without models).
-    fn model_env(&self) -> Result<Option<ModelEnv<'static>>> {
+    pub(crate) fn model_env(&self) -> Result<Option<ModelEnv<'static>>> {
         let source = self.cfg.variant.spec().gradient_source;
         self.models.as_ref().map(|m| ModelEnv::of_models(m, source, self.task)).transpose()
     }
@@ -743,6 +804,7 @@ impl Agent {
         self.times.eval += secs(t);
         let t = Instant::now();
         let (pred, grad) = self.jacobian_errors()?;
+        let probe = self.policy_probe()?;
         self.times.diagnostics += secs(t);
         Ok(EvalRecord {
             env_steps: self.run.env_steps,
@@ -770,6 +832,21 @@ impl Agent {
             grad_jacobian_mse_reward: grad.map(|e| e.mse_reward),
             grad_jacobian_mse_dynamics: grad.map(|e| e.mse_dynamics),
             grad_jacobian_cos: grad.map(|e| e.cos),
+            pred_jacobian_mse_reward_action: pred.map(|e| e.mse_reward_action),
+            pred_jacobian_cos_reward_action: pred.map(|e| e.cos_reward_action),
+            grad_jacobian_mse_reward_action: grad.map(|e| e.mse_reward_action),
+            grad_jacobian_cos_reward_action: grad.map(|e| e.cos_reward_action),
+            eval_action_abs: Some(summary.action_abs_mean),
+            policy_mu_abs: probe.map(|p| p.mu_abs),
+            policy_std: probe.map(|p| p.std),
+            policy_grad_reward: probe.and_then(|p| p.grad_norm_reward),
+            policy_grad_q: probe.map(|p| p.grad_norm_q),
+            policy_grad_entropy: probe.map(|p| p.grad_norm_entropy),
+            action_cost_true: probe.and_then(|p| p.action_cost_true),
+            action_cost_pred: probe.and_then(|p| p.action_cost_pred),
+            action_cost_grad: probe.and_then(|p| p.action_cost_grad),
+            reward_error_pred: probe.and_then(|p| p.reward_error_pred),
+            reward_error_grad: probe.and_then(|p| p.reward_error_grad),
         })
     }
 }
@@ -788,6 +865,8 @@ pub struct EvalSummary {
     /// Episodes cut short by a diverged simulation (their returns count up
     /// to that step).
     pub diverged: usize,
+    /// Mean `|a_i|` over every step and action component of the episodes.
+    pub action_abs_mean: f64,
 }
 
 /// Runs `episodes` deterministic (mean-action) episodes of `policy` on envs
@@ -812,5 +891,7 @@ pub fn evaluate_policy(
         return_std: var.sqrt(),
         episode_len_mean: stats.iter().map(|s| s.len as f64).sum::<f64>() / n,
         diverged: stats.iter().filter(|s| s.diverged).count(),
+        action_abs_mean: stats.iter().map(|s| s.action_abs).sum::<f64>()
+            / stats.iter().map(|s| s.len).sum::<usize>().max(1) as f64,
     })
 }

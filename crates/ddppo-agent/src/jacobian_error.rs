@@ -46,6 +46,12 @@ pub struct JacobianErrors {
     pub mse_dynamics: f64,
     /// Mean cosine similarity of `J_model v` and `J_true v` (increments; see the module docs).
     pub cos: f64,
+    /// Mean squared error of the reward row's action columns `d r / d a`
+    /// alone (the derivative of the action cost the policy update feels).
+    pub mse_reward_action: f64,
+    /// Mean over states of the cosine between the model's and the true
+    /// `d r / d a` (states where either is zero are left out).
+    pub cos_reward_action: f64,
 }
 
 /// The fixed held-out states with their true Jacobians and directions.
@@ -124,16 +130,30 @@ impl JacobianProbe {
         };
         let (obs, act) = (upload(&self.obs, self.obs_dim)?, upload(&self.act, self.act_dim)?);
         let elites = ens.elites();
-        let mut sum = JacobianErrors { mse_reward: 0.0, mse_dynamics: 0.0, cos: 0.0 };
+        let mut sum = JacobianErrors {
+            mse_reward: 0.0,
+            mse_dynamics: 0.0,
+            cos: 0.0,
+            mse_reward_action: 0.0,
+            cos_reward_action: 0.0,
+        };
         for &member in elites {
             let model = ens.jacobian(&obs, &act, member)?.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
             let e = jacobian_errors(&model, &self.jac, &self.dirs, self.obs_dim, self.act_dim);
             sum.mse_reward += e.mse_reward;
             sum.mse_dynamics += e.mse_dynamics;
             sum.cos += e.cos;
+            sum.mse_reward_action += e.mse_reward_action;
+            sum.cos_reward_action += e.cos_reward_action;
         }
         let k = elites.len().max(1) as f64;
-        Ok(JacobianErrors { mse_reward: sum.mse_reward / k, mse_dynamics: sum.mse_dynamics / k, cos: sum.cos / k })
+        Ok(JacobianErrors {
+            mse_reward: sum.mse_reward / k,
+            mse_dynamics: sum.mse_dynamics / k,
+            cos: sum.cos / k,
+            mse_reward_action: sum.mse_reward_action / k,
+            cos_reward_action: sum.cos_reward_action / k,
+        })
     }
 
     /// Writes the probe as safetensors (`f64` tensors `obs`, `act`, `jacobian`, `directions`).
@@ -266,6 +286,19 @@ pub fn jacobian_errors(model: &[f64], truth: &[f64], dirs: &[f64], d: usize, m: 
             })
             .collect()
     };
+    // The reward row's action columns, state by state.
+    let (mut action_se, mut action_cos, mut action_counted) = (0.0, 0.0, 0usize);
+    for p in 0..n {
+        let (gm, gt) =
+            (&model[p * rows * cols + d..p * rows * cols + cols], &truth[p * rows * cols + d..p * rows * cols + cols]);
+        action_se += gm.iter().zip(gt).map(|(a, b)| (a - b).powi(2)).sum::<f64>();
+        let norm = |u: &[f64]| u.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let (nm, nt) = (norm(gm), norm(gt));
+        if nm > 0.0 && nt > 0.0 {
+            action_cos += gm.iter().zip(gt).map(|(x, y)| x * y).sum::<f64>() / (nm * nt);
+            action_counted += 1;
+        }
+    }
     let (mut cos, mut counted) = (0.0, 0usize);
     for p in 0..n {
         let (jm, jt) = (&model[p * rows * cols..(p + 1) * rows * cols], &truth[p * rows * cols..(p + 1) * rows * cols]);
@@ -284,6 +317,8 @@ pub fn jacobian_errors(model: &[f64], truth: &[f64], dirs: &[f64], d: usize, m: 
         mse_reward: reward / (n * cols).max(1) as f64,
         mse_dynamics: dynamics / (n * d * cols).max(1) as f64,
         cos: if counted > 0 { cos / counted as f64 } else { f64::NAN },
+        mse_reward_action: action_se / (n * m).max(1) as f64,
+        cos_reward_action: if action_counted > 0 { action_cos / action_counted as f64 } else { f64::NAN },
     }
 }
 
@@ -320,6 +355,26 @@ mod tests {
         let e = jacobian_errors(&model, &truth, &dirs, 2, 1);
         assert!((e.mse_reward - 0.09 / 3.0).abs() < 1e-15);
         assert!((e.mse_dynamics - 4.0 / 6.0).abs() < 1e-15);
+        // The error is in d r / d s_2, not in d r / d a.
+        assert_eq!(e.mse_reward_action, 0.0);
+    }
+
+    #[test]
+    fn reward_action_columns_by_hand() {
+        // Two states, d = 1, m = 2: rows (r, s'), columns (s, a_1, a_2).
+        #[rustfmt::skip]
+        let truth = vec![
+            9.0, 1.0, 0.0,   0.0, 0.0, 0.0,
+            9.0, 3.0, 4.0,   0.0, 0.0, 0.0,
+        ];
+        let mut model = truth.clone();
+        model[1] = 0.0; // state 0: d r / d a = (0, 1) against (1, 0): cosine 0, error 1 + 1
+        model[2] = 1.0;
+        model[0] = -50.0; // d r / d s is not an action column
+        model[7] = -3.0; // state 1: (-3, 4) against (3, 4): cosine 7 / 25, error 36
+        let e = jacobian_errors(&model, &truth, &[1.0, 0.0, 0.0, 1.0, 0.0, 0.0], 1, 2);
+        assert!((e.mse_reward_action - 38.0 / 4.0).abs() < 1e-12, "{}", e.mse_reward_action);
+        assert!((e.cos_reward_action - (0.0 + 7.0 / 25.0) / 2.0).abs() < 1e-12, "{}", e.cos_reward_action);
     }
 
     #[test]

@@ -18,6 +18,9 @@
 //!   [`checkpoint`] writes both whole.
 //! - [`jacobian_error`]: the models' Jacobian error against the true step
 //!   Jacobians on fixed held-out states, logged at every evaluation.
+//! - [`policy_probe`]: what drives the policy update (its gradient split into
+//!   model-reward, terminal-Q and entropy parts) and the action cost the
+//!   models predict against the true one, logged at every evaluation.
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
@@ -52,6 +55,7 @@ pub mod grad_error;
 pub mod jacobian_error;
 pub mod nn;
 pub mod params;
+pub mod policy_probe;
 pub mod policy_update;
 pub mod profile;
 pub mod rollout;

@@ -32,6 +32,11 @@ pub struct PolicyObjective {
     pub objective: Tensor,
     /// `log pi(a_0 | s_0)` per row, detached (for the temperature update).
     pub logp0: Tensor,
+    /// Per row, the model steps' part of `J`,
+    /// `sum_{t<H} gamma^t alive_t (r_t - alpha log pi_t)` (differentiable).
+    pub model_steps: Tensor,
+    /// Per row, the terminal part `gamma^H alive_H (min Q - alpha log pi_H)` (differentiable).
+    pub terminal: Tensor,
     /// The forward pass's record.
     pub trajectory: ImaginedTrajectory,
 }
@@ -123,13 +128,10 @@ pub fn policy_objective(
         discount *= gamma;
     }
     let terminal = (terminal * masks.get(horizon)?)?.affine(discount, 0.0)?;
-    let total = match total {
-        None => terminal,
-        Some(t) => (t + terminal)?,
-    };
-    let objective = total.mean_all()?;
+    let model_steps = total.ok_or_else(|| Error::Config("empty horizon".into()))?;
+    let objective = (&model_steps + &terminal)?.mean_all()?;
     let logp0 = logp0.ok_or_else(|| Error::Config("empty horizon".into()))?;
-    Ok(PolicyObjective { objective, logp0, trajectory: record })
+    Ok(PolicyObjective { objective, logp0, model_steps, terminal, trajectory: record })
 }
 
 /// The gradient of `J / B` with respect to the policy's parameters (in the

@@ -18,6 +18,8 @@ pub struct EnsembleTraining {
     /// Wall seconds of the ensemble's training call, its set-up (split,
     /// scaler, the gradient ensemble's neighbour search) included.
     pub seconds: f64,
+    /// Mean holdout MSE of `(r, ds)` of its elites (the restored weights').
+    pub holdout_mse: f64,
 }
 
 /// The last [`Agent::train_models`]: the rollout (prediction) ensemble and,

@@ -57,7 +57,14 @@ const FIGURES: [&str; 6] = [
 fn training_part(r: &EvalRecord) -> serde_json::Value {
     let mut v = serde_json::to_value(r).expect("json");
     let o = v.as_object_mut().expect("object");
-    for k in ["wall_s", "phase_s"].into_iter().chain(FIGURES) {
+    // The reward row's action-column figures belong to the diagnostics too.
+    let action = [
+        "pred_jacobian_mse_reward_action",
+        "pred_jacobian_cos_reward_action",
+        "grad_jacobian_mse_reward_action",
+        "grad_jacobian_cos_reward_action",
+    ];
+    for k in ["wall_s", "phase_s"].into_iter().chain(FIGURES).chain(action) {
         o.remove(k);
     }
     v

@@ -13,9 +13,17 @@ use std::time::{Duration, Instant};
 
 #[derive(clap::Args)]
 pub struct ProfileArgs {
-    /// Task (see `ddppo env list`); its preset in configs/ is profiled unchanged.
+    /// Task (see `ddppo env list`); its preset in configs/ is profiled
+    /// unchanged, but for --variant, --set and --max-epochs.
     #[arg(long)]
     env: String,
+    /// Variant (see `ddppo variant list`; default: the preset's).
+    #[arg(long)]
+    variant: Option<String>,
+    /// KEY=VALUE applied to the preset after --variant, as in `ddppo train`
+    /// (repeatable; e.g. gradient.directions_per_step=2).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
     /// Sizes of D_env to profile at, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "5000,20000,50000")]
     rows: Vec<usize>,
@@ -80,6 +88,32 @@ pub struct RowProfile {
     pub capped: bool,
     /// Projected seconds per 1,000 env steps (the formula in `--help`).
     pub projected_s_per_1k: f64,
+    /// What the timed training produced, measured by the evaluation after it.
+    #[serde(default)]
+    pub quality: Option<ModelQuality>,
+}
+
+/// The models of the timed training, as the evaluation after it sees them:
+/// holdout MSE of each ensemble's elites, their Jacobian error on the run's
+/// held-out states (`jacobian_error`), and the action cost they predict at
+/// the policy probe's states (`policy_probe`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ModelQuality {
+    pub pred_holdout_mse: f64,
+    pub grad_holdout_mse: Option<f64>,
+    pub pred_jacobian_mse_reward: Option<f64>,
+    pub pred_jacobian_mse_dynamics: Option<f64>,
+    pub pred_jacobian_cos: Option<f64>,
+    pub grad_jacobian_mse_reward: Option<f64>,
+    pub grad_jacobian_mse_dynamics: Option<f64>,
+    pub grad_jacobian_cos: Option<f64>,
+    #[serde(default)]
+    pub pred_jacobian_cos_reward_action: Option<f64>,
+    #[serde(default)]
+    pub grad_jacobian_cos_reward_action: Option<f64>,
+    pub action_cost_true: Option<f64>,
+    pub action_cost_pred: Option<f64>,
+    pub action_cost_grad: Option<f64>,
 }
 
 /// A whole profile (what `--json` writes and `--baseline` reads).
@@ -94,6 +128,9 @@ pub struct Profile {
     pub model_threads: String,
     pub update_steps: usize,
     pub max_epochs: Option<usize>,
+    /// The --set assignments applied to the preset.
+    #[serde(default)]
+    pub set: Vec<String>,
     pub model_train_freq: usize,
     pub eval_every: usize,
     pub rows: Vec<RowProfile>,
@@ -112,7 +149,8 @@ pub fn projected_s_per_1k(r: &RowProfile, model_train_freq: usize, eval_every: u
 
 pub fn run(args: ProfileArgs) -> Result<()> {
     let device = crate::device::parse(&args.device)?;
-    let mut cfg = AgentConfig::preset(&args.env)?;
+    let mut cfg =
+        crate::cmd_config::resolve(Some(&args.env), None, args.variant.as_deref(), None, &args.set)?.into_inner();
     let max_epochs = args.max_epochs.map(|m| m as usize);
     if let Some(m) = max_epochs {
         cfg.model.max_epochs = Some(cfg.model.max_epochs.map_or(m, |p| p.min(m)));
@@ -138,6 +176,7 @@ pub fn run(args: ProfileArgs) -> Result<()> {
         model_threads: std::env::var("DDPPO_MODEL_THREADS").unwrap_or_default(),
         update_steps,
         max_epochs,
+        set: args.set.clone(),
         model_train_freq: cfg.model_train_freq,
         eval_every: cfg.eval_every,
         rows: Vec::new(),
@@ -219,8 +258,27 @@ fn profile_rows(
     // states, once per run: the second is the one every evaluation costs.
     timed(&format!("rows {n}: first evaluation"), || agent.evaluate().map(drop))?;
     let before = agent.phase_times();
-    timed(&format!("rows {n}: evaluation"), || agent.evaluate().map(drop))?;
+    let mut record = None;
+    timed(&format!("rows {n}: evaluation"), || agent.evaluate().map(|r| record = Some(r)))?;
     let after = agent.phase_times();
+    let quality = match (training, record) {
+        (Some(t), Some(r)) => Some(ModelQuality {
+            pred_holdout_mse: t.prediction.holdout_mse,
+            grad_holdout_mse: t.gradient.map(|g| g.holdout_mse),
+            pred_jacobian_mse_reward: r.pred_jacobian_mse_reward,
+            pred_jacobian_mse_dynamics: r.pred_jacobian_mse_dynamics,
+            pred_jacobian_cos: r.pred_jacobian_cos,
+            grad_jacobian_mse_reward: r.grad_jacobian_mse_reward,
+            grad_jacobian_mse_dynamics: r.grad_jacobian_mse_dynamics,
+            grad_jacobian_cos: r.grad_jacobian_cos,
+            pred_jacobian_cos_reward_action: r.pred_jacobian_cos_reward_action,
+            grad_jacobian_cos_reward_action: r.grad_jacobian_cos_reward_action,
+            action_cost_true: r.action_cost_true,
+            action_cost_pred: r.action_cost_pred,
+            action_cost_grad: r.action_cost_grad,
+        }),
+        _ => None,
+    };
     let (pred, grad) = match training {
         Some(t) => (Some(t.prediction), t.gradient),
         None => (None, None),
@@ -244,6 +302,7 @@ fn profile_rows(
         diagnostics_s: after.diagnostics - before.diagnostics,
         capped,
         projected_s_per_1k: 0.0,
+        quality,
     })
 }
 
@@ -289,7 +348,7 @@ fn epochs_cell(epochs: Option<usize>, seconds: Option<f64>) -> (String, String) 
 pub fn table(p: &Profile) -> String {
     let mut out = format!(
         "ddppo profile: {} ({} preset), device {}, RAYON_NUM_THREADS={}, DDPPO_MODEL_THREADS={}, \
-         updates of {} env steps{}\n\n",
+         updates of {} env steps{}{}\n\n",
         p.task,
         p.variant,
         p.device,
@@ -297,6 +356,7 @@ pub fn table(p: &Profile) -> String {
         or_unset(&p.model_threads),
         p.update_steps,
         p.max_epochs.map_or(String::new(), |m| format!(", --max-epochs {m}")),
+        p.set.iter().map(|a| format!(", --set {a}")).collect::<String>(),
     );
     out.push_str(
         "| rows | k | pred epochs | pred s/epoch | grad epochs | grad s/epoch | train s | rollout s \
@@ -325,6 +385,50 @@ pub fn table(p: &Profile) -> String {
         fmt_ratio(1000.0 / p.model_train_freq as f64),
         fmt_ratio(1000.0 / p.eval_every as f64),
     ));
+    if p.rows.iter().any(|r| r.quality.is_some()) {
+        out.push_str(&format!("\n\n{}", quality_table(p)));
+    }
+    out
+}
+
+fn cell(v: Option<f64>) -> String {
+    v.map_or("-".into(), |x| format!("{x:.4}"))
+}
+
+/// The trained models' figures: holdout MSE, Jacobian error (reward-row and
+/// dynamics-row MSE, mean cosine of `J v`) per ensemble, action cost.
+fn quality_table(p: &Profile) -> String {
+    let mut out = String::from(
+        "| rows | ensemble | holdout MSE | Jacobian MSE reward | Jacobian MSE dynamics | Jacobian cos \
+         | dr/da cos | action cost (true) | action cost (model) |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in &p.rows {
+        let Some(q) = &r.quality else { continue };
+        out.push_str(&format!(
+            "| {} | prediction | {:.4} | {} | {} | {} | {} | {} | {} |\n",
+            r.rows,
+            q.pred_holdout_mse,
+            cell(q.pred_jacobian_mse_reward),
+            cell(q.pred_jacobian_mse_dynamics),
+            cell(q.pred_jacobian_cos),
+            cell(q.pred_jacobian_cos_reward_action),
+            cell(q.action_cost_true),
+            cell(q.action_cost_pred),
+        ));
+        if q.grad_holdout_mse.is_some() {
+            out.push_str(&format!(
+                "| {} | gradient | {} | {} | {} | {} | {} | {} | {} |\n",
+                r.rows,
+                cell(q.grad_holdout_mse),
+                cell(q.grad_jacobian_mse_reward),
+                cell(q.grad_jacobian_mse_dynamics),
+                cell(q.grad_jacobian_cos),
+                cell(q.grad_jacobian_cos_reward_action),
+                cell(q.action_cost_true),
+                cell(q.action_cost_grad),
+            ));
+        }
+    }
     out
 }
 

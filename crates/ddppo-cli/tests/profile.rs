@@ -110,10 +110,33 @@ fn profile_table_projection_and_reused_data() {
         assert_eq!(cells[8], format!("{:.4}", f(r, "critic_s") / steps));
     }
     assert!(out.contains("projected s/1k steps = 4 x (train s + rollout s)"), "{out}");
+    // The trained models' figures: both ensembles at each size, in the JSON
+    // and in the second table, the same numbers.
+    let header = out.lines().position(|l| l.starts_with("| rows | ensemble |")).expect("no quality table");
+    let quality: Vec<Vec<&str>> = out
+        .lines()
+        .skip(header + 2)
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| l.trim_matches('|').split('|').map(str::trim).collect())
+        .collect();
+    assert_eq!(quality.len(), 4, "{out}");
+    for (r, pair) in rows.iter().zip(quality.chunks(2)) {
+        let q = &r["quality"];
+        for key in ["pred_holdout_mse", "grad_holdout_mse", "pred_jacobian_cos", "grad_jacobian_cos"] {
+            assert!(f(q, key).is_finite(), "{key}: {q}");
+        }
+        // InvertedPendulum pays 1 per step whatever the action: no action cost.
+        assert_eq!(f(q, "action_cost_true"), 0.0, "{q}");
+        assert_eq!((pair[0][1], pair[1][1]), ("prediction", "gradient"));
+        assert_eq!(pair[0][2], format!("{:.4}", f(q, "pred_holdout_mse")));
+        assert_eq!(pair[1][5], format!("{:.4}", f(q, "grad_jacobian_cos")));
+        assert_eq!(pair[1][8], format!("{:.4}", f(q, "action_cost_grad")));
+    }
 
     // A second call, at a size the file holds, reuses it untouched and
     // compares with the first call's figures.
-    let (out, err) = profile(&data, "250", &["--baseline", s(&json)]);
+    let (out, err) = profile(&data, "250", &["--baseline", s(&json), "--set", "gradient.weight=0.5"]);
+    assert!(out.lines().next().is_some_and(|l| l.ends_with("--set gradient.weight=0.5")), "{out}");
     assert!(err.contains("reusing 300 recorded transitions"), "{err}");
     assert!(!err.contains("recording"), "{err}");
     assert_eq!(std::fs::read(&file).unwrap(), recorded, "the recorded transitions changed");
@@ -133,7 +156,10 @@ fn profile_rejects_bad_input_with_one_line() {
     let garbage = dir.join("garbage.json");
     std::fs::write(&garbage, "not json").unwrap();
     for (args, expect) in [
-        (vec!["--env", "nope"], "no preset for task `nope`"),
+        (vec!["--env", "nope"], "unknown env `nope`"),
+        (vec!["--env", "inverted-pendulum", "--set", "gradient.weight=-1"], "weight"),
+        (vec!["--env", "inverted-pendulum", "--set", "no_such_key=1"], "unknown field `no_such_key`"),
+        (vec!["--env", "inverted-pendulum", "--variant", "nope"], "nope"),
         (vec!["--env", "inverted-pendulum", "--rows", "5"], "--rows 5 is out of range"),
         (vec!["--env", "inverted-pendulum", "--rows", "2000000"], "out of range"),
         (vec!["--env", "inverted-pendulum", "--device", "tpu"], "unknown device"),

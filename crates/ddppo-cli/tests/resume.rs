@@ -87,6 +87,22 @@ fn kill_and_resume(name: &str, toml: &str, damage: bool) {
     assert!(expected[4]["policy_updates"].as_u64().unwrap() > 0 && !expected[4]["model_loss"].is_null());
     // The newest two checkpoints are kept, the final one included.
     assert_eq!(checkpoint_steps(&full), ["step-0000000450", "step-0000000600"]);
+    // `ddppo checkpoint evaluate` on the final checkpoint reproduces the run's
+    // last record, every diagnostic included (the loss means were emptied by
+    // that evaluation, so a re-evaluation has none).
+    let o = ddppo(&["checkpoint", "evaluate", s(&full.join("checkpoints").join("step-0000000600"))]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut again: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let mut last = expected[4].clone();
+    for v in [&mut again, &mut last] {
+        let o = v.as_object_mut().unwrap();
+        for k in ["wall_s", "phase_s", "critic_loss", "policy_loss"] {
+            o.remove(k);
+        }
+    }
+    assert!(!last["policy_grad_q"].is_null() && !last["action_cost_true"].is_null(), "{last}");
+    assert_eq!(again, last);
+    one_line_error(&ddppo(&["checkpoint", "evaluate", s(&full)]), "not inside a run directory");
 
     // The same run, killed (SIGKILL) right after its checkpoint at step 300,
     // once the model-based phase has begun.

@@ -37,6 +37,11 @@ pub trait StepJacobian: Send {
     /// An observation or action of the wrong length or with a non-finite
     /// value is an error.
     fn step_jacobian(&mut self, obs: &[f64], action: &[f64]) -> Result<Vec<f64>>;
+
+    /// `(r, obs')` of the one env step whose Jacobian [`StepJacobian::step_jacobian`]
+    /// gives: from the state `obs` stands for (MuJoCo: rebuilt from the
+    /// observation), same checks.
+    fn step_at(&mut self, obs: &[f64], action: &[f64]) -> Result<(f64, Vec<f64>)>;
 }
 
 /// The [`StepJacobian`] of `task` (`Linear` with the default system).
@@ -87,6 +92,11 @@ impl StepJacobian for Pendulum {
         check_input("pendulum", obs, 2, action, 1)?;
         Ok(self.jacobian(obs, action))
     }
+
+    fn step_at(&mut self, obs: &[f64], action: &[f64]) -> Result<(f64, Vec<f64>)> {
+        check_input("pendulum", obs, 2, action, 1)?;
+        Ok(self.transition(obs, action))
+    }
 }
 
 impl StepJacobian for LinearEnv {
@@ -94,6 +104,12 @@ impl StepJacobian for LinearEnv {
         let (n, m) = (self.system().state_dim(), self.system().action_dim());
         check_input("linear", obs, n, action, m)?;
         Ok(self.jacobian(obs, action))
+    }
+
+    fn step_at(&mut self, obs: &[f64], action: &[f64]) -> Result<(f64, Vec<f64>)> {
+        let (n, m) = (self.system().state_dim(), self.system().action_dim());
+        check_input("linear", obs, n, action, m)?;
+        Ok(self.transition(obs, action))
     }
 }
 
@@ -149,5 +165,11 @@ impl StepJacobian for MujocoJacobian {
             let (r, next) = self.transition(&x[..d], &x[d..])?;
             Ok(std::iter::once(r).chain(next).collect())
         })
+    }
+
+    fn step_at(&mut self, obs: &[f64], action: &[f64]) -> Result<(f64, Vec<f64>)> {
+        let task = self.model.task();
+        check_input(task.name(), obs, task.obs_dim(), action, task.act_dim())?;
+        self.transition(obs, action)
     }
 }

@@ -52,6 +52,9 @@ pub struct EpisodeStats {
     /// The simulation diverged ([`Error::SimulationDiverged`]): the episode
     /// was cut there, as a truncation, its return summed up to that step.
     pub diverged: bool,
+    /// Sum over the steps taken of the mean absolute action component
+    /// `mean_i |a_i|` (the policy's actions as given, before the env clips them).
+    pub action_abs: f64,
 }
 
 /// Returns of `episodes` episodes of `task` under a deterministic `policy`
@@ -121,9 +124,11 @@ pub fn evaluate_episodes(
 
 fn run_episode(env: &mut dyn Env, policy: &(dyn Fn(&[f64]) -> Vec<f64> + Sync), seed: u64) -> Result<EpisodeStats> {
     let mut obs = env.reset(seed);
-    let mut stats = EpisodeStats { ret: 0.0, len: 0, diverged: false };
+    let mut stats = EpisodeStats { ret: 0.0, len: 0, diverged: false, action_abs: 0.0 };
     loop {
-        let step = match env.step(&policy(&obs)) {
+        let action = policy(&obs);
+        let abs_mean = action.iter().map(|a| a.abs()).sum::<f64>() / action.len().max(1) as f64;
+        let step = match env.step(&action) {
             Ok(step) => step,
             Err(Error::SimulationDiverged { .. }) => {
                 stats.diverged = true;
@@ -133,6 +138,7 @@ fn run_episode(env: &mut dyn Env, policy: &(dyn Fn(&[f64]) -> Vec<f64> + Sync), 
         };
         stats.ret += step.reward;
         stats.len += 1;
+        stats.action_abs += abs_mean;
         if step.terminated || step.truncated {
             return Ok(stats);
         }
@@ -188,8 +194,9 @@ mod tests {
     #[test]
     fn a_diverged_episode_ends_there_and_other_errors_stop() {
         let mut env = Diverging { steps: 0 };
-        let stats = run_episode(&mut env, &|_| vec![0.0], 0).unwrap();
-        assert_eq!(stats, EpisodeStats { ret: 2.0, len: 2, diverged: true });
+        let stats = run_episode(&mut env, &|_| vec![-0.25], 0).unwrap();
+        // |a| summed over the two steps taken, not over the diverging third.
+        assert_eq!(stats, EpisodeStats { ret: 2.0, len: 2, diverged: true, action_abs: 0.5 });
         // An action of the wrong length is still an error.
         let mut pendulum = Pendulum::new();
         assert!(run_episode(&mut pendulum, &|_| vec![0.0, 0.0], 0).is_err());

@@ -1,0 +1,125 @@
+//! The policy diagnostics logged at every evaluation (`policy_probe`): they
+//! change nothing the training uses, and their true action cost is the
+//! task's own (Pendulum: `r(s, 0) - r(s, a) = 0.001 a^2`, the torque cost).
+
+use ddppo_agent::{Agent, AgentConfig, EvalRecord, Variant};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+fn tiny(variant: Variant) -> AgentConfig {
+    let mut c = AgentConfig::preset("pendulum").expect("preset");
+    c.variant = variant;
+    c.seed = 4;
+    c.epochs = 1;
+    c.epoch_length = 300;
+    c.start_steps = 100;
+    c.min_pool_size = 100;
+    c.model_train_freq = 100;
+    c.rollout_batch_size = 100;
+    c.eval_every = 100;
+    c.eval_episodes = 2;
+    c.hidden = vec![16, 16];
+    c.batch_size = 32;
+    c.policy_updates_per_step = 1;
+    c.critic_updates_per_step = 1;
+    c.model.ensemble_size = 3;
+    c.model.elites = 2;
+    c.model.hidden = 16;
+    c.model.hidden_layers = 2;
+    c.model.weight_decay = vec![0.0; 3];
+    c.model.max_epochs = Some(3);
+    c.gradient.neighbours = 3;
+    c.jacobian_states = 0;
+    c
+}
+
+fn one_thread() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // SAFETY: set before any tensor work of this test binary; candle reads
+        // it through std::env, which serialises access.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", "1") };
+    }
+}
+
+/// Evaluations of a whole run; with `extra`, the probe also runs after every step.
+fn run(cfg: AgentConfig, extra: bool) -> Vec<EvalRecord> {
+    one_thread();
+    let mut agent = Agent::new(cfg).expect("agent");
+    let mut records = vec![agent.evaluate().expect("evaluation")];
+    while !agent.finished() {
+        records.extend(agent.step().expect("step"));
+        if extra {
+            agent.policy_probe().expect("probe");
+        }
+    }
+    records
+        .into_iter()
+        .map(|mut r| {
+            r.wall_s = 0.0;
+            r.phase_s = Default::default();
+            r
+        })
+        .collect()
+}
+
+#[test]
+fn probing_after_every_step_changes_no_evaluation() {
+    for variant in [Variant::Ddppo, Variant::Mbpo] {
+        let plain = run(tiny(variant), false);
+        let probed = run(tiny(variant), true);
+        assert_eq!(plain.len(), 4);
+        assert_eq!(plain, probed, "{variant:?}");
+        // Logged: at step 0 the buffer is empty, afterwards every figure that
+        // applies (the reward part only for the back-propagated update).
+        let first = &plain[0];
+        assert!(first.policy_grad_q.is_none() && first.action_cost_true.is_none());
+        assert!(first.eval_action_abs.is_some_and(|a| (0.0..=2.0).contains(&a)));
+        let last = plain.last().expect("records");
+        assert!(last.policy_grad_q.is_some_and(|g| g.is_finite() && g > 0.0), "{last:?}");
+        assert!(last.policy_grad_entropy.is_some_and(|g| g.is_finite() && g > 0.0), "{last:?}");
+        assert_eq!(last.policy_grad_reward.is_some(), variant == Variant::Ddppo, "{last:?}");
+        for x in [last.action_cost_true, last.action_cost_pred, last.action_cost_grad, last.reward_error_pred] {
+            assert!(x.is_some_and(f64::is_finite), "{last:?}");
+        }
+        if variant == Variant::Mbpo {
+            // One ensemble: the differentiating one is the rollout one.
+            assert_eq!(last.action_cost_pred, last.action_cost_grad);
+            assert_eq!(last.reward_error_pred, last.reward_error_grad);
+        } else {
+            assert_ne!(last.action_cost_pred, last.action_cost_grad);
+        }
+    }
+}
+
+#[test]
+fn true_action_cost_is_the_torque_cost_of_the_deterministic_action() {
+    one_thread();
+    let mut agent = Agent::new(tiny(Variant::Ddppo)).expect("agent");
+    while agent.run_state().model_trainings == 0 {
+        agent.step().expect("step");
+    }
+    // States chosen here: angles and velocities across Pendulum's range.
+    let states: Vec<f32> = (0..40).flat_map(|i| [-3.0 + 0.15 * i as f32, 7.5 - 0.4 * i as f32]).collect();
+    let probe = agent.policy_probe_at(&states, &mut ChaCha8Rng::seed_from_u64(9)).expect("probe");
+    // Independently: the deterministic action from the policy's host copy,
+    // clipped to the torque bound, and Pendulum's torque cost 0.001 u^2.
+    let snap = agent.policy.snapshot().expect("snapshot");
+    let expect = states
+        .chunks(2)
+        .map(|s| {
+            let u = snap.mean_action(&[s[0] as f64, s[1] as f64])[0].clamp(-2.0, 2.0);
+            0.001 * u * u
+        })
+        .sum::<f64>()
+        / 40.0;
+    let got = probe.action_cost_true.expect("truth after a model training");
+    assert!((got - expect).abs() <= 1e-6 * expect.max(1e-3), "{got} vs {expect}");
+    assert!(expect > 0.0);
+    // The model's figures exist and the states' order does not matter to the truth.
+    assert!(probe.action_cost_pred.is_some() && probe.reward_error_grad.is_some());
+    let reversed: Vec<f32> = states.chunks(2).rev().flatten().copied().collect();
+    let again = agent.policy_probe_at(&reversed, &mut ChaCha8Rng::seed_from_u64(9)).expect("probe");
+    assert!((again.action_cost_true.unwrap() - got).abs() < 1e-12);
+    // A state array that is not whole rows is an error.
+    assert!(agent.policy_probe_at(&states[..3], &mut ChaCha8Rng::seed_from_u64(9)).is_err());
+}
