@@ -636,13 +636,17 @@ fn run_epoch(
 struct EarlyStopping {
     best: Snapshot,
     best_mse: Vec<f64>,
-    /// Epochs since any member last improved.
+    /// Epochs since any member last improved (not counting the cold start's wait).
     since: usize,
+    /// Epochs still free of the count, on a cold start, until some member
+    /// first improves on its epoch-1 MSE (`EnsembleConfig::cold_start_wait`).
+    wait: usize,
+    epochs: usize,
 }
 
 impl EarlyStopping {
-    fn new(vars: &[Var], members: usize) -> Result<Self> {
-        Ok(Self { best: Snapshot::take(vars)?, best_mse: vec![f64::INFINITY; members], since: 0 })
+    fn new(vars: &[Var], members: usize, wait: usize) -> Result<Self> {
+        Ok(Self { best: Snapshot::take(vars)?, best_mse: vec![f64::INFINITY; members], since: 0, wait, epochs: 0 })
     }
 
     /// Takes one epoch's holdout MSE per member.
@@ -658,9 +662,16 @@ impl EarlyStopping {
                 improved = true;
             }
         }
+        self.epochs += 1;
         if improved {
             self.best.update_shared(vars, e)?;
             self.since = 0;
+            // Epoch 1 always improves on nothing; a later improvement ends the wait.
+            if self.epochs > 1 {
+                self.wait = 0;
+            }
+        } else if self.wait > 0 {
+            self.wait -= 1;
         } else {
             self.since += 1;
         }
@@ -684,7 +695,8 @@ fn train_ensemble(
     let e = cfg.ensemble_size;
     let mut set = derivative_loss.map(|c| NeighbourSet::new(c, &split.raw_x, split.rows.ind, e)).transpose()?;
     let vars = ens.vars();
-    if opt.is_none() {
+    let cold = opt.is_none();
+    if cold {
         *opt = Some(ModelOptimizer::new(ens)?);
     }
     let device_rows = if ens.device_batches { Some(DeviceRows::new(&split.rows, &ens.device)?) } else { None };
@@ -696,7 +708,7 @@ fn train_ensemble(
         interrupt,
     };
     let before = Snapshot::take(&vars)?;
-    let mut stop = EarlyStopping::new(&vars, e)?;
+    let mut stop = EarlyStopping::new(&vars, e, if cold { cfg.cold_start_wait } else { 0 })?;
     let mut epoch = 0usize;
     let (train_loss, derivative_mean) = loop {
         epoch += 1;
@@ -823,5 +835,40 @@ impl ModelEnsemble {
     pub fn restore_training_snapshot(&mut self, s: &TrainingSnapshot) -> Result<()> {
         self.core.restore(&s.ensemble)?;
         self.restore_optimizer_state(s.opt.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Epochs a training runs under the stopping rule, for one member's holdout MSE per epoch.
+    fn epochs_run(mse: &[f64], patience: usize, wait: usize) -> usize {
+        let mut stop = EarlyStopping::new(&[], 1, wait).unwrap();
+        for (i, &m) in mse.iter().enumerate() {
+            stop.observe(&[], &[m], 0.01).unwrap();
+            if stop.since >= patience {
+                return i + 1;
+            }
+        }
+        mse.len()
+    }
+
+    #[test]
+    fn a_cold_start_waits_for_the_first_improvement() {
+        // The shape measured on Ant's first 5,000 transitions: under 1% per
+        // epoch for six epochs, then learning, then a plateau.
+        let curve =
+            [6.70, 6.73, 6.71, 6.69, 6.68, 6.66, 6.63, 6.58, 6.50, 6.40, 6.30, 6.2, 6.2, 6.2, 6.2, 6.2, 6.2, 6.2];
+        // The plain rule stops at epoch 6, before anything was learnt.
+        assert_eq!(epochs_run(&curve, 5, 0), 6);
+        // Waiting: epoch 7 is 1.04% below epoch 1, then 9-12 improve, 13-17 do not.
+        assert_eq!(epochs_run(&curve, 5, 50), 17);
+        // The wait is bounded: a flat curve runs 1 + wait + patience epochs.
+        assert_eq!(epochs_run(&[3.0; 40], 5, 3), 9);
+        assert_eq!(epochs_run(&[3.0; 40], 5, 0), 6);
+        // Improving from the start, both rules agree.
+        let learning: Vec<f64> = (0..30).map(|i| if i < 20 { 10.0 * 0.9f64.powi(i) } else { 1.2 }).collect();
+        assert_eq!(epochs_run(&learning, 5, 50), epochs_run(&learning, 5, 0));
     }
 }
