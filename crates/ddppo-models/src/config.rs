@@ -33,12 +33,13 @@ pub struct EnsembleConfig {
     pub max_epochs: Option<usize>,
     /// On a cold start (a fresh optimiser: the ensemble's first training, or
     /// the first after a non-finite loss restarted it), epochs without
-    /// improvement before the first improvement on epoch 1 do not count
-    /// toward `patience`, for at most this many epochs; 0 is MBPO's plain rule.
+    /// improvement do not count toward `patience` until learning has begun
+    /// (the members' mean holdout MSE 10% below its epoch-1 value,
+    /// `COLD_START_DROP`), for at most this many epochs; 0 is MBPO's plain rule.
     /// From the initial weights the holdout MSE can move under 1% per epoch
     /// for the first ~10 epochs of a small `D_env` (16 minibatches per epoch at
-    /// 5,000 rows, while the NLL first fits the variances), and the plain rule
-    /// then stops an ensemble that has not learned anything yet.
+    /// 5,000 rows), and the plain rule then stops an ensemble that has not
+    /// learnt anything yet (measured on Ant's first training).
     pub cold_start_wait: usize,
     /// Initial value of the learned upper log-variance bound.
     pub max_logvar_init: f64,

@@ -68,8 +68,8 @@ pub use config::{EnsembleConfig, GradientLossConfig};
 pub use ensemble::{EnsembleSnapshot, MemberGroups, ModelStep, ProbabilisticEnsemble, softplus};
 pub use layer::EnsembleLinear;
 pub use train::{
-    DirectionalDerivativeLoss, EpochStats, LossBatch, LossTerms, ModelEnsemble, NeighbourBatch, TrainReport,
-    TrainingSnapshot, TransitionData, directional_derivative_loss,
+    COLD_START_DROP, DirectionalDerivativeLoss, EpochStats, LossBatch, LossTerms, ModelEnsemble, NeighbourBatch,
+    TrainReport, TrainingSnapshot, TransitionData, directional_derivative_loss,
 };
 
 /// Errors of this crate.

@@ -638,15 +638,27 @@ struct EarlyStopping {
     best_mse: Vec<f64>,
     /// Epochs since any member last improved (not counting the cold start's wait).
     since: usize,
-    /// Epochs still free of the count, on a cold start, until some member
-    /// first improves on its epoch-1 MSE (`EnsembleConfig::cold_start_wait`).
+    /// Epochs still free of the count, on a cold start, until learning has
+    /// begun (`EnsembleConfig::cold_start_wait`, [`COLD_START_DROP`]).
     wait: usize,
-    epochs: usize,
+    /// The members' mean holdout MSE after epoch 1.
+    first_mean: Option<f64>,
 }
+
+/// On a cold start, learning has begun once the members' mean holdout MSE is
+/// this fraction below its epoch-1 value; until then (for at most
+/// `cold_start_wait` epochs) epochs without improvement are not counted.
+pub const COLD_START_DROP: f64 = 0.1;
 
 impl EarlyStopping {
     fn new(vars: &[Var], members: usize, wait: usize) -> Result<Self> {
-        Ok(Self { best: Snapshot::take(vars)?, best_mse: vec![f64::INFINITY; members], since: 0, wait, epochs: 0 })
+        Ok(Self {
+            best: Snapshot::take(vars)?,
+            best_mse: vec![f64::INFINITY; members],
+            since: 0,
+            wait,
+            first_mean: None,
+        })
     }
 
     /// Takes one epoch's holdout MSE per member.
@@ -662,14 +674,14 @@ impl EarlyStopping {
                 improved = true;
             }
         }
-        self.epochs += 1;
+        let mean = mse.iter().sum::<f64>() / mse.len().max(1) as f64;
+        let first = *self.first_mean.get_or_insert(mean);
+        if mean < (1.0 - COLD_START_DROP) * first {
+            self.wait = 0;
+        }
         if improved {
             self.best.update_shared(vars, e)?;
             self.since = 0;
-            // Epoch 1 always improves on nothing; a later improvement ends the wait.
-            if self.epochs > 1 {
-                self.wait = 0;
-            }
         } else if self.wait > 0 {
             self.wait -= 1;
         } else {
@@ -855,15 +867,20 @@ mod tests {
     }
 
     #[test]
-    fn a_cold_start_waits_for_the_first_improvement() {
+    fn a_cold_start_waits_until_learning_has_begun() {
         // The shape measured on Ant's first 5,000 transitions: under 1% per
         // epoch for six epochs, then learning, then a plateau.
-        let curve =
-            [6.70, 6.73, 6.71, 6.69, 6.68, 6.66, 6.63, 6.58, 6.50, 6.40, 6.30, 6.2, 6.2, 6.2, 6.2, 6.2, 6.2, 6.2];
+        let mut curve = vec![6.70, 6.73, 6.71, 6.69, 6.68, 6.66, 6.63, 6.50, 6.30, 6.00, 5.70, 5.50, 5.40];
+        curve.extend([5.40; 7]);
         // The plain rule stops at epoch 6, before anything was learnt.
         assert_eq!(epochs_run(&curve, 5, 0), 6);
-        // Waiting: epoch 7 is 1.04% below epoch 1, then 9-12 improve, 13-17 do not.
-        assert_eq!(epochs_run(&curve, 5, 50), 17);
+        // Waiting: learning has begun at epoch 10 (6.00, 10% below 6.70); the
+        // improvements of epochs 7-13 reset the count, 14-18 do not improve.
+        assert_eq!(epochs_run(&curve, 5, 50), 18);
+        // A single improvement of 1% on the plateau does not end the wait.
+        let blip = [6.70, 6.70, 6.60, 6.60, 6.60, 6.60, 6.60, 6.60, 6.60, 6.60, 6.60, 6.60];
+        assert_eq!(epochs_run(&blip, 5, 0), 8);
+        assert_eq!(epochs_run(&blip, 5, 50), blip.len());
         // The wait is bounded: a flat curve runs 1 + wait + patience epochs.
         assert_eq!(epochs_run(&[3.0; 40], 5, 3), 9);
         assert_eq!(epochs_run(&[3.0; 40], 5, 0), 6);
