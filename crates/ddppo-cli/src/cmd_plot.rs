@@ -26,14 +26,23 @@ pub struct PlotArgs {
     /// A logarithmic y axis (for error metrics).
     #[arg(long)]
     log_y: bool,
+    /// Curve names, comma-separated, one per run directory in order, in place
+    /// of the variant: runs with the same name are the seeds of one curve
+    /// (e.g. two settings of one variant).
+    #[arg(long, value_delimiter = ',', value_name = "NAMES")]
+    labels: Vec<String>,
 }
 
 pub fn run(args: PlotArgs) -> Result<()> {
     // env -> variant -> env_steps -> one value per seed
     let mut groups: BTreeMap<String, BTreeMap<String, BTreeMap<u64, Vec<f64>>>> = BTreeMap::new();
     let mut columns = std::collections::BTreeSet::new();
-    for dir in &args.runs {
+    if !args.labels.is_empty() && args.labels.len() != args.runs.len() {
+        bail!("--labels names {} curves for {} run directories: give one per run", args.labels.len(), args.runs.len());
+    }
+    for (i, dir) in args.runs.iter().enumerate() {
         let RunIdentity { env, variant, .. } = run_dir::identity(dir)?;
+        let variant = args.labels.get(i).cloned().unwrap_or(variant);
         let points = if args.metric == "return_mean" {
             let records = run_dir::read_metrics(dir)?;
             if records.is_empty() {

@@ -51,6 +51,19 @@ fn plot_groups_runs_by_env_and_variant() {
     assert_eq!((count("hopper"), count("ant")), (1, 1), "panel titles: {texts:?}");
     assert_eq!(count("ddppo"), 2, "{texts:?}");
     assert_eq!(count("sac"), 1, "{texts:?}");
+
+    // --labels: one name per run in place of the variant; the same name is one curve.
+    let labelled = tmp.join("labelled.svg");
+    let runs = ["a", "b", "c"].map(|r| tmp.join(r).display().to_string());
+    let o =
+        ddppo(&["plot", &runs[0], &runs[1], &runs[2], "--labels", "old,new,new", "--out", labelled.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let texts = svg_texts(&std::fs::read_to_string(&labelled).unwrap());
+    let count = |t: &str| texts.iter().filter(|x| x.as_str() == t).count();
+    assert_eq!((count("old"), count("new"), count("ddppo"), count("sac")), (1, 1, 0, 0), "{texts:?}");
+    let o = ddppo(&["plot", &runs[0], &runs[1], "--labels", "one", "--out", labelled.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--labels names 1 curves for 2 run directories"));
 }
 
 #[test]
