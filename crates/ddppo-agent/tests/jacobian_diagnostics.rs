@@ -2,43 +2,18 @@
 //! for `sac`, and without any effect on the training (a run with them on and
 //! one with them off produce the same returns and losses, bit for bit).
 
+mod common;
+
 use ddppo_agent::jacobian_error::JacobianProbe;
 use ddppo_agent::{Agent, AgentConfig, EvalRecord, NoObserver, Variant};
 use ddppo_env::{EnvFactory, Task};
 
 fn tiny(variant: Variant, jacobian_states: usize) -> AgentConfig {
-    let mut c = AgentConfig::preset("pendulum").expect("preset");
-    c.variant = variant;
-    c.seed = 3;
-    c.epochs = 1;
-    c.epoch_length = 300;
-    c.start_steps = 100;
-    c.min_pool_size = 100;
-    c.model_train_freq = 100;
-    c.rollout_batch_size = 100;
-    c.eval_every = 100;
-    c.eval_episodes = 2;
-    c.hidden = vec![16, 16];
-    c.batch_size = 32;
-    c.policy_updates_per_step = 1;
-    c.critic_updates_per_step = 1;
-    c.model.ensemble_size = 3;
-    c.model.elites = 2;
-    c.model.hidden = 16;
-    c.model.hidden_layers = 2;
-    c.model.weight_decay = vec![0.0; 3];
-    c.model.max_epochs = Some(3);
-    c.gradient.neighbours = 3;
-    c.jacobian_states = jacobian_states;
-    c
+    common::tiny(variant, 3, jacobian_states)
 }
 
 fn run(cfg: AgentConfig) -> (Agent, Vec<EvalRecord>) {
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        // SAFETY: set before any tensor work of this test binary; candle reads
-        // it through std::env, which serialises access.
-        unsafe { std::env::set_var("RAYON_NUM_THREADS", "1") };
-    }
+    common::one_thread();
     let mut agent = Agent::new(cfg).expect("agent");
     let records = agent.train(None, &mut NoObserver).expect("training");
     (agent, records)

@@ -2,43 +2,15 @@
 //! change nothing the training uses, and their true action cost is the
 //! task's own (Pendulum: `r(s, 0) - r(s, a) = 0.001 a^2`, the torque cost).
 
+mod common;
+
+use common::one_thread;
 use ddppo_agent::{Agent, AgentConfig, EvalRecord, Variant};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 fn tiny(variant: Variant) -> AgentConfig {
-    let mut c = AgentConfig::preset("pendulum").expect("preset");
-    c.variant = variant;
-    c.seed = 4;
-    c.epochs = 1;
-    c.epoch_length = 300;
-    c.start_steps = 100;
-    c.min_pool_size = 100;
-    c.model_train_freq = 100;
-    c.rollout_batch_size = 100;
-    c.eval_every = 100;
-    c.eval_episodes = 2;
-    c.hidden = vec![16, 16];
-    c.batch_size = 32;
-    c.policy_updates_per_step = 1;
-    c.critic_updates_per_step = 1;
-    c.model.ensemble_size = 3;
-    c.model.elites = 2;
-    c.model.hidden = 16;
-    c.model.hidden_layers = 2;
-    c.model.weight_decay = vec![0.0; 3];
-    c.model.max_epochs = Some(3);
-    c.gradient.neighbours = 3;
-    c.jacobian_states = 0;
-    c
-}
-
-fn one_thread() {
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        // SAFETY: set before any tensor work of this test binary; candle reads
-        // it through std::env, which serialises access.
-        unsafe { std::env::set_var("RAYON_NUM_THREADS", "1") };
-    }
+    common::tiny(variant, 4, 0)
 }
 
 /// Evaluations of a whole run; with `extra`, the probe also runs after every step.
