@@ -4,7 +4,7 @@
 
 use anyhow::{Context, Result, bail};
 use ddppo_agent::profile::{critic_updates_per_step, last_model_training, load_transitions, record_transitions};
-use ddppo_agent::{Agent, AgentConfig};
+use ddppo_agent::{Agent, AgentConfig, EvalRecord};
 use ddppo_buffer::ReplayBuffer;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -97,23 +97,14 @@ pub struct RowProfile {
 /// holdout MSE of each ensemble's elites, their Jacobian error on the run's
 /// held-out states (`jacobian_error`), and the action cost they predict at
 /// the policy probe's states (`policy_probe`).
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ModelQuality {
+    /// Mean holdout MSE of the rollout ensemble's elites.
     pub pred_holdout_mse: f64,
+    /// The same of the separate gradient ensemble, if any.
     pub grad_holdout_mse: Option<f64>,
-    pub pred_jacobian_mse_reward: Option<f64>,
-    pub pred_jacobian_mse_dynamics: Option<f64>,
-    pub pred_jacobian_cos: Option<f64>,
-    pub grad_jacobian_mse_reward: Option<f64>,
-    pub grad_jacobian_mse_dynamics: Option<f64>,
-    pub grad_jacobian_cos: Option<f64>,
-    #[serde(default)]
-    pub pred_jacobian_cos_reward_action: Option<f64>,
-    #[serde(default)]
-    pub grad_jacobian_cos_reward_action: Option<f64>,
-    pub action_cost_true: Option<f64>,
-    pub action_cost_pred: Option<f64>,
-    pub action_cost_grad: Option<f64>,
+    /// The evaluation's record (Jacobian errors, action costs, ...).
+    pub evaluation: EvalRecord,
 }
 
 /// A whole profile (what `--json` writes and `--baseline` reads).
@@ -262,20 +253,10 @@ fn profile_rows(
     timed(&format!("rows {n}: evaluation"), || agent.evaluate().map(|r| record = Some(r)))?;
     let after = agent.phase_times();
     let quality = match (training, record) {
-        (Some(t), Some(r)) => Some(ModelQuality {
+        (Some(t), Some(evaluation)) => Some(ModelQuality {
             pred_holdout_mse: t.prediction.holdout_mse,
             grad_holdout_mse: t.gradient.map(|g| g.holdout_mse),
-            pred_jacobian_mse_reward: r.pred_jacobian_mse_reward,
-            pred_jacobian_mse_dynamics: r.pred_jacobian_mse_dynamics,
-            pred_jacobian_cos: r.pred_jacobian_cos,
-            grad_jacobian_mse_reward: r.grad_jacobian_mse_reward,
-            grad_jacobian_mse_dynamics: r.grad_jacobian_mse_dynamics,
-            grad_jacobian_cos: r.grad_jacobian_cos,
-            pred_jacobian_cos_reward_action: r.pred_jacobian_cos_reward_action,
-            grad_jacobian_cos_reward_action: r.grad_jacobian_cos_reward_action,
-            action_cost_true: r.action_cost_true,
-            action_cost_pred: r.action_cost_pred,
-            action_cost_grad: r.action_cost_grad,
+            evaluation,
         }),
         _ => None,
     };
@@ -408,24 +389,24 @@ fn quality_table(p: &Profile) -> String {
             "| {} | prediction | {:.4} | {} | {} | {} | {} | {} | {} |\n",
             r.rows,
             q.pred_holdout_mse,
-            cell(q.pred_jacobian_mse_reward),
-            cell(q.pred_jacobian_mse_dynamics),
-            cell(q.pred_jacobian_cos),
-            cell(q.pred_jacobian_cos_reward_action),
-            cell(q.action_cost_true),
-            cell(q.action_cost_pred),
+            cell(q.evaluation.pred_jacobian_mse_reward),
+            cell(q.evaluation.pred_jacobian_mse_dynamics),
+            cell(q.evaluation.pred_jacobian_cos),
+            cell(q.evaluation.pred_jacobian_cos_reward_action),
+            cell(q.evaluation.action_cost_true),
+            cell(q.evaluation.action_cost_pred),
         ));
         if q.grad_holdout_mse.is_some() {
             out.push_str(&format!(
                 "| {} | gradient | {} | {} | {} | {} | {} | {} | {} |\n",
                 r.rows,
                 cell(q.grad_holdout_mse),
-                cell(q.grad_jacobian_mse_reward),
-                cell(q.grad_jacobian_mse_dynamics),
-                cell(q.grad_jacobian_cos),
-                cell(q.grad_jacobian_cos_reward_action),
-                cell(q.action_cost_true),
-                cell(q.action_cost_grad),
+                cell(q.evaluation.grad_jacobian_mse_reward),
+                cell(q.evaluation.grad_jacobian_mse_dynamics),
+                cell(q.evaluation.grad_jacobian_cos),
+                cell(q.evaluation.grad_jacobian_cos_reward_action),
+                cell(q.evaluation.action_cost_true),
+                cell(q.evaluation.action_cost_grad),
             ));
         }
     }
