@@ -140,6 +140,14 @@ pub struct EvalRecord {
     /// The same for the differentiating ensemble's elites.
     #[serde(default)]
     pub reward_error_grad: Option<f64>,
+    /// Mean `min Q(s, pi(s))` at 32 probe states (deterministic action);
+    /// empty before the first critic update.
+    #[serde(default)]
+    pub critic_q: Option<f64>,
+    /// Mean discounted return of the deterministic policy in the true env
+    /// from the same states, over at most 300 steps.
+    #[serde(default)]
+    pub policy_return: Option<f64>,
 }
 
 /// Wall seconds per phase of the loop (for profiling).
@@ -847,6 +855,8 @@ impl Agent {
             action_cost_grad: probe.and_then(|p| p.action_cost_grad),
             reward_error_pred: probe.and_then(|p| p.reward_error_pred),
             reward_error_grad: probe.and_then(|p| p.reward_error_grad),
+            critic_q: probe.and_then(|p| p.critic_q),
+            policy_return: probe.and_then(|p| p.policy_return),
         })
     }
 }

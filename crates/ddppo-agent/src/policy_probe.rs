@@ -21,6 +21,10 @@
 //!   elites of each ensemble predict it (mean over elites), with the
 //!   ensembles' mean absolute reward errors at `(s, pi(s))`.
 //!
+//! - the critic's calibration: `min Q(s, pi(s))` against the discounted
+//!   return the deterministic policy gets in the true env from the same
+//!   states (a critic far above it overvalues where the policy goes).
+//!
 //! The evaluation policy's mean `|a|` comes with the evaluation episodes
 //! ([`crate::EvalSummary::action_abs_mean`]).
 use candle_core::{DType, Tensor, Var};
@@ -62,7 +66,19 @@ pub struct PolicyProbe {
     pub reward_error_pred: Option<f64>,
     /// The same for the differentiating ensemble's elites.
     pub reward_error_grad: Option<f64>,
+    /// Mean `min Q(s, pi(s))` of the critic at the first [`CALIBRATION_STATES`]
+    /// probe states, `pi(s)` the deterministic action; `None` before the first critic update.
+    pub critic_q: Option<f64>,
+    /// Mean discounted return of the deterministic policy over at most
+    /// [`CALIBRATION_STEPS`] true env steps from the same states (each step
+    /// from the state its observation stands for; cut at the task's termination).
+    pub policy_return: Option<f64>,
 }
+
+/// Start states of the critic's calibration figures.
+pub const CALIBRATION_STATES: usize = 32;
+/// True env steps per calibration rollout (`0.99^300 = 0.05` of the tail is left out).
+pub const CALIBRATION_STEPS: usize = 300;
 
 /// `sqrt(sum |d f / d v|^2)` over `vars` of a scalar `f`.
 fn grad_norm(f: &Tensor, vars: &[Var]) -> Result<f64> {
@@ -160,15 +176,40 @@ impl Agent {
             }
         }
 
+        let act = self.policy.mean_action(&obs)?;
+        let mut truth_env = make_jacobian(self.task)?;
+        if self.run.critic_updates > 0 {
+            let n = rows.min(CALIBRATION_STATES);
+            let q = self.critic.min_q_frozen(&obs.narrow(0, 0, n)?, &act.narrow(0, 0, n)?)?;
+            probe.critic_q = Some(mean(q)?);
+            let snap = self.policy.snapshot()?;
+            let mut total = 0.0;
+            for i in 0..n {
+                let mut s: Vec<f64> = states[i * od..(i + 1) * od].iter().map(|&x| x as f64).collect();
+                let (mut ret, mut discount) = (0.0, 1.0);
+                for _ in 0..CALIBRATION_STEPS {
+                    // A state the simulator rejects ends the rollout there.
+                    let Ok((r, next)) = truth_env.step_at(&s, &snap.mean_action(&s)) else { break };
+                    ret += discount * r;
+                    discount *= self.cfg.gamma;
+                    let next32: Vec<f32> = next.iter().map(|&x| x as f32).collect();
+                    if ddppo_env::is_terminal(self.task, &next32) {
+                        break;
+                    }
+                    s = next;
+                }
+                total += ret;
+            }
+            probe.policy_return = Some(total / n as f64);
+        }
+
         let Some(models) = self.models.as_ref().filter(|_| trained) else {
             return Ok(probe);
         };
-        let act = self.policy.mean_action(&obs)?;
         let (low, high) = (self.env.action_low().to_vec(), self.env.action_high().to_vec());
         let centre_row: Vec<f64> = low.iter().zip(&high).map(|(l, h)| 0.5 * (l + h)).collect();
         let centre = Tensor::from_slice(&centre_row.repeat(rows), (rows, ad), &self.device)?.to_dtype(DType::F32)?;
         let act_host = act.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-        let mut truth_env = make_jacobian(self.task)?;
         // (row, r(s, a), r(s, c)) of the rows whose two true steps ran (a
         // state the simulator rejects is left out, not the run stopped).
         let mut truth = Vec::with_capacity(rows);

@@ -6,6 +6,7 @@ mod common;
 
 use common::one_thread;
 use ddppo_agent::{Agent, AgentConfig, EvalRecord, Variant};
+use ddppo_env::{AnalyticDynamics, Pendulum};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -50,6 +51,7 @@ fn probing_after_every_step_changes_no_evaluation() {
         assert!(last.policy_grad_q.is_some_and(|g| g.is_finite() && g > 0.0), "{last:?}");
         assert!(last.policy_grad_entropy.is_some_and(|g| g.is_finite() && g > 0.0), "{last:?}");
         assert_eq!(last.policy_grad_reward.is_some(), variant == Variant::Ddppo, "{last:?}");
+        assert!(last.critic_q.is_some_and(f64::is_finite) && last.policy_return.is_some_and(f64::is_finite));
         for x in [last.action_cost_true, last.action_cost_pred, last.action_cost_grad, last.reward_error_pred] {
             assert!(x.is_some_and(f64::is_finite), "{last:?}");
         }
@@ -92,6 +94,29 @@ fn true_action_cost_is_the_torque_cost_of_the_deterministic_action() {
     let reversed: Vec<f32> = states.chunks(2).rev().flatten().copied().collect();
     let again = agent.policy_probe_at(&reversed, &mut ChaCha8Rng::seed_from_u64(9)).expect("probe");
     assert!((again.action_cost_true.unwrap() - got).abs() < 1e-12);
+    // The critic's calibration: the discounted return of the deterministic
+    // policy from the first 32 states, 300 steps of Pendulum's own dynamics
+    // (it never terminates), computed here step by step.
+    let gamma = agent.config().gamma;
+    let expect_return = states
+        .chunks(2)
+        .take(32)
+        .map(|s0| {
+            let mut s = vec![s0[0] as f64, s0[1] as f64];
+            let (mut ret, mut discount) = (0.0, 1.0);
+            for _ in 0..300 {
+                let (r, next) = Pendulum::new().transition(&s, &snap.mean_action(&s));
+                ret += discount * r;
+                discount *= gamma;
+                s = next;
+            }
+            ret
+        })
+        .sum::<f64>()
+        / 32.0;
+    let got = probe.policy_return.expect("after critic updates");
+    assert!((got - expect_return).abs() <= 1e-9 * expect_return.abs(), "{got} vs {expect_return}");
+    assert!(probe.critic_q.is_some_and(f64::is_finite));
     // A state array that is not whole rows is an error.
     assert!(agent.policy_probe_at(&states[..3], &mut ChaCha8Rng::seed_from_u64(9)).is_err());
 }
