@@ -52,10 +52,11 @@ pub struct PolicyProbe {
     pub std: f64,
     /// `|d J_reward / d phi|`: the model rewards' part (back-propagated update only).
     pub grad_norm_reward: Option<f64>,
-    /// `|d J_Q / d phi|`: the critic's part (terminal value, or SAC's `min Q`).
-    pub grad_norm_q: f64,
-    /// `|d J_entropy / d phi|`: the `-alpha log pi` terms.
-    pub grad_norm_entropy: f64,
+    /// `|d J_Q / d phi|`: the critic's part (terminal value, or SAC's `min Q`);
+    /// `None` for the back-propagated update before the first model training.
+    pub grad_norm_q: Option<f64>,
+    /// `|d J_entropy / d phi|`: the `-alpha log pi` terms (`None` as `grad_norm_q`).
+    pub grad_norm_entropy: Option<f64>,
     /// Mean true `r(s, c) - r(s, pi(s))`; `None` before the first model training.
     pub action_cost_true: Option<f64>,
     /// The rollout ensemble's elites' prediction of it.
@@ -164,15 +165,15 @@ impl Agent {
                 let full = policy_objective(&self.policy, &self.critic, &env, &obs, h, gamma, alpha, &mut rng.clone())?;
                 let bare = policy_objective(&self.policy, &self.critic, &env, &obs, h, gamma, 0.0, rng)?;
                 probe.grad_norm_reward = Some(grad_norm(&bare.model_steps.mean_all()?, &vars)?);
-                probe.grad_norm_q = grad_norm(&bare.terminal.mean_all()?, &vars)?;
-                probe.grad_norm_entropy = grad_norm(&(full.objective - bare.objective)?, &vars)?;
+                probe.grad_norm_q = Some(grad_norm(&bare.terminal.mean_all()?, &vars)?);
+                probe.grad_norm_entropy = Some(grad_norm(&(full.objective - bare.objective)?, &vars)?);
             }
             PolicyUpdate::ThroughModel => {}
             PolicyUpdate::Sac => {
                 let sample = self.policy.sample(&obs, rng)?;
                 let q = self.critic.min_q_frozen(&obs, &sample.action)?;
-                probe.grad_norm_q = grad_norm(&q.mean_all()?, &vars)?;
-                probe.grad_norm_entropy = grad_norm(&sample.logp.mean_all()?.affine(-alpha, 0.0)?, &vars)?;
+                probe.grad_norm_q = Some(grad_norm(&q.mean_all()?, &vars)?);
+                probe.grad_norm_entropy = Some(grad_norm(&sample.logp.mean_all()?.affine(-alpha, 0.0)?, &vars)?);
             }
         }
 

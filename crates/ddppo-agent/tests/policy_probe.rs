@@ -55,6 +55,16 @@ fn probing_after_every_step_changes_no_evaluation() {
         for x in [last.action_cost_true, last.action_cost_pred, last.action_cost_grad, last.reward_error_pred] {
             assert!(x.is_some_and(f64::is_finite), "{last:?}");
         }
+        // Before the first model training the back-propagated update has no
+        // model to differentiate: no gradient figures (the SAC update has them).
+        let mut early = Agent::new(tiny(variant)).expect("agent");
+        for _ in 0..10 {
+            early.step().expect("step");
+        }
+        let p = early.policy_probe().expect("probe").expect("D_env holds rows");
+        assert_eq!(p.grad_norm_q.is_some(), variant == Variant::Mbpo, "{p:?}");
+        assert_eq!(p.grad_norm_entropy.is_some(), variant == Variant::Mbpo, "{p:?}");
+        assert!(p.action_cost_true.is_none() && p.critic_q.is_none(), "{p:?}");
         if variant == Variant::Mbpo {
             // One ensemble: the differentiating one is the rollout one.
             assert_eq!(last.action_cost_pred, last.action_cost_grad);
