@@ -287,39 +287,39 @@ pub fn jacobian_errors(model: &[f64], truth: &[f64], dirs: &[f64], d: usize, m: 
             .collect()
     };
     // The reward row's action columns, state by state.
-    let (mut action_se, mut action_cos, mut action_counted) = (0.0, 0.0, 0usize);
+    let (mut action_se, mut action_cos) = (0.0, Vec::with_capacity(n));
     for p in 0..n {
         let (gm, gt) =
             (&model[p * rows * cols + d..p * rows * cols + cols], &truth[p * rows * cols + d..p * rows * cols + cols]);
         action_se += gm.iter().zip(gt).map(|(a, b)| (a - b).powi(2)).sum::<f64>();
-        let norm = |u: &[f64]| u.iter().map(|x| x * x).sum::<f64>().sqrt();
-        let (nm, nt) = (norm(gm), norm(gt));
-        if nm > 0.0 && nt > 0.0 {
-            action_cos += gm.iter().zip(gt).map(|(x, y)| x * y).sum::<f64>() / (nm * nt);
-            action_counted += 1;
-        }
+        action_cos.extend(cosine(gm, gt));
     }
-    let (mut cos, mut counted) = (0.0, 0usize);
+    let mut cos = Vec::with_capacity(n * k);
     for p in 0..n {
         let (jm, jt) = (&model[p * rows * cols..(p + 1) * rows * cols], &truth[p * rows * cols..(p + 1) * rows * cols]);
         for v in dirs[p * k * cols..(p + 1) * k * cols].chunks(cols) {
-            let (um, ut) = (increment_jvp(jm, v), increment_jvp(jt, v));
-            let norm = |u: &[f64]| u.iter().map(|x| x * x).sum::<f64>().sqrt();
-            let (nm, nt) = (norm(&um), norm(&ut));
-            // A zero vector has no direction to compare.
-            if nm > 0.0 && nt > 0.0 {
-                cos += um.iter().zip(&ut).map(|(x, y)| x * y).sum::<f64>() / (nm * nt);
-                counted += 1;
-            }
+            cos.extend(cosine(&increment_jvp(jm, v), &increment_jvp(jt, v)));
         }
     }
     JacobianErrors {
         mse_reward: reward / (n * cols).max(1) as f64,
         mse_dynamics: dynamics / (n * d * cols).max(1) as f64,
-        cos: if counted > 0 { cos / counted as f64 } else { f64::NAN },
+        cos: mean_or_nan(&cos),
         mse_reward_action: action_se / (n * m).max(1) as f64,
-        cos_reward_action: if action_counted > 0 { action_cos / action_counted as f64 } else { f64::NAN },
+        cos_reward_action: mean_or_nan(&action_cos),
     }
+}
+
+/// The cosine of `u` and `v`; `None` when either is zero (no direction to compare).
+fn cosine(u: &[f64], v: &[f64]) -> Option<f64> {
+    let norm = |w: &[f64]| w.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let (nu, nv) = (norm(u), norm(v));
+    (nu > 0.0 && nv > 0.0).then(|| u.iter().zip(v).map(|(x, y)| x * y).sum::<f64>() / (nu * nv))
+}
+
+/// The mean of `xs`, NaN when there are none.
+fn mean_or_nan(xs: &[f64]) -> f64 {
+    if xs.is_empty() { f64::NAN } else { xs.iter().sum::<f64>() / xs.len() as f64 }
 }
 
 #[cfg(test)]

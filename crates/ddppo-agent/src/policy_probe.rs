@@ -93,7 +93,7 @@ fn grad_norm(f: &Tensor, vars: &[Var]) -> Result<f64> {
     Ok(sq.sqrt())
 }
 
-/// Mean over `ens`'s elites of the per-row reward at `(obs, act)`, each `rows` long.
+/// The per-row mean reward at `(obs, act)` of each of `ens`'s elites, one `rows`-long vector per elite.
 fn elite_rewards(ens: &ProbabilisticEnsemble, obs: &Tensor, act: &Tensor) -> Result<Vec<Vec<f64>>> {
     let rows = obs.dim(0)?;
     ens.elites()
@@ -102,7 +102,8 @@ fn elite_rewards(ens: &ProbabilisticEnsemble, obs: &Tensor, act: &Tensor) -> Res
         .collect()
 }
 
-/// `(mean over elites and rows of r(s, c) - r(s, a), mean |r(s, a) - truth|)` on `keep` rows.
+/// `(mean over elites and rows of r(s, c) - r(s, a), mean |r(s, a) - truth|)` on the rows of
+/// `truth`, each `(row, true r(s, a), true r(s, c))`.
 fn model_action_cost(
     ens: &ProbabilisticEnsemble,
     obs: &Tensor,
@@ -149,6 +150,8 @@ impl Agent {
             return Err(Error::Config(format!("probe states: {} values are not rows of {od}", states.len())));
         }
         let obs = Tensor::from_slice(states, (rows, od), &self.device)?;
+        // The states for the true env steps.
+        let states64: Vec<Vec<f64>> = states.chunks(od).map(|r| r.iter().map(|&x| x as f64).collect()).collect();
         let (mu, log_std) = self.policy.distribution(&obs)?;
         let mean = |t: Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.mean_all()?.to_scalar::<f64>()?) };
         let mut probe = PolicyProbe { mu_abs: mean(mu.abs()?)?, std: mean(log_std.exp()?)?, ..Default::default() };
@@ -185,8 +188,8 @@ impl Agent {
             probe.critic_q = Some(mean(q)?);
             let snap = self.policy.snapshot()?;
             let mut total = 0.0;
-            for i in 0..n {
-                let mut s: Vec<f64> = states[i * od..(i + 1) * od].iter().map(|&x| x as f64).collect();
+            for start in &states64[..n] {
+                let mut s = start.clone();
                 let (mut ret, mut discount) = (0.0, 1.0);
                 for _ in 0..CALIBRATION_STEPS {
                     // A state the simulator rejects ends the rollout there.
@@ -214,10 +217,9 @@ impl Agent {
         // (row, r(s, a), r(s, c)) of the rows whose two true steps ran (a
         // state the simulator rejects is left out, not the run stopped).
         let mut truth = Vec::with_capacity(rows);
-        for i in 0..rows {
-            let s: Vec<f64> = states[i * od..(i + 1) * od].iter().map(|&x| x as f64).collect();
+        for (i, s) in states64.iter().enumerate() {
             let a = &act_host[i * ad..(i + 1) * ad];
-            if let (Ok((r_a, _)), Ok((r_c, _))) = (truth_env.step_at(&s, a), truth_env.step_at(&s, &centre_row)) {
+            if let (Ok((r_a, _)), Ok((r_c, _))) = (truth_env.step_at(s, a), truth_env.step_at(s, &centre_row)) {
                 truth.push((i, r_a, r_c));
             }
         }

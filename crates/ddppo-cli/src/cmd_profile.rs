@@ -385,29 +385,36 @@ fn quality_table(p: &Profile) -> String {
     );
     for r in &p.rows {
         let Some(q) = &r.quality else { continue };
-        out.push_str(&format!(
-            "| {} | prediction | {:.4} | {} | {} | {} | {} | {} | {} |\n",
-            r.rows,
-            q.pred_holdout_mse,
-            cell(q.evaluation.pred_jacobian_mse_reward),
-            cell(q.evaluation.pred_jacobian_mse_dynamics),
-            cell(q.evaluation.pred_jacobian_cos),
-            cell(q.evaluation.pred_jacobian_cos_reward_action),
-            cell(q.evaluation.action_cost_true),
-            cell(q.evaluation.action_cost_pred),
-        ));
+        let e = &q.evaluation;
+        let mut row = |ensemble: &str, figures: [Option<f64>; 7]| {
+            let cells: Vec<String> = figures.into_iter().map(cell).collect();
+            out.push_str(&format!("| {} | {ensemble} | {} |\n", r.rows, cells.join(" | ")));
+        };
+        row(
+            "prediction",
+            [
+                Some(q.pred_holdout_mse),
+                e.pred_jacobian_mse_reward,
+                e.pred_jacobian_mse_dynamics,
+                e.pred_jacobian_cos,
+                e.pred_jacobian_cos_reward_action,
+                e.action_cost_true,
+                e.action_cost_pred,
+            ],
+        );
         if q.grad_holdout_mse.is_some() {
-            out.push_str(&format!(
-                "| {} | gradient | {} | {} | {} | {} | {} | {} | {} |\n",
-                r.rows,
-                cell(q.grad_holdout_mse),
-                cell(q.evaluation.grad_jacobian_mse_reward),
-                cell(q.evaluation.grad_jacobian_mse_dynamics),
-                cell(q.evaluation.grad_jacobian_cos),
-                cell(q.evaluation.grad_jacobian_cos_reward_action),
-                cell(q.evaluation.action_cost_true),
-                cell(q.evaluation.action_cost_grad),
-            ));
+            row(
+                "gradient",
+                [
+                    q.grad_holdout_mse,
+                    e.grad_jacobian_mse_reward,
+                    e.grad_jacobian_mse_dynamics,
+                    e.grad_jacobian_cos,
+                    e.grad_jacobian_cos_reward_action,
+                    e.action_cost_true,
+                    e.action_cost_grad,
+                ],
+            );
         }
     }
     out
