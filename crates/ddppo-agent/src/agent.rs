@@ -203,6 +203,41 @@ pub struct LearnedModels {
     pub gradient: Option<ModelEnsemble>,
 }
 
+/// The config of one of a variant's ensembles: its network, and the
+/// gradient loss it trains with (`None`: NLL only).
+#[derive(Clone, Debug)]
+pub struct EnsembleSpec {
+    pub config: EnsembleConfig,
+    pub loss: Option<GradientLossConfig>,
+}
+
+/// A variant's ensembles as the variant table says: the rollout ensemble and
+/// the separate gradient ensemble, if any (`None`: no models, `sac`).
+pub fn ensemble_specs(
+    variant: Variant,
+    cfg: &AgentConfig,
+    obs_dim: usize,
+    act_dim: usize,
+) -> Option<(EnsembleSpec, Option<EnsembleSpec>)> {
+    let spec = variant.spec();
+    let plain = |config: EnsembleConfig| EnsembleSpec { config, loss: None };
+    let prediction = match spec.rollout_model {
+        RolloutModel::None => return None,
+        RolloutModel::Prediction => plain(cfg.model.clone()),
+        RolloutModel::Wide => {
+            plain(EnsembleConfig { hidden: cfg.double_params_width(obs_dim, act_dim), ..cfg.model.clone() })
+        }
+        RolloutModel::WithGradientLoss => EnsembleSpec { config: cfg.model.clone(), loss: Some(cfg.gradient.clone()) },
+    };
+    let gradient = match spec.gradient_source {
+        GradientSource::SeparateEnsemble => {
+            Some(EnsembleSpec { config: cfg.model.clone(), loss: Some(cfg.gradient.clone()) })
+        }
+        GradientSource::RolloutMean | GradientSource::None => None,
+    };
+    Some((prediction, gradient))
+}
+
 impl LearnedModels {
     fn new(
         variant: Variant,
@@ -212,26 +247,12 @@ impl LearnedModels {
         device: &Device,
         rng: &mut ChaCha8Rng,
     ) -> Result<Option<Self>> {
-        // The gradient loss's settings for an ensemble trained with it, `None` for plain NLL.
-        let ensemble =
-            |c: &EnsembleConfig, loss: Option<&GradientLossConfig>, rng: &mut ChaCha8Rng| -> Result<ModelEnsemble> {
-                Ok(ModelEnsemble::new(obs_dim, act_dim, c, loss, device, DType::F32, rng)?)
-            };
-        let spec = variant.spec();
-        let prediction = match spec.rollout_model {
-            RolloutModel::None => return Ok(None),
-            RolloutModel::Prediction => ensemble(&cfg.model, None, rng)?,
-            RolloutModel::Wide => {
-                let mut wide = cfg.model.clone();
-                wide.hidden = cfg.double_params_width(obs_dim, act_dim);
-                ensemble(&wide, None, rng)?
-            }
-            RolloutModel::WithGradientLoss => ensemble(&cfg.model, Some(&cfg.gradient), rng)?,
+        let Some((prediction, gradient)) = ensemble_specs(variant, cfg, obs_dim, act_dim) else { return Ok(None) };
+        let mut ensemble = |s: &EnsembleSpec| -> Result<ModelEnsemble> {
+            Ok(ModelEnsemble::new(obs_dim, act_dim, &s.config, s.loss.as_ref(), device, DType::F32, rng)?)
         };
-        let gradient = match spec.gradient_source {
-            GradientSource::SeparateEnsemble => Some(ensemble(&cfg.model, Some(&cfg.gradient), rng)?),
-            GradientSource::RolloutMean | GradientSource::None => None,
-        };
+        let prediction = ensemble(&prediction)?;
+        let gradient = gradient.as_ref().map(&mut ensemble).transpose()?;
         Ok(Some(Self { prediction, gradient }))
     }
 }

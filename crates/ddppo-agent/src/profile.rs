@@ -7,6 +7,12 @@
 //! stage for them, so what is timed is what a run executes.
 
 use ddppo_buffer::ReplayBuffer;
+use ddppo_models::TransitionData;
+use ddppo_models::gemm_bound::{self, EpochBound};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::agent::ensemble_specs;
 
 use crate::{Agent, AgentConfig, Error, Result};
 
@@ -112,4 +118,40 @@ pub fn load_transitions(agent: &mut Agent, data: &ReplayBuffer, rows: usize) -> 
 /// much per step, so in the long run it binds only below `G2`).
 pub fn critic_updates_per_step(cfg: &AgentConfig) -> usize {
     cfg.critic_updates_per_step.min(cfg.max_train_repeat_per_step)
+}
+
+/// Each of the run's ensembles (`"prediction"`, and `"gradient"` when the
+/// variant has a separate one) trained fresh for `epochs` epochs on the
+/// first `rows` rows of `data`, one epoch timed against the GEMM bound of
+/// its products ([`ddppo_models::gemm_bound`]). Their weights and shuffles
+/// come from stream 7 of the run's seed (a stream of their own: 0 to 6 are
+/// the run's).
+pub fn epoch_bounds(
+    cfg: &AgentConfig,
+    data: &ReplayBuffer,
+    rows: usize,
+    epochs: usize,
+) -> Result<Vec<(&'static str, EpochBound)>> {
+    let (od, ad) = (data.obs_dim(), data.act_dim());
+    if rows > data.len() {
+        return Err(Error::Config(format!("{rows} rows asked, {} recorded", data.len())));
+    }
+    let Some((prediction, gradient)) = ensemble_specs(cfg.variant, cfg, od, ad) else { return Ok(Vec::new()) };
+    let all = data.newest(data.len());
+    let transitions = TransitionData {
+        obs: &all.obs[..rows * od],
+        act: &all.act[..rows * ad],
+        rew: &all.rew[..rows],
+        next_obs: &all.next_obs[..rows * od],
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    rng.set_stream(7);
+    let mut out = Vec::new();
+    for (name, spec) in [("prediction", Some(prediction)), ("gradient", gradient)] {
+        if let Some(s) = spec {
+            let bound = gemm_bound::measure(od, ad, &s.config, s.loss.as_ref(), &transitions, epochs, &mut rng)?;
+            out.push((name, bound));
+        }
+    }
+    Ok(out)
 }

@@ -3,7 +3,9 @@
 //! per 1,000 env steps that follow from the preset's schedule.
 
 use anyhow::{Context, Result, bail};
-use ddppo_agent::profile::{critic_updates_per_step, last_model_training, load_transitions, record_transitions};
+use ddppo_agent::profile::{
+    critic_updates_per_step, epoch_bounds, last_model_training, load_transitions, record_transitions,
+};
 use ddppo_agent::{Agent, AgentConfig, EvalRecord};
 use ddppo_buffer::ReplayBuffer;
 use serde::{Deserialize, Serialize};
@@ -42,6 +44,11 @@ pub struct ProfileArgs {
     /// later calls reuse them.
     #[arg(long, value_name = "DIR", default_value = ".cache/profile")]
     data_dir: PathBuf,
+    /// Also time one model-training epoch of each ensemble against the GEMM
+    /// bound of its matrix products (a fresh ensemble trained N epochs, the
+    /// first not timed; the products as plain f32 GEMMs on the same threads).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(3..=1000))]
+    gemm_bound: Option<u64>,
     /// Also write the figures as JSON to this file.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -91,6 +98,25 @@ pub struct RowProfile {
     /// What the timed training produced, measured by the evaluation after it.
     #[serde(default)]
     pub quality: Option<ModelQuality>,
+    /// `--gemm-bound`: one epoch of each ensemble against its GEMM bound.
+    #[serde(default)]
+    pub gemm_bound: Vec<GemmBoundRow>,
+}
+
+/// One ensemble's epoch against the GEMM bound of its products
+/// (`ddppo_models::gemm_bound`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GemmBoundRow {
+    /// `prediction` or `gradient`.
+    pub ensemble: String,
+    /// Threads the members were spread over.
+    pub threads: usize,
+    /// FLOPs of one epoch's matrix products, all members.
+    pub flops: f64,
+    /// Median wall seconds of a training epoch.
+    pub epoch_s: f64,
+    /// Wall seconds of the same products as plain GEMMs.
+    pub gemm_s: f64,
 }
 
 /// The models of the timed training, as the evaluation after it sees them:
@@ -155,6 +181,9 @@ pub fn run(args: ProfileArgs) -> Result<()> {
     if let Some(bad) = sizes.iter().find(|&&n| n < least || n >= cfg.replay_size) {
         bail!("--rows {bad} is out of range: each size must be in {least}..{} (replay_size)", cfg.replay_size);
     }
+    if args.gemm_bound.is_some() && !device.is_cpu() {
+        bail!("--gemm-bound times the CPU path; leave out --device {} or --gemm-bound", args.device);
+    }
     let baseline = args.baseline.as_deref().map(read_baseline).transpose()?;
     let largest = sizes.iter().copied().max().context("--rows names no size")?;
     let data = transitions(&cfg, largest, &args.data_dir)?;
@@ -175,6 +204,22 @@ pub fn run(args: ProfileArgs) -> Result<()> {
     for &n in &sizes {
         let mut r = profile_rows(&cfg, device.clone(), &data, n, update_steps, max_epochs)?;
         r.projected_s_per_1k = projected_s_per_1k(&r, cfg.model_train_freq, cfg.eval_every, update_steps);
+        if let Some(epochs) = args.gemm_bound {
+            let mut bounds = Vec::new();
+            timed(&format!("rows {n}: {epochs} epochs of each ensemble against the GEMM bound"), || {
+                epoch_bounds(&cfg, &data, n, epochs as usize).map(|b| bounds = b)
+            })?;
+            r.gemm_bound = bounds
+                .into_iter()
+                .map(|(name, b)| GemmBoundRow {
+                    ensemble: name.to_string(),
+                    threads: b.threads,
+                    flops: b.flops,
+                    epoch_s: b.epoch_s,
+                    gemm_s: b.gemm_s,
+                })
+                .collect();
+        }
         profile.rows.push(r);
     }
     say!("{}", table(&profile));
@@ -284,6 +329,7 @@ fn profile_rows(
         capped,
         projected_s_per_1k: 0.0,
         quality,
+        gemm_bound: Vec::new(),
     })
 }
 
@@ -369,6 +415,39 @@ pub fn table(p: &Profile) -> String {
     if p.rows.iter().any(|r| r.quality.is_some()) {
         out.push_str(&format!("\n\n{}", quality_table(p)));
     }
+    if p.rows.iter().any(|r| !r.gemm_bound.is_empty()) {
+        out.push_str(&format!("\n\n{}", gemm_bound_table(p)));
+    }
+    out
+}
+
+/// `--gemm-bound`: each ensemble's epoch against the GEMM bound of its products.
+fn gemm_bound_table(p: &Profile) -> String {
+    let mut out = String::from(
+        "| rows | ensemble | threads | GFLOP/epoch | epoch s | GEMM s | epoch / GEMM | GFLOP/s epoch | GFLOP/s GEMM |\n\
+         |---:|---|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in &p.rows {
+        for g in &r.gemm_bound {
+            let gflop = g.flops / 1e9;
+            out.push_str(&format!(
+                "| {} | {} | {} | {gflop:.1} | {:.3} | {:.3} | {:.2} | {:.1} | {:.1} |\n",
+                r.rows,
+                g.ensemble,
+                g.threads,
+                g.epoch_s,
+                g.gemm_s,
+                g.epoch_s / g.gemm_s,
+                gflop / g.epoch_s,
+                gflop / g.gemm_s,
+            ));
+        }
+    }
+    out.push_str(
+        "\nGFLOP/epoch: the epoch's matrix products, 2 m k n each (forward, weight and input gradients of every \
+         layer for the minibatches' stacked rows, the holdout forward); GEMM s: those products as plain f32 GEMMs, \
+         members spread over the same threads",
+    );
     out
 }
 

@@ -137,9 +137,16 @@ fn profile_table_projection_and_reused_data() {
         assert_eq!(pair[1][8], format!("{:.4}", f(q, "action_cost_grad")));
     }
 
+    assert!(rows.iter().all(|r| r["gemm_bound"].as_array().is_some_and(Vec::is_empty)), "no --gemm-bound asked");
+
     // A second call, at a size the file holds, reuses it untouched and
     // compares with the first call's figures.
-    let (out, err) = profile(&data, "250", &["--baseline", s(&json), "--set", "gradient.weight=0.5"]);
+    let json2 = dir.join("p2.json");
+    let (out, err) = profile(
+        &data,
+        "250",
+        &["--baseline", s(&json), "--set", "gradient.weight=0.5", "--gemm-bound", "3", "--json", s(&json2)],
+    );
     assert!(out.lines().next().is_some_and(|l| l.ends_with("--set gradient.weight=0.5")), "{out}");
     assert!(err.contains("reusing 300 recorded transitions"), "{err}");
     assert!(!err.contains("recording"), "{err}");
@@ -150,6 +157,33 @@ fn profile_table_projection_and_reused_data() {
         .find(|l| l.starts_with("| 250 |") && l.contains(&format!("| {base:.1} |")))
         .unwrap_or_else(|| panic!("no comparison row: {out}"));
     assert_eq!(line.trim_matches('|').split('|').count(), 4, "{line}");
+
+    // --gemm-bound: each ensemble's epoch FLOPs, counted by hand for the
+    // preset (obs 4, act 1: in 5; 4 x 200 SiLU layers; out 2 x 5; E = 7):
+    // 250 rows hold out 50, so one minibatch of 200 rows; P = 5*200 +
+    // 3*200*200 + 200*10 = 123,000, the first layer's in*h = 1,000.
+    //   prediction: R = 200: 6 R P - 2 R 1000 + holdout 2*50*P per member;
+    //   gradient: n = 10 > in = 5, so R = 200 + 200 * (1 + 5) = 1,400 and two
+    //   (10 x 5)(5 x 5) products per point for J v and its backward pass.
+    let p2: Value = serde_json::from_str(&std::fs::read_to_string(&json2).unwrap()).unwrap();
+    let bounds = p2["rows"][0]["gemm_bound"].as_array().expect("gemm_bound");
+    let holdout = 2.0 * 50.0 * 123_000.0;
+    let pred = 7.0 * (6.0 * 200.0 * 123_000.0 - 2.0 * 200.0 * 1000.0 + holdout);
+    let grad = 7.0 * (6.0 * 1400.0 * 123_000.0 - 2.0 * 1400.0 * 1000.0 + 200.0 * 2.0 * 500.0 + holdout);
+    assert_eq!(bounds.len(), 2, "{p2}");
+    for (b, (name, flops)) in bounds.iter().zip([("prediction", pred), ("gradient", grad)]) {
+        assert_eq!(b["ensemble"].as_str(), Some(name));
+        assert_eq!(f(b, "flops"), flops, "{name}");
+        assert!(f(b, "epoch_s") > 0.0 && f(b, "gemm_s") > 0.0, "{b}");
+        let line = out
+            .lines()
+            .skip_while(|l| !l.starts_with("| rows | ensemble | threads |"))
+            .find(|l| l.starts_with(&format!("| 250 | {name} |")))
+            .unwrap_or_else(|| panic!("no GEMM-bound row for {name}: {out}"));
+        let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
+        assert_eq!(cells[3], format!("{:.1}", flops / 1e9), "{line}");
+        assert_eq!(cells[6], format!("{:.2}", f(b, "epoch_s") / f(b, "gemm_s")), "{line}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

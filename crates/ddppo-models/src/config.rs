@@ -94,6 +94,12 @@ fn bad(field: &str, why: impl Into<String>) -> Error {
 }
 
 impl EnsembleConfig {
+    /// Rows held out of `rows` for early stopping and the elites:
+    /// `holdout_ratio` of them, rounded, at least 1, at most `max_holdout`.
+    pub fn holdout_rows(&self, rows: usize) -> usize {
+        ((rows as f64 * self.holdout_ratio).round() as usize).clamp(1, self.max_holdout)
+    }
+
     /// Checks every field; the error names the first bad one.
     pub fn validate(&self) -> Result<()> {
         in_range("ensemble_size", self.ensemble_size, 1, MAX_ENSEMBLE_SIZE)?;

@@ -59,6 +59,7 @@ mod adam;
 mod config;
 mod ensemble;
 mod fused;
+pub mod gemm_bound;
 mod layer;
 mod train;
 pub mod transfer;

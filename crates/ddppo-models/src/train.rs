@@ -230,7 +230,7 @@ impl SplitData {
         let (obs_dim, act_dim) = (ens.obs_dim, ens.act_dim);
         let n = data.rows(obs_dim, act_dim)?;
         let (ind, od) = (ens.in_dim(), ens.out_dim());
-        let n_hold = ((n as f64 * ens.cfg.holdout_ratio).round() as usize).clamp(1, ens.cfg.max_holdout);
+        let n_hold = ens.cfg.holdout_rows(n);
         if n < 2 || n_hold >= n {
             return Err(Error::Data(format!("need at least 2 rows with one left for training, got {n}")));
         }
