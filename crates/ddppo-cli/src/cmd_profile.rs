@@ -8,6 +8,7 @@ use ddppo_agent::profile::{
 };
 use ddppo_agent::{Agent, AgentConfig, EvalRecord};
 use ddppo_buffer::ReplayBuffer;
+use ddppo_models::gemm_bound::EpochBound;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -109,14 +110,9 @@ pub struct RowProfile {
 pub struct GemmBoundRow {
     /// `prediction` or `gradient`.
     pub ensemble: String,
-    /// Threads the members were spread over.
-    pub threads: usize,
-    /// FLOPs of one epoch's matrix products, all members.
-    pub flops: f64,
-    /// Median wall seconds of a training epoch.
-    pub epoch_s: f64,
-    /// Wall seconds of the same products as plain GEMMs.
-    pub gemm_s: f64,
+    /// Its figures (`rows`, `flops`, `epoch_s`, `gemm_s`, `threads`).
+    #[serde(flatten)]
+    pub bound: EpochBound,
 }
 
 /// The models of the timed training, as the evaluation after it sees them:
@@ -209,16 +205,8 @@ pub fn run(args: ProfileArgs) -> Result<()> {
             timed(&format!("rows {n}: {epochs} epochs of each ensemble against the GEMM bound"), || {
                 epoch_bounds(&cfg, &data, n, epochs as usize).map(|b| bounds = b)
             })?;
-            r.gemm_bound = bounds
-                .into_iter()
-                .map(|(name, b)| GemmBoundRow {
-                    ensemble: name.to_string(),
-                    threads: b.threads,
-                    flops: b.flops,
-                    epoch_s: b.epoch_s,
-                    gemm_s: b.gemm_s,
-                })
-                .collect();
+            r.gemm_bound =
+                bounds.into_iter().map(|(name, bound)| GemmBoundRow { ensemble: name.to_string(), bound }).collect();
         }
         profile.rows.push(r);
     }
@@ -428,16 +416,16 @@ fn gemm_bound_table(p: &Profile) -> String {
          |---:|---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in &p.rows {
-        for g in &r.gemm_bound {
+        for GemmBoundRow { ensemble, bound: g } in &r.gemm_bound {
             let gflop = g.flops / 1e9;
             out.push_str(&format!(
                 "| {} | {} | {} | {gflop:.1} | {:.3} | {:.3} | {:.2} | {:.1} | {:.1} |\n",
                 r.rows,
-                g.ensemble,
+                ensemble,
                 g.threads,
                 g.epoch_s,
                 g.gemm_s,
-                g.epoch_s / g.gemm_s,
+                g.ratio(),
                 gflop / g.epoch_s,
                 gflop / g.gemm_s,
             ));

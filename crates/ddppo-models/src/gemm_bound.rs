@@ -87,17 +87,12 @@ pub fn epoch_products(cfg: &EnsembleConfig, shape: &EpochShape) -> Result<Vec<Pr
         for &(i, o) in &dims {
             out.push(Product { m: rows, k: i, n: o });
         }
+        // `J v` per point, then (the backward pass begins there) its gradient.
         if let Some(k) = jv {
-            for _ in 0..b {
-                out.push(Product { m: k, k: ind, n: od });
-            }
+            out.extend((0..b).map(|_| Product { m: k, k: ind, n: od }));
+            out.extend((0..b).map(|_| Product { m: ind, k, n: od }));
         }
         // Backward, last layer first: input gradient (not for the data), weight gradient.
-        if let Some(k) = jv {
-            for _ in 0..b {
-                out.push(Product { m: ind, k, n: od });
-            }
-        }
         for (l, &(i, o)) in dims.iter().enumerate().rev() {
             if l > 0 {
                 out.push(Product { m: rows, k: o, n: i });
@@ -122,9 +117,7 @@ pub fn flops(products: &[Product]) -> f64 {
 /// best of `repeats` timings.
 pub fn time_products(products: &[Product], members: usize, threads: usize, repeats: usize) -> f64 {
     let largest = |f: fn(&Product) -> usize| products.iter().map(f).max().unwrap_or(0);
-    let lhs_len = products.iter().map(|p| p.m * p.k).max().unwrap_or(0);
-    let rhs_len = products.iter().map(|p| p.k * p.n).max().unwrap_or(0);
-    let dst_len = largest(|p| p.m * p.n);
+    let (lhs_len, rhs_len, dst_len) = (largest(|p| p.m * p.k), largest(|p| p.k * p.n), largest(|p| p.m * p.n));
     let t = threads.clamp(1, members.max(1));
     let group = members.div_ceil(t).max(1);
     let run = |n_members: usize| {
@@ -187,7 +180,7 @@ pub fn time_products(products: &[Product], members: usize, threads: usize, repea
 }
 
 /// One ensemble's training epoch against the GEMM bound of its products.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EpochBound {
     /// Rows of the data (holdout included).
     pub rows: usize,
