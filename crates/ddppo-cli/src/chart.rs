@@ -86,16 +86,17 @@ fn draw_panel(area: &DrawingArea<SVGBackend, plotters::coord::Shift>, panel: &Pa
     let mut builder = ChartBuilder::on(area);
     builder.caption(&panel.title, ("sans-serif", 20)).margin(12).x_label_area_size(40).y_label_area_size(64);
     if panel.log_y {
-        let y = (y_range.0 * 0.8)..(y_range.1 * 1.25);
-        let mut chart = builder.build_cartesian_2d(x_range.0..x_range.1, y.log_scale()).map_err(draw_err)?;
+        let (lo, hi) = (y_range.0 * 0.8, y_range.1 * 1.25);
+        // Our own ticks: plotters labels only the powers of ten inside the
+        // range, which is one label (or none) for data within a decade.
+        let y = (lo..hi).log_scale().with_key_points(log_ticks(lo, hi));
+        let mut chart = builder.build_cartesian_2d(x_range.0..x_range.1, y).map_err(draw_err)?;
         chart
             .configure_mesh()
             .x_desc(&panel.x_label)
             .y_desc(&panel.y_label)
             .x_label_formatter(&|x| format!("{x:.0}"))
-            .y_label_formatter(&|y| format!("{y:.0e}"))
-            // A log axis gets a minor line per unit step; they blur into a band.
-            .light_line_style(TRANSPARENT)
+            .y_label_formatter(&|y| tick_label(*y))
             .draw()
             .map_err(draw_err)?;
         draw_series(&mut chart, panel, labels, &finite)?;
@@ -152,10 +153,102 @@ where
     Ok(())
 }
 
+/// The labelled ticks of a log axis over `lo..hi` (`0 < lo < hi`): the
+/// powers of ten inside it when there are at least three (thinned to at
+/// most eight), else the 1-2-5 values inside it when there are at least
+/// three, else evenly spaced round values (a range within a decade).
+fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let inside = |mantissas: &[f64]| -> Vec<f64> {
+        let (e0, e1) = (lo.log10().floor() as i32, hi.log10().ceil() as i32);
+        (e0..=e1)
+            .flat_map(|e| mantissas.iter().map(move |m| m * 10f64.powi(e)))
+            .filter(|v| (lo..=hi).contains(v))
+            .collect()
+    };
+    let powers = inside(&[1.0]);
+    if powers.len() >= 3 {
+        let stride = powers.len().div_ceil(8);
+        return powers.into_iter().step_by(stride).collect();
+    }
+    let nice = inside(&[1.0, 2.0, 5.0]);
+    if nice.len() >= 3 {
+        return nice;
+    }
+    // A 1-2-5 step giving four to ten ticks.
+    let raw = (hi - lo) / 5.0;
+    let mag = 10f64.powi(raw.log10().floor() as i32);
+    let step = [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * mag).find(|s| (hi - lo) / s <= 10.0).unwrap_or(10.0 * mag);
+    let first = (lo / step).ceil() as i64;
+    let last = (hi / step).floor() as i64;
+    (first..=last).map(|i| i as f64 * step).filter(|v| *v > 0.0).collect()
+}
+
+/// A tick value with as many digits as it needs (`0.85`, `1.2`, `300`, `1e-5`).
+fn tick_label(y: f64) -> String {
+    if y != 0.0 && !(1e-3..1e5).contains(&y.abs()) {
+        let s = format!("{y:.1e}");
+        return s.replace(".0e", "e");
+    }
+    let s = format!("{y:.4}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    s.to_string()
+}
+
 /// Mean and population standard deviation of `v`.
 pub fn mean_std(v: &[f64]) -> (f64, f64) {
     let n = v.len() as f64;
     let mean = v.iter().sum::<f64>() / n;
     let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
     (mean, var.sqrt())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_ticks(lo: f64, hi: f64, want: &[f64]) {
+        let got = log_ticks(lo, hi);
+        assert_eq!(got.len(), want.len(), "{lo}..{hi}: {got:?}");
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() <= 1e-12 * w.abs(), "{lo}..{hi}: {got:?}");
+        }
+    }
+
+    #[test]
+    fn log_ticks_are_powers_of_ten_over_wide_ranges() {
+        assert_ticks(3e-5, 20.0, &[1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0]);
+        // Thinned to at most eight: 1e-12..1e4 has 17 powers, every third kept.
+        let t = log_ticks(1e-12, 1e4);
+        assert_eq!(t.len(), 6, "{t:?}");
+        assert!((t[1] / 1e-9 - 1.0).abs() < 1e-12, "{t:?}");
+    }
+
+    #[test]
+    fn log_ticks_use_1_2_5_within_two_decades() {
+        assert_ticks(0.04, 3.0, &[0.05, 0.1, 0.2, 0.5, 1.0, 2.0]);
+    }
+
+    #[test]
+    fn log_ticks_within_a_decade_are_evenly_spaced() {
+        // 0.704..1.575: step 0.1 (8.7 steps fit, at most ten allowed).
+        assert_ticks(0.704, 1.575, &[0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5]);
+        // 300..420: step 20.
+        assert_ticks(300.0, 420.0, &[300.0, 320.0, 340.0, 360.0, 380.0, 400.0, 420.0]);
+    }
+
+    #[test]
+    fn tick_labels_are_short_and_exact() {
+        let cases = [
+            (0.8, "0.8"),
+            (1.0, "1"),
+            (0.30000000000000004, "0.3"),
+            (320.0, "320"),
+            (1e-5, "1e-5"),
+            (2.5e-7, "2.5e-7"),
+            (1e6, "1e6"),
+        ];
+        for (v, want) in cases {
+            assert_eq!(tick_label(v), want, "{v}");
+        }
+    }
 }

@@ -28,7 +28,6 @@ pub struct GradErrorArgs {
 }
 
 pub fn run(args: GradErrorArgs) -> Result<()> {
-    ddppo_models::tune_allocator();
     let env = StudyEnv::from_name(&args.env)?;
     let cfg = match &args.config {
         Some(path) => StudyConfig::from_file(path)?,

@@ -98,6 +98,8 @@ fn main() {
         // SAFETY: no other thread exists yet this early in main.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", "1") };
     }
+    // Large tensors reuse freed memory instead of a fresh mmap each step.
+    ddppo_models::tune_allocator();
     let cli = Cli::try_parse().unwrap_or_else(|e| usage_error(e));
     let result = match cli.cmd {
         Command::Train(args) => cmd_train::run(args),

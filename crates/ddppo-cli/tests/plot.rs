@@ -179,3 +179,38 @@ fn plot_draws_any_metric_column() {
         "{err}"
     );
 }
+
+/// The y axis's tick labels: the `<text>` elements anchored at their end.
+fn y_tick_labels(svg: &str) -> Vec<String> {
+    svg.split("<text")
+        .skip(1)
+        .filter(|t| t.split_once('>').is_some_and(|(attrs, _)| attrs.contains("text-anchor=\"end\"")))
+        .filter_map(|t| Some(t.split_once('>')?.1.split_once("</text>")?.0.trim().to_string()))
+        .collect()
+}
+
+/// A log axis over data within one decade (0.88 to 1.26) still reads: it
+/// used to get a single label, `1e0`, the only power of ten in its range.
+#[test]
+fn log_axis_within_a_decade_has_readable_ticks() {
+    let tmp = tempdir("plot_log_narrow");
+    fake_jacobian_run(&tmp.join("a"), "ddppo", 0, &[Some(1.26), Some(1.0), Some(0.88)]);
+    let out = tmp.join("narrow.svg");
+    let o = ddppo(&[
+        "plot",
+        tmp.join("a").to_str().unwrap(),
+        "--metric",
+        "grad_jacobian_mse_dynamics",
+        "--log-y",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let labels = y_tick_labels(&std::fs::read_to_string(&out).unwrap());
+    let values: Vec<f64> =
+        labels.iter().map(|l| l.parse().unwrap_or_else(|_| panic!("tick {l:?} of {labels:?}"))).collect();
+    assert!(values.len() >= 3, "{labels:?}");
+    assert!(values.iter().any(|v| *v < 1.0) && values.iter().any(|v| *v > 1.0), "{labels:?}");
+    // The axis is padded to 0.8 x the smallest and 1.25 x the largest value.
+    assert!(values.iter().all(|v| (0.88 * 0.8..=1.26 * 1.25).contains(v)), "{labels:?}");
+}
