@@ -174,7 +174,8 @@ fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
     if nice.len() >= 3 {
         return nice;
     }
-    // A 1-2-5 step giving four to ten ticks.
+    // The smallest of 1, 2, 5 (or 10) times the power of ten at or below a
+    // fifth of the range that gives at most ten steps across it.
     let raw = (hi - lo) / 5.0;
     let mag = 10f64.powi(raw.log10().floor() as i32);
     let step = [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * mag).find(|s| (hi - lo) / s <= 10.0).unwrap_or(10.0 * mag);

@@ -100,12 +100,20 @@ fn plot_rejects_bad_input_with_one_line() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("only .svg"));
 }
 
-/// The contents of the SVG's `<text>` elements, trimmed.
-fn svg_texts(svg: &str) -> Vec<String> {
+/// The SVG's `<text>` elements: their attributes and their contents, trimmed.
+fn svg_text_elements(svg: &str) -> Vec<(&str, String)> {
     svg.split("<text")
         .skip(1)
-        .filter_map(|t| Some(t.split_once('>')?.1.split_once("</text>")?.0.trim().to_string()))
+        .filter_map(|t| {
+            let (attrs, rest) = t.split_once('>')?;
+            Some((attrs, rest.split_once("</text>")?.0.trim().to_string()))
+        })
         .collect()
+}
+
+/// The contents of the SVG's `<text>` elements, trimmed.
+fn svg_texts(svg: &str) -> Vec<String> {
+    svg_text_elements(svg).into_iter().map(|(_, text)| text).collect()
 }
 
 fn tempdir(name: &str) -> std::path::PathBuf {
@@ -182,10 +190,10 @@ fn plot_draws_any_metric_column() {
 
 /// The y axis's tick labels: the `<text>` elements anchored at their end.
 fn y_tick_labels(svg: &str) -> Vec<String> {
-    svg.split("<text")
-        .skip(1)
-        .filter(|t| t.split_once('>').is_some_and(|(attrs, _)| attrs.contains("text-anchor=\"end\"")))
-        .filter_map(|t| Some(t.split_once('>')?.1.split_once("</text>")?.0.trim().to_string()))
+    svg_text_elements(svg)
+        .into_iter()
+        .filter(|(attrs, _)| attrs.contains("text-anchor=\"end\""))
+        .map(|(_, text)| text)
         .collect()
 }
 
