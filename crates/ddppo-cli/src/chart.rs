@@ -80,13 +80,10 @@ fn draw_panel(area: &DrawingArea<SVGBackend, plotters::coord::Shift>, panel: &Pa
     if x_range.1 <= x_range.0 {
         x_range.1 = x_range.0 + 1.0;
     }
-    if y_range.1 <= y_range.0 {
-        y_range = (y_range.0 - 1.0, y_range.1 + 1.0);
-    }
     let mut builder = ChartBuilder::on(area);
     builder.caption(&panel.title, ("sans-serif", 20)).margin(12).x_label_area_size(40).y_label_area_size(64);
     if panel.log_y {
-        let (lo, hi) = (y_range.0 * 0.8, y_range.1 * 1.25);
+        let (lo, hi) = y_axis(y_range, true);
         // Our own ticks: plotters labels only the powers of ten inside the
         // range, which is one label (or none) for data within a decade.
         let y = (lo..hi).log_scale().with_key_points(log_ticks(lo, hi));
@@ -101,8 +98,8 @@ fn draw_panel(area: &DrawingArea<SVGBackend, plotters::coord::Shift>, panel: &Pa
             .map_err(draw_err)?;
         draw_series(&mut chart, panel, labels, &finite)?;
     } else {
-        let pad = 0.05 * (y_range.1 - y_range.0);
-        let y = (y_range.0 - pad)..(y_range.1 + pad);
+        let (lo, hi) = y_axis(y_range, false);
+        let y = lo..hi;
         let mut chart = builder.build_cartesian_2d(x_range.0..x_range.1, y).map_err(draw_err)?;
         chart
             .configure_mesh()
@@ -151,6 +148,22 @@ where
         .draw()
         .map_err(draw_err)?;
     Ok(())
+}
+
+/// The y axis drawn for data spanning `lo..=hi` (finite; both positive on a
+/// log axis): 5% of the span beyond each end on a linear axis, a factor of
+/// 1.25 on a log axis. Data of one value gets a span around it first: 1
+/// either side on a linear axis, a factor of 2 on a log axis (an additive 1
+/// would take a log axis's lower end to zero or below for values under 1).
+fn y_axis((lo, hi): (f64, f64), log: bool) -> (f64, f64) {
+    if log {
+        let (lo, hi) = if hi > lo { (lo, hi) } else { (lo / 2.0, hi * 2.0) };
+        (lo / 1.25, hi * 1.25)
+    } else {
+        let (lo, hi) = if hi > lo { (lo, hi) } else { (lo - 1.0, hi + 1.0) };
+        let pad = 0.05 * (hi - lo);
+        (lo - pad, hi + pad)
+    }
 }
 
 /// The labelled ticks of a log axis over `lo..hi` (`0 < lo < hi`): the
@@ -235,6 +248,22 @@ mod tests {
         assert_ticks(0.704, 1.575, &[0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5]);
         // 300..420: step 20.
         assert_ticks(300.0, 420.0, &[300.0, 320.0, 340.0, 360.0, 380.0, 400.0, 420.0]);
+    }
+
+    #[test]
+    fn log_axis_of_one_value_stays_positive() {
+        // Every value 0.5: the old rule (1 either side) gave -0.5..1.5.
+        let (lo, hi) = y_axis((0.5, 0.5), true);
+        assert!(lo > 0.0 && lo < 0.5 && hi > 0.5, "{lo}..{hi}");
+        assert!((lo - 0.2).abs() < 1e-12 && (hi - 1.25).abs() < 1e-12, "{lo}..{hi}");
+        assert!(log_ticks(lo, hi).len() >= 3, "{:?}", log_ticks(lo, hi));
+        // A spread keeps the 1.25 margin; the linear axis its 5% and its 1.
+        let (lo, hi) = y_axis((1e-3, 1e-1), true);
+        assert!((lo - 8e-4).abs() < 1e-15 && (hi - 0.125).abs() < 1e-12, "{lo}..{hi}");
+        for (data, want) in [((0.0, 10.0), (-0.5, 10.5)), ((3.0, 3.0), (1.9, 4.1))] {
+            let got = y_axis(data, false);
+            assert!((got.0 - want.0).abs() < 1e-12 && (got.1 - want.1).abs() < 1e-12, "{data:?}: {got:?}");
+        }
     }
 
     #[test]

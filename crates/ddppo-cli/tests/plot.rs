@@ -222,3 +222,28 @@ fn log_axis_within_a_decade_has_readable_ticks() {
     // The axis is padded to 0.8 x the smallest and 1.25 x the largest value.
     assert!(values.iter().all(|v| (0.88 * 0.8..=1.26 * 1.25).contains(v)), "{labels:?}");
 }
+
+/// A metric of one value on a log axis: the axis spans a factor of 2 either
+/// side (then the 1.25 margin), so every tick is positive. Adding 1 either
+/// side, as a linear axis does, took the axis below zero for values under 1.
+#[test]
+fn log_axis_of_one_value_has_positive_ticks() {
+    let tmp = tempdir("plot_log_flat");
+    fake_jacobian_run(&tmp.join("a"), "ddppo", 0, &[Some(0.5), Some(0.5), Some(0.5)]);
+    let out = tmp.join("flat.svg");
+    let o = ddppo(&[
+        "plot",
+        tmp.join("a").to_str().unwrap(),
+        "--metric",
+        "grad_jacobian_mse_dynamics",
+        "--log-y",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let labels = y_tick_labels(&std::fs::read_to_string(&out).unwrap());
+    let values: Vec<f64> =
+        labels.iter().map(|l| l.parse().unwrap_or_else(|_| panic!("tick {l:?} of {labels:?}"))).collect();
+    assert!(values.len() >= 3, "{labels:?}");
+    assert!(values.iter().all(|v| (0.2..=1.25).contains(v)), "{labels:?}");
+}
