@@ -197,13 +197,12 @@ fn y_tick_labels(svg: &str) -> Vec<String> {
         .collect()
 }
 
-/// A log axis over data within one decade (0.88 to 1.26) still reads: it
-/// used to get a single label, `1e0`, the only power of ten in its range.
-#[test]
-fn log_axis_within_a_decade_has_readable_ticks() {
-    let tmp = tempdir("plot_log_narrow");
-    fake_jacobian_run(&tmp.join("a"), "ddppo", 0, &[Some(1.26), Some(1.0), Some(0.88)]);
-    let out = tmp.join("narrow.svg");
+/// The y tick values of `ddppo plot --log-y` over a fake run whose
+/// `grad_jacobian_mse_dynamics` column holds `values`.
+fn log_y_tick_values(name: &str, values: &[Option<f64>]) -> Vec<f64> {
+    let tmp = tempdir(name);
+    fake_jacobian_run(&tmp.join("a"), "ddppo", 0, values);
+    let out = tmp.join("log.svg");
     let o = ddppo(&[
         "plot",
         tmp.join("a").to_str().unwrap(),
@@ -215,12 +214,18 @@ fn log_axis_within_a_decade_has_readable_ticks() {
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let labels = y_tick_labels(&std::fs::read_to_string(&out).unwrap());
-    let values: Vec<f64> =
-        labels.iter().map(|l| l.parse().unwrap_or_else(|_| panic!("tick {l:?} of {labels:?}"))).collect();
-    assert!(values.len() >= 3, "{labels:?}");
-    assert!(values.iter().any(|v| *v < 1.0) && values.iter().any(|v| *v > 1.0), "{labels:?}");
+    labels.iter().map(|l| l.parse().unwrap_or_else(|_| panic!("tick {l:?} of {labels:?}"))).collect()
+}
+
+/// A log axis over data within one decade (0.88 to 1.26) still reads: it
+/// used to get a single label, `1e0`, the only power of ten in its range.
+#[test]
+fn log_axis_within_a_decade_has_readable_ticks() {
+    let values = log_y_tick_values("plot_log_narrow", &[Some(1.26), Some(1.0), Some(0.88)]);
+    assert!(values.len() >= 3, "{values:?}");
+    assert!(values.iter().any(|v| *v < 1.0) && values.iter().any(|v| *v > 1.0), "{values:?}");
     // The axis is padded to 0.8 x the smallest and 1.25 x the largest value.
-    assert!(values.iter().all(|v| (0.88 * 0.8..=1.26 * 1.25).contains(v)), "{labels:?}");
+    assert!(values.iter().all(|v| (0.88 * 0.8..=1.26 * 1.25).contains(v)), "{values:?}");
 }
 
 /// A metric of one value on a log axis: the axis spans a factor of 2 either
@@ -228,22 +233,7 @@ fn log_axis_within_a_decade_has_readable_ticks() {
 /// side, as a linear axis does, took the axis below zero for values under 1.
 #[test]
 fn log_axis_of_one_value_has_positive_ticks() {
-    let tmp = tempdir("plot_log_flat");
-    fake_jacobian_run(&tmp.join("a"), "ddppo", 0, &[Some(0.5), Some(0.5), Some(0.5)]);
-    let out = tmp.join("flat.svg");
-    let o = ddppo(&[
-        "plot",
-        tmp.join("a").to_str().unwrap(),
-        "--metric",
-        "grad_jacobian_mse_dynamics",
-        "--log-y",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let labels = y_tick_labels(&std::fs::read_to_string(&out).unwrap());
-    let values: Vec<f64> =
-        labels.iter().map(|l| l.parse().unwrap_or_else(|_| panic!("tick {l:?} of {labels:?}"))).collect();
-    assert!(values.len() >= 3, "{labels:?}");
-    assert!(values.iter().all(|v| (0.2..=1.25).contains(v)), "{labels:?}");
+    let values = log_y_tick_values("plot_log_flat", &[Some(0.5), Some(0.5), Some(0.5)]);
+    assert!(values.len() >= 3, "{values:?}");
+    assert!(values.iter().all(|v| (0.2..=1.25).contains(v)), "{values:?}");
 }
