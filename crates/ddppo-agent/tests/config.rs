@@ -182,6 +182,7 @@ fn numeric_keys_are_bounded_to_what_runs() {
         ),
         ("[model]\nbatch_size = 65536", "[model]\nbatch_size = 65537", "batch_size"),
         ("[model]\nmax_epochs = 1", "[model]\nmax_epochs = 0", "max_epochs"),
+        ("[model]\nwarm_max_epochs = 1", "[model]\nwarm_max_epochs = 0", "warm_max_epochs"),
         (
             "[gradient]\nneighbours = 5\ndirections_per_step = 5",
             "[gradient]\nneighbours = 5\ndirections_per_step = 6",

@@ -31,6 +31,14 @@ pub struct EnsembleConfig {
     pub improvement: f64,
     /// Hard cap on epochs per training call (`None`: only early stopping).
     pub max_epochs: Option<usize>,
+    /// Cap on the epochs of a warm-started training call (every call after an
+    /// ensemble's first, while its Adam state lives); a cold start is exempt
+    /// and trains to its early stop (or `max_epochs`). The per-step speed
+    /// option: a cold start happens once per run and is where a cap costs the
+    /// most (a 5-epoch cold start on 10,000 Hopper rows: holdout MSE 0.0251
+    /// against 0.0118, `J v` cosine 0.472 against 0.685), while the warm
+    /// trainings, four per 1,000 env steps, are most of the model time.
+    pub warm_max_epochs: Option<usize>,
     /// On a cold start (a fresh optimiser: the ensemble's first training, or
     /// the first after a non-finite loss restarted it), epochs without
     /// improvement do not count toward `patience` until learning has begun
@@ -64,6 +72,7 @@ impl Default for EnsembleConfig {
             patience: 5,
             improvement: 0.01,
             max_epochs: None,
+            warm_max_epochs: None,
             cold_start_wait: 50,
             max_logvar_init: 0.5,
             min_logvar_init: -10.0,
@@ -142,6 +151,9 @@ impl EnsembleConfig {
         }
         if self.max_epochs == Some(0) {
             return Err(bad("max_epochs", "must be at least 1 when given"));
+        }
+        if self.warm_max_epochs == Some(0) {
+            return Err(bad("warm_max_epochs", "must be at least 1 when given"));
         }
         if !(self.max_logvar_init.is_finite()
             && self.min_logvar_init.is_finite()

@@ -699,6 +699,16 @@ impl EarlyStopping {
     }
 }
 
+/// The epoch cap of a training call: `max_epochs`, and on a warm start
+/// (`cold` false) `warm_max_epochs` too, the smaller where both are set.
+fn epoch_cap(cfg: &EnsembleConfig, cold: bool) -> Option<usize> {
+    let warm = if cold { None } else { cfg.warm_max_epochs };
+    match (cfg.max_epochs, warm) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// One training call: the four steps, with the weights before the call put
 /// back (and Adam restarted) on a non-finite loss.
 fn train_ensemble(
@@ -729,6 +739,7 @@ fn train_ensemble(
     };
     let before = Snapshot::take(&vars)?;
     let mut stop = EarlyStopping::new(&vars, e, if cold { cfg.cold_start_wait } else { 0 })?;
+    let cap = epoch_cap(&cfg, cold);
     let mut epoch = 0usize;
     let (train_loss, derivative_mean) = loop {
         epoch += 1;
@@ -752,7 +763,7 @@ fn train_ensemble(
         let derivative_mean = set.as_ref().map(|_| sums.derivative_loss / sums.minibatches as f64);
         on_epoch(ens, &EpochStats { epoch, holdout_mse: mse.clone(), train_loss, derivative_loss: derivative_mean })?;
         stop.observe(&vars, &mse, cfg.improvement)?;
-        if stop.since >= cfg.patience || cfg.max_epochs.is_some_and(|max| epoch >= max) {
+        if stop.since >= cfg.patience || cap.is_some_and(|max| epoch >= max) {
             break (train_loss, derivative_mean);
         }
     };

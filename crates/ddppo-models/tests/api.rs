@@ -202,3 +202,30 @@ fn max_epochs_caps_training_and_keeps_the_best_weights() {
     }
     assert!(restored_earlier, "some member's best epoch should come before the last");
 }
+
+/// `model.warm_max_epochs = N`: the first (cold) training call runs to its
+/// early stop, past N epochs; every later call on the same ensemble (warm:
+/// its Adam state kept) stops after N; `max_epochs`, where smaller, still
+/// caps both.
+#[test]
+fn warm_max_epochs_caps_warm_trainings_only() {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let n = 200;
+    let obs: Vec<f32> = (0..2 * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let act: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let rew: Vec<f32> = (0..n).map(|r| -obs[2 * r] * obs[2 * r] + 0.5 * act[r]).collect();
+    let next: Vec<f32> = (0..2 * n).map(|i| obs[i] + 0.2 * (act[i / 2] - obs[i]).sin()).collect();
+    let data = TransitionData { obs: &obs, act: &act, rew: &rew, next_obs: &next };
+    let epochs_of = |c: &EnsembleConfig, rng: &mut ChaCha8Rng| -> Vec<usize> {
+        let mut model = ModelEnsemble::new(2, 1, c, None, &Device::Cpu, DType::F32, rng).unwrap();
+        (0..3).map(|_| model.train(&data, rng).unwrap().epochs).collect()
+    };
+    let base = EnsembleConfig { patience: 100, improvement: 0.0, batch_size: 16, max_epochs: Some(12), ..cfg() };
+    let warm = EnsembleConfig { warm_max_epochs: Some(3), ..base.clone() };
+    assert_eq!(epochs_of(&warm, &mut rng), vec![12, 3, 3]);
+    assert_eq!(epochs_of(&base, &mut rng), vec![12, 12, 12]);
+    let both = EnsembleConfig { max_epochs: Some(2), ..warm };
+    assert_eq!(epochs_of(&both, &mut rng), vec![2, 2, 2]);
+    let zero = EnsembleConfig { warm_max_epochs: Some(0), ..cfg() };
+    assert!(zero.validate().unwrap_err().to_string().contains("warm_max_epochs"));
+}
