@@ -51,6 +51,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod device_check;
 pub mod error;
+mod fused;
 pub mod grad_error;
 pub mod jacobian_error;
 pub mod nn;

@@ -12,6 +12,7 @@ use candle_nn::{Linear, Module, VarBuilder, VarMap};
 use rand::Rng;
 
 use crate::Result;
+use crate::fused::{AdamUpdate, PolyakUpdate, add_bias};
 
 /// Registers a `fan_out x fan_in` weight (Xavier-uniform, as the SAC
 /// reference initialises its layers) and a zero bias under `vb`'s prefix,
@@ -69,12 +70,15 @@ impl Mlp {
         Ok(Self { layers })
     }
 
-    /// `x`: rows x input.
+    /// `x`: rows x input (other ranks go through candle's `Linear`).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = x.clone();
         let last = self.layers.len() - 1;
         for (i, l) in self.layers.iter().enumerate() {
-            h = l.forward(&h)?;
+            h = match (h.rank(), l.bias()) {
+                (2, Some(b)) => add_bias(&h.matmul(&l.weight().t()?)?, b)?,
+                _ => l.forward(&h)?,
+            };
             if i < last {
                 h = h.relu()?;
             }
@@ -92,7 +96,7 @@ impl Mlp {
         for (i, l) in self.layers.iter().enumerate() {
             h = h.matmul(&l.weight().detach().t()?)?;
             if let Some(b) = l.bias() {
-                h = h.broadcast_add(&b.detach())?;
+                h = add_bias(&h, &b.detach())?;
             }
             if i < last {
                 h = h.relu()?;
@@ -128,6 +132,7 @@ pub struct Adam {
     beta1: f64,
     beta2: f64,
     eps: f64,
+    fused: bool,
 }
 
 impl Adam {
@@ -135,7 +140,16 @@ impl Adam {
     pub fn new(vars: Vec<Var>, lr: f64, clip: Option<f64>) -> Result<Self> {
         let m = vars.iter().map(|v| v.as_tensor().zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
         let v = m.clone();
-        Ok(Self { vars, m, v, step: 0, lr, clip, beta1: 0.9, beta2: 0.999, eps: 1e-8 })
+        let fused = vars.iter().all(|v| v.device().is_cpu());
+        Ok(Self { vars, m, v, step: 0, lr, clip, beta1: 0.9, beta2: 0.999, eps: 1e-8, fused })
+    }
+
+    /// Uses the single-pass CPU step ([`crate::fused`], the default on the
+    /// CPU) or the tensor ops (the other devices; a test hook on the CPU).
+    /// Both compute the same values bit for bit.
+    #[doc(hidden)]
+    pub fn set_fused(&mut self, on: bool) {
+        self.fused = on && self.vars.iter().all(|v| v.device().is_cpu());
     }
 
     /// The variables this optimiser steps.
@@ -190,6 +204,21 @@ impl Adam {
             // chain that grows by one link per step and is never freed
             // (temperature updates leaked ~4 KB each). Detaching changes no value.
             let Some(g) = grad(var).map(|g| g.detach()) else { continue };
+            if self.fused {
+                let k = AdamUpdate {
+                    clip: self.clip,
+                    beta1: self.beta1,
+                    beta2: self.beta2,
+                    bc1,
+                    bc2,
+                    eps: self.eps,
+                    lr: self.lr,
+                };
+                let (m, v) = k.apply(var.as_tensor(), &self.m[i], &self.v[i], &g)?;
+                self.m[i] = m;
+                self.v[i] = v;
+                continue;
+            }
             let g = match self.clip {
                 Some(c) => g.clamp(-c, c)?,
                 None => g,
@@ -209,7 +238,11 @@ impl Adam {
 /// `target <- (1 - tau) target + tau source`, variable by variable.
 pub fn polyak(target: &[Var], source: &[Var], tau: f64) -> Result<()> {
     for (t, s) in target.iter().zip(source) {
-        t.set(&((t.as_tensor() * (1.0 - tau))? + (s.as_tensor() * tau)?)?)?;
+        if t.device().is_cpu() && s.is_contiguous() {
+            t.as_tensor().inplace_op2(s.as_tensor(), &PolyakUpdate(tau))?;
+        } else {
+            t.set(&((t.as_tensor() * (1.0 - tau))? + (s.as_tensor() * tau)?)?)?;
+        }
     }
     Ok(())
 }
