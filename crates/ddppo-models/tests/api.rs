@@ -156,6 +156,15 @@ fn snapshot(ens: &ProbabilisticEnsemble) -> Vec<Vec<f32>> {
     names.iter().map(|k| data[k].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
 }
 
+/// `n` transitions of a smooth 2-d system with one action: obs, act, rew, next obs.
+fn smooth_transitions(rng: &mut ChaCha8Rng, n: usize) -> [Vec<f32>; 4] {
+    let obs: Vec<f32> = (0..2 * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let act: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let rew: Vec<f32> = (0..n).map(|r| -obs[2 * r] * obs[2 * r] + 0.5 * act[r]).collect();
+    let next: Vec<f32> = (0..2 * n).map(|i| obs[i] + 0.2 * (act[i / 2] - obs[i]).sin()).collect();
+    [obs, act, rew, next]
+}
+
 /// `model.max_epochs = N`: a training call stops after N epochs although the
 /// patience would let it go on, and still ends on each member's best weights
 /// by MBPO's rule (its snapshot), not on the last epoch's.
@@ -165,11 +174,7 @@ fn max_epochs_caps_training_and_keeps_the_best_weights() {
     let c = EnsembleConfig { max_epochs: Some(cap), patience: 100, improvement, batch_size: 16, ..cfg() };
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let mut model = ModelEnsemble::new(2, 1, &c, None, &Device::Cpu, DType::F32, &mut rng).unwrap();
-    let n = 200;
-    let obs: Vec<f32> = (0..2 * n).map(|_| rng.random_range(-1.0..1.0)).collect();
-    let act: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
-    let rew: Vec<f32> = (0..n).map(|r| -obs[2 * r] * obs[2 * r] + 0.5 * act[r]).collect();
-    let next: Vec<f32> = (0..2 * n).map(|i| obs[i] + 0.2 * (act[i / 2] - obs[i]).sin()).collect();
+    let [obs, act, rew, next] = smooth_transitions(&mut rng, 200);
     let data = TransitionData { obs: &obs, act: &act, rew: &rew, next_obs: &next };
     let (probe_obs, probe_act) = (rows(&mut rng, 5, 2), rows(&mut rng, 5, 1));
     // Member m's mean predictions on fixed rows, as bits.
@@ -203,18 +208,14 @@ fn max_epochs_caps_training_and_keeps_the_best_weights() {
     assert!(restored_earlier, "some member's best epoch should come before the last");
 }
 
-/// `model.warm_max_epochs = N`: the first (cold) training call runs to its
-/// early stop, past N epochs; every later call on the same ensemble (warm:
+/// `model.warm_max_epochs = N`: the first (cold) training call is not held
+/// to N (here it runs to `max_epochs` = 12); every later call on the same ensemble (warm:
 /// its Adam state kept) stops after N; `max_epochs`, where smaller, still
 /// caps both.
 #[test]
 fn warm_max_epochs_caps_warm_trainings_only() {
     let mut rng = ChaCha8Rng::seed_from_u64(11);
-    let n = 200;
-    let obs: Vec<f32> = (0..2 * n).map(|_| rng.random_range(-1.0..1.0)).collect();
-    let act: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
-    let rew: Vec<f32> = (0..n).map(|r| -obs[2 * r] * obs[2 * r] + 0.5 * act[r]).collect();
-    let next: Vec<f32> = (0..2 * n).map(|i| obs[i] + 0.2 * (act[i / 2] - obs[i]).sin()).collect();
+    let [obs, act, rew, next] = smooth_transitions(&mut rng, 200);
     let data = TransitionData { obs: &obs, act: &act, rew: &rew, next_obs: &next };
     let epochs_of = |c: &EnsembleConfig, rng: &mut ChaCha8Rng| -> Vec<usize> {
         let mut model = ModelEnsemble::new(2, 1, c, None, &Device::Cpu, DType::F32, rng).unwrap();
