@@ -20,16 +20,15 @@ use candle_core::{CpuStorage, CustomOp2, InplaceOp2, InplaceOp3, Layout, Shape, 
 
 use crate::Result;
 
-fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
-    let (a, b) =
-        l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("fused: {what} must be contiguous")))?;
-    Ok(&s.as_slice::<T>()?[a..b])
-}
-
+/// The element range of a contiguous layout.
 fn range(l: &Layout, what: &str) -> candle_core::Result<std::ops::Range<usize>> {
     let (a, b) =
         l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("fused: {what} must be contiguous")))?;
     Ok(a..b)
+}
+
+fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
+    Ok(&s.as_slice::<T>()?[range(l, what)?])
 }
 
 /// Element types of the kernels.
