@@ -237,3 +237,71 @@ fn log_axis_of_one_value_has_positive_ticks() {
     assert!(values.len() >= 3, "{values:?}");
     assert!(values.iter().all(|v| (0.2..=1.25).contains(v)), "{values:?}");
 }
+
+/// A run whose records carry `wall_s` and `phase_s`, one per (wall, model_train, policy, return).
+fn fake_timed_run(dir: &Path, records: &[(f64, f64, f64, f64)]) {
+    fake_run(dir, "hopper", "ddppo", 0, &[]);
+    let lines: Vec<String> = records
+        .iter()
+        .enumerate()
+        .map(|(i, (wall, train, policy, ret))| {
+            format!(
+                "{{\"env_steps\":{},\"return_mean\":{ret},\"model_loss\":-3.5,\"wall_s\":{wall},\
+                 \"phase_s\":{{\"model_train\":{train},\"policy\":{policy}}}}}",
+                (i + 1) * 1000
+            )
+        })
+        .collect();
+    std::fs::write(dir.join("metrics.jsonl"), lines.join("\n") + "\n").unwrap();
+}
+
+#[test]
+fn table_time_reports_segment_seconds_ratios_and_identity() {
+    let tmp = tempdir("table_time");
+    fake_timed_run(&tmp.join("before"), &[(0.0, 0.0, 0.0, 1.0), (10.0, 5.0, 3.0, 2.0), (110.0, 65.0, 33.0, 3.0)]);
+    fake_timed_run(&tmp.join("after"), &[(0.0, 0.0, 0.0, 1.0), (8.0, 4.0, 2.0, 2.0), (58.0, 29.0, 17.0, 3.0)]);
+    fake_timed_run(&tmp.join("other"), &[(0.0, 0.0, 0.0, 1.0), (9.0, 4.0, 2.0, 2.0), (209.0, 124.0, 62.0, 4.5)]);
+    let runs = ["before", "after", "other"].map(|r| tmp.join(r).display().to_string());
+    let rows = |out: &[u8]| -> Vec<Vec<String>> {
+        let text = String::from_utf8(out.to_vec()).unwrap();
+        text.lines()
+            .filter(|l| l.starts_with("| ") && !l.starts_with("| run |"))
+            .map(|l| l.trim_matches('|').split('|').map(|c| c.trim().to_string()).collect())
+            .collect()
+    };
+
+    let o = ddppo(&["table", "--time", &runs[0], &runs[1], &runs[2], "--at", "2000,3000"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let header = String::from_utf8(o.stdout.clone()).unwrap();
+    // Phases ordered by the first run's seconds: model_train (60) before policy (30).
+    assert!(header.contains("| run | env | variant | wall s | model_train s | policy s | rest s |"), "{header}");
+    let r = rows(&o.stdout);
+    assert_eq!(r.len(), 3, "{r:?}");
+    // before: 100 s wall, 60 + 30 in phases, 10 elsewhere.
+    assert_eq!(r[0], ["before", "hopper", "ddppo", "100.0", "60.0", "30.0", "10.0", "1.00", "–"]);
+    // after: half the wall time, and every value at 2,000 and 3,000 equal to before's
+    // (env_steps, return_mean, model_loss at both ends: 6 values).
+    assert_eq!(r[1], ["after", "hopper", "ddppo", "50.0", "25.0", "15.0", "10.0", "0.50", "yes (6 values)"]);
+    // other: twice the time, and its return at 3,000 differs.
+    assert_eq!(
+        r[2],
+        ["other", "hopper", "ddppo", "200.0", "120.0", "60.0", "20.0", "2.00", "no: 1 differ (return_mean)"]
+    );
+
+    // Default segment: the first and last evaluations every run has.
+    let o = ddppo(&["table", "--time", &runs[0], &runs[1]]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("Seconds from 1000 to 3000 env steps."));
+    assert_eq!(rows(&o.stdout)[1][3], "58.0");
+
+    // Bad segments: one line each, non-zero exit.
+    for (at, says) in [
+        ("2000,5000", "no evaluation at 5000 env steps (it has 1000 to 3000)"),
+        ("3000,2000", "FROM < TO"),
+        ("1000,2000,3000", "two env-step counts"),
+    ] {
+        let o = ddppo(&["table", "--time", &runs[0], "--at", at]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(says) && err.trim().lines().count() == 1, "{at}: {err}");
+    }
+}
