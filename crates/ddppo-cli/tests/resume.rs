@@ -102,7 +102,9 @@ fn kill_and_resume(name: &str, toml: &str, damage: bool) {
     }
     assert!(!last["policy_grad_q"].is_null() && !last["action_cost_true"].is_null(), "{last}");
     assert_eq!(again, last);
-    one_line_error(&ddppo(&["checkpoint", "evaluate", s(&full)]), "not inside a run directory");
+    // Not a checkpoint: its `../..` is this test's own directory (no
+    // config.toml there), whatever the system's temp dir holds.
+    one_line_error(&ddppo(&["checkpoint", "evaluate", s(&full.join("checkpoints"))]), "not inside a run directory");
 
     // The same run, killed (SIGKILL) right after its checkpoint at step 300,
     // once the model-based phase has begun.
