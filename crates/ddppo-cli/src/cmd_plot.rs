@@ -102,13 +102,7 @@ fn metric_points(
     columns: &mut std::collections::BTreeSet<String>,
 ) -> Result<Vec<(u64, f64)>> {
     let path = dir.join(run_dir::METRICS_FILE);
-    if !path.is_file() {
-        bail!("cannot read {}: no such file", path.display());
-    }
-    let (records, torn) = run_dir::read_records(&path)?;
-    if let Some(line) = torn {
-        eprintln!("warning: {}:{line}: skipping a torn last line", path.display());
-    }
+    let records = run_dir::read_run_records(dir)?;
     let mut out = Vec::new();
     for (i, record) in records.iter().enumerate() {
         let (header, _) = run_dir::csv_row(record);

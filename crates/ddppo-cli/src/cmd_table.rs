@@ -108,14 +108,7 @@ fn time_table(args: &TableArgs) -> Result<()> {
     let mut runs = Vec::new();
     for dir in &args.runs {
         let id = run_dir::identity(dir)?;
-        let path = dir.join(run_dir::METRICS_FILE);
-        if !path.is_file() {
-            bail!("cannot read {}: no such file", path.display());
-        }
-        let (records, torn) = run_dir::read_records(&path)?;
-        if let Some(line) = torn {
-            note!("warning: {}:{line}: skipping a torn last line", path.display());
-        }
+        let records = run_dir::read_run_records(dir)?;
         let by_step: BTreeMap<u64, Record> = records
             .into_iter()
             .filter_map(|v| match v {

@@ -84,9 +84,9 @@ pub fn read_records(path: &Path) -> Result<(Vec<serde_json::Value>, Option<usize
     Ok((out, None))
 }
 
-/// The records of a run for plots and tables; a torn last line is skipped
-/// with a warning.
-pub fn read_metrics(dir: &Path) -> Result<Vec<Metrics>> {
+/// The JSON records of the run in `dir` for plots and tables (its
+/// `metrics.jsonl` must exist); a torn last line is skipped with a warning.
+pub fn read_run_records(dir: &Path) -> Result<Vec<serde_json::Value>> {
     let path = dir.join(METRICS_FILE);
     if !path.is_file() {
         bail!("cannot read {}: no such file", path.display());
@@ -95,6 +95,14 @@ pub fn read_metrics(dir: &Path) -> Result<Vec<Metrics>> {
     if let Some(line) = torn {
         note!("warning: {}:{line}: skipping a torn last line", path.display());
     }
+    Ok(records)
+}
+
+/// The records of a run for plots and tables; a torn last line is skipped
+/// with a warning.
+pub fn read_metrics(dir: &Path) -> Result<Vec<Metrics>> {
+    let path = dir.join(METRICS_FILE);
+    let records = read_run_records(dir)?;
     let mut out = Vec::new();
     for (i, v) in records.into_iter().enumerate() {
         let m: Metrics =
