@@ -351,6 +351,14 @@ impl SiluTangent {
     ) -> candle_core::Result<Vec<T>> {
         let mut out = Uninit::new(y.len());
         let (per, pb) = (rows * o, o);
+        if e == 1 && self.plain(rows) {
+            by_rows(threads, rows, o, out.slots(), |r, chunk| {
+                let part = SiluTangent { base: r.len(), start: 0, k: 1 };
+                part.fwd_members(&y[r.start * o..r.end * o], b, chunk, (1, r.len(), o))
+            })?;
+            // SAFETY: `by_rows` handed every row's slots to `fwd_members`, which writes them.
+            return Ok(unsafe { out.assume_init() });
+        }
         by_member(threads, e, rows * o * SILU_COST, out.slots(), per, |ms, chunk| {
             let ys = &y[ms.start * per..ms.end * per];
             let bs = &b[ms.start * pb..ms.end * pb];
@@ -368,6 +376,15 @@ impl SiluTangent {
     ) -> candle_core::Result<Vec<T>> {
         let mut gy = Uninit::new(y.len());
         let (per, pb) = (rows * o, o);
+        if e == 1 && self.plain(rows) {
+            by_rows(threads, rows, o, gy.slots(), |r, chunk| {
+                let part = SiluTangent { base: r.len(), start: 0, k: 1 };
+                let rr = r.start * o..r.end * o;
+                part.bwd_members([&y[rr.clone()], b, &g[rr]], chunk, (1, r.len(), o))
+            })?;
+            // SAFETY: as in `fwd`.
+            return Ok(unsafe { gy.assume_init() });
+        }
         by_member(threads, e, rows * o * SILU_COST, gy.slots(), per, |ms, chunk| {
             let r = ms.start * per..ms.end * per;
             let bs = &b[ms.start * pb..ms.end * pb];
@@ -376,6 +393,42 @@ impl SiluTangent {
         // SAFETY: as in `fwd`.
         Ok(unsafe { gy.assume_init() })
     }
+}
+
+impl SiluTangent {
+    /// No tangent rows: every row is mapped on its own, so any block of rows can be.
+    fn plain(&self, rows: usize) -> bool {
+        self.k == 1 && self.start == 0 && rows == self.base
+    }
+}
+
+/// Runs `f(rows, slots)` for contiguous blocks of the `rows` rows (`per` slots
+/// each) of one member's output, the blocks spread over the helper threads of
+/// [`crate::split`] (a rollout's or policy update's rows of one elite); below
+/// [`crate::split::MIN_SPLIT_WORK`] all on the calling thread. Each row is computed by the
+/// same code whichever block it lands in.
+fn by_rows<S: Send, F>(threads: usize, rows: usize, per: usize, out: &mut [S], f: F) -> candle_core::Result<()>
+where
+    F: Fn(std::ops::Range<usize>, &mut [S]) -> candle_core::Result<()> + Sync,
+{
+    let parts = threads.min(rows / 8).min(rows * per * SILU_COST / crate::split::MIN_SPLIT_WORK);
+    if parts <= 1 {
+        return f(0..rows, out);
+    }
+    let mut chunks = Vec::with_capacity(parts);
+    let mut rest = out;
+    for i in 0..parts {
+        let (a, b) = (rows * i / parts, rows * (i + 1) / parts);
+        let (chunk, tail) = rest.split_at_mut((b - a) * per);
+        chunks.push(std::sync::Mutex::new((a..b, chunk, Ok(()))));
+        rest = tail;
+    }
+    crate::split::run_parts(parts, threads, &|i| {
+        let mut slot = chunks[i].lock().unwrap_or_else(|p| p.into_inner());
+        let (r, chunk, res) = &mut *slot;
+        *res = f(r.clone(), chunk);
+    });
+    chunks.into_iter().try_for_each(|c| c.into_inner().unwrap_or_else(|p| p.into_inner()).2)
 }
 
 /// Below this many multiply-adds (or their equivalent) per call the work stays on
@@ -505,6 +558,24 @@ fn batched_gemm<T: Real>(
         _ => gemm::Parallelism::None,
     };
     let mut out = Uninit::new(e * m * n);
+    if e == 1 {
+        // One member (a rollout's or policy update's rows of one elite): its product
+        // split over the helper threads instead, with the same numbers.
+        // SAFETY: the extents checked above; gemm writes every element once.
+        unsafe {
+            crate::split::gemm_split(
+                (m, n, k),
+                out.slots().as_mut_ptr().cast::<T>(),
+                (1, n as isize),
+                lhs.data.as_ptr(),
+                (lhs.cs as isize, lhs.rs as isize),
+                rhs.data.as_ptr(),
+                (rhs.cs as isize, rhs.rs as isize),
+                threads,
+            );
+            return Ok(out.assume_init());
+        }
+    }
     let (lhs, rhs) = (&lhs, &rhs);
     by_member(threads, e, m * n * k, out.slots(), m * n, |steps, chunk| {
         let dst = chunk.as_mut_ptr().cast::<T>();

@@ -19,7 +19,8 @@
 //! [`tune_allocator`] at start-up; on a small or shared machine also set
 //! `RAYON_NUM_THREADS=1`, since candle's CPU thread pool spin-waits. The fused
 //! kernels spread the members over their own threads instead ([`model_threads`],
-//! [`ProbabilisticEnsemble::set_threads`]), with results independent of the count. The
+//! [`ProbabilisticEnsemble::set_threads`]), and split a single member's rows over
+//! persistent helper threads ([`split`]), with results independent of the count. The
 //! criterion bench `ensemble_step` measures a training step at MBPO size; the
 //! example `train_timing` whole training calls at the shapes of real runs.
 //!
@@ -61,6 +62,7 @@ mod ensemble;
 mod fused;
 pub mod gemm_bound;
 mod layer;
+pub mod split;
 mod train;
 pub mod transfer;
 
@@ -105,6 +107,11 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// (`ddppo profile --env hopper --rows 5000 --max-epochs 3`, two A/B pairs):
 /// 2 threads take 0.70x the model-training time of 1, although the two
 /// ensembles already train on two threads.
+///
+/// The same count bounds the [`split`] helpers (`count - 1` of them, started
+/// once), over which one member's products and activations (a rollout's or
+/// policy update's rows of one elite) and the `ddppo-agent` SAC networks'
+/// products are split, again with results independent of the count.
 pub fn model_threads() -> Result<usize> {
     match std::env::var("DDPPO_MODEL_THREADS") {
         Ok(v) => match v.trim().parse::<usize>() {

@@ -84,6 +84,10 @@ struct Outcome {
     reports: Vec<(usize, Vec<u64>, u64, Option<u64>)>,
     /// The frozen view's means on fixed inputs (the rollout and policy-update path).
     mean: Vec<u64>,
+    /// The policy update's path: rows grouped by member (one member per kernel
+    /// call, its products and activations split over the helper threads), the
+    /// mean and a sample, and the gradient of both in the inputs.
+    grouped: Vec<u64>,
 }
 
 fn outcome(ens: &ProbabilisticEnsemble, reports: &[TrainReport]) -> Outcome {
@@ -107,7 +111,36 @@ fn outcome(ens: &ProbabilisticEnsemble, reports: &[TrainReport]) -> Outcome {
         .iter()
         .map(|x| x.to_bits())
         .collect();
+    let rows = 2000;
+    let s: Vec<f32> = (0..rows * OBS).map(|i| ((i * 31 % 97) as f32 / 48.0) - 1.0).collect();
+    let a: Vec<f32> = (0..rows * ACT).map(|i| ((i * 11 % 23) as f32 / 11.0) - 1.0).collect();
+    let s = candle_core::Var::from_tensor(
+        &Tensor::from_vec(s, (rows, OBS), &Device::Cpu).unwrap().to_dtype(ens.dtype()).unwrap(),
+    )
+    .unwrap();
+    let a = Tensor::from_vec(a, (rows, ACT), &Device::Cpu).unwrap().to_dtype(ens.dtype()).unwrap();
+    let members: Vec<usize> = (0..rows).map(|i| (i * 7 + i / 3) % ens.config().ensemble_size).collect();
+    let frozen = ens.frozen();
+    let groups = frozen.group_members(&[&members]).unwrap().pop().unwrap();
+    let eps = Tensor::from_vec(
+        (0..rows * (1 + OBS)).map(|i| ((i * 17 % 41) as f32 / 20.0) - 1.0).collect::<Vec<f32>>(),
+        (rows, 1 + OBS),
+        &Device::Cpu,
+    )
+    .unwrap()
+    .to_dtype(ens.dtype())
+    .unwrap();
+    let m = frozen.mean_grouped(s.as_tensor(), &a, &groups).unwrap();
+    let y = frozen.sample_grouped(s.as_tensor(), &a, &groups, &eps).unwrap();
+    let loss = (m.next_obs.sqr().unwrap().sum_all().unwrap() + y.reward.sum_all().unwrap()).unwrap();
+    let g = loss.backward().unwrap().get(s.as_tensor()).unwrap().clone();
+    let grouped = [m.next_obs.flatten_all().unwrap(), y.next_obs.flatten_all().unwrap(), g.flatten_all().unwrap()]
+        .iter()
+        .flat_map(|t| t.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap())
+        .map(f64::to_bits)
+        .collect();
     Outcome {
+        grouped,
         params: bits(ens),
         scaler: (b(mu), b(sd)),
         elites: ens.elites().to_vec(),

@@ -1,0 +1,320 @@
+//! One matrix product split over persistent helper threads, with the numbers
+//! of the unsplit product.
+//!
+//! The per-step updates of a run (SAC critic and the policy update through the
+//! model) are chains of small products on 256-row batches, too small for
+//! threads started per call (tens of microseconds each) and for rayon's pool
+//! (whose gemm split measured slower than one thread on the 2-core machine).
+//! [`gemm_split`] hands part of one product to a helper thread that stays alive
+//! between calls: after a job it spins for [`HELPER_SPIN`] waiting for the next
+//! (a per-step update issues one every few tens of microseconds), then sleeps
+//! on a condition variable, so an idle run costs no CPU.
+//!
+//! Same numbers: gemm computes each element of the product as one chain of
+//! multiply-adds over `k` in blocks of `kc`, with `kc` a function of `k` alone
+//! when `k <= 512` (one block). A part of the rows (or columns) of the
+//! destination therefore gets, element for element, the value the whole product
+//! gives it, provided the part takes the same kernel path: gemm treats products
+//! with a single row or column (matrix-vector), with at most 256 elements (a
+//! horizontal kernel) and with `k <= 2` specially, so a product is only split
+//! into parts of at least 2 rows and columns and more than 256 elements, and
+//! never when `k > 512`. `tests/split.rs` compares split and whole products bit
+//! for bit over shapes and strides.
+
+use std::cell::UnsafeCell;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How long a helper spins for its next job before it sleeps.
+pub const HELPER_SPIN: Duration = Duration::from_micros(1000);
+
+/// Products below this many multiply-adds stay on the calling thread.
+pub const MIN_SPLIT_WORK: usize = 1 << 16;
+
+/// The largest `k` a product is split at (gemm's depth block is then `k`).
+pub const MAX_SPLIT_DEPTH: usize = 512;
+
+const IDLE: u8 = 0;
+const POSTED: u8 = 1;
+const DONE: u8 = 2;
+
+/// A job: the caller's closure, called with a part index. Only dereferenced
+/// while the caller waits for it (see [`run_parts`]).
+#[derive(Clone, Copy)]
+struct JobPtr(*const (dyn Fn(usize) + Sync), usize);
+// SAFETY: the pointee is `Sync` and outlives every use (the caller blocks until
+// the helper reports DONE).
+unsafe impl Send for JobPtr {}
+
+struct Helper {
+    state: AtomicU8,
+    sleeping: AtomicBool,
+    panicked: AtomicBool,
+    job: UnsafeCell<Option<JobPtr>>,
+    lock: Mutex<()>,
+    wake: Condvar,
+}
+
+// SAFETY: `job` is written by the one caller holding the helper (taken from the
+// pool's free list) before it publishes POSTED, and read by the helper thread
+// after it observes POSTED; the state's SeqCst accesses order the two.
+unsafe impl Sync for Helper {}
+
+impl Helper {
+    fn new() -> Self {
+        Self {
+            state: AtomicU8::new(IDLE),
+            sleeping: AtomicBool::new(false),
+            panicked: AtomicBool::new(false),
+            job: UnsafeCell::new(None),
+            lock: Mutex::new(()),
+            wake: Condvar::new(),
+        }
+    }
+
+    fn post(&self, job: JobPtr) {
+        // SAFETY: see `unsafe impl Sync`: the helper does not read `job` until POSTED.
+        unsafe { *self.job.get() = Some(job) };
+        self.state.store(POSTED, Ordering::SeqCst);
+        if self.sleeping.load(Ordering::SeqCst) {
+            let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.wake.notify_one();
+        }
+    }
+
+    /// Waits for the posted job; true when it panicked.
+    fn wait_done(&self) -> bool {
+        let mut spins = 0u32;
+        while self.state.load(Ordering::SeqCst) != DONE {
+            spins += 1;
+            if spins < 1 << 14 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        self.state.store(IDLE, Ordering::SeqCst);
+        self.panicked.swap(false, Ordering::SeqCst)
+    }
+
+    fn serve(&self) {
+        loop {
+            let start = Instant::now();
+            let mut n = 0u32;
+            while self.state.load(Ordering::SeqCst) != POSTED {
+                std::hint::spin_loop();
+                n += 1;
+                if n.is_multiple_of(256) && start.elapsed() > HELPER_SPIN {
+                    let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+                    self.sleeping.store(true, Ordering::SeqCst);
+                    while self.state.load(Ordering::SeqCst) != POSTED {
+                        g = self.wake.wait(g).unwrap_or_else(|p| p.into_inner());
+                    }
+                    self.sleeping.store(false, Ordering::SeqCst);
+                    break;
+                }
+            }
+            // SAFETY: POSTED observed: the caller wrote the job and waits for DONE.
+            let job = unsafe { (*self.job.get()).take() };
+            if let Some(JobPtr(f, part)) = job {
+                // SAFETY: the closure outlives the job (the caller blocks in `wait_done`).
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe { (*f)(part) }));
+                if r.is_err() {
+                    self.panicked.store(true, Ordering::SeqCst);
+                }
+            }
+            self.state.store(DONE, Ordering::SeqCst);
+        }
+    }
+}
+
+struct Pool {
+    free: Mutex<Vec<Arc<Helper>>>,
+    started: Mutex<usize>,
+}
+
+fn pool() -> &'static Pool {
+    static POOL: OnceLock<Pool> = OnceLock::new();
+    POOL.get_or_init(|| Pool { free: Mutex::new(Vec::new()), started: Mutex::new(0) })
+}
+
+/// Takes up to `n` idle helpers, starting new ones while fewer than `limit` exist.
+fn take_helpers(n: usize, limit: usize) -> Vec<Arc<Helper>> {
+    let p = pool();
+    let mut got = {
+        let mut free = p.free.lock().unwrap_or_else(|e| e.into_inner());
+        let keep = free.len().saturating_sub(n);
+        free.split_off(keep)
+    };
+    let mut started = p.started.lock().unwrap_or_else(|e| e.into_inner());
+    while got.len() < n && *started < limit {
+        let h = Arc::new(Helper::new());
+        let worker = Arc::clone(&h);
+        let spawned = std::thread::Builder::new().name("ddppo-split".into()).spawn(move || worker.serve()).is_ok();
+        if !spawned {
+            break;
+        }
+        *started += 1;
+        got.push(h);
+    }
+    got
+}
+
+fn give_back(helpers: Vec<Arc<Helper>>) {
+    pool().free.lock().unwrap_or_else(|e| e.into_inner()).extend(helpers);
+}
+
+/// Calls `f(0) .. f(parts - 1)`, part 0 on the calling thread and the others on
+/// helper threads while there are idle ones (at most `threads - 1` helpers exist;
+/// the parts left over run on the calling thread). Returns when all have run; a
+/// panic in any part is resumed here.
+pub fn run_parts(parts: usize, threads: usize, f: &(dyn Fn(usize) + Sync)) {
+    if parts <= 1 || threads <= 1 {
+        (0..parts).for_each(f);
+        return;
+    }
+    let helpers = take_helpers(parts - 1, threads - 1);
+    // SAFETY (lifetime erasure): every helper given this pointer is waited for
+    // below before this function returns, so `f` outlives all uses.
+    let erased: *const (dyn Fn(usize) + Sync + 'static) = unsafe { std::mem::transmute(f as *const _) };
+    for (i, h) in helpers.iter().enumerate() {
+        h.post(JobPtr(erased, i + 1));
+    }
+    let own = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        f(0);
+        (helpers.len() + 1..parts).for_each(f);
+    }));
+    let mut panicked = false;
+    for h in &helpers {
+        panicked |= h.wait_done();
+    }
+    give_back(helpers);
+    if let Err(p) = own {
+        std::panic::resume_unwind(p);
+    }
+    if panicked {
+        panic!("a split product's helper thread panicked");
+    }
+}
+
+/// A raw pointer that may cross to a helper (the parts write disjoint elements).
+#[derive(Clone, Copy)]
+struct SendPtr<T>(*mut T);
+// SAFETY: used only for disjoint writes by the parts of one product.
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+#[derive(Clone, Copy)]
+struct SendConst<T>(*const T);
+// SAFETY: read-only operands shared by the parts.
+unsafe impl<T> Send for SendConst<T> {}
+unsafe impl<T> Sync for SendConst<T> {}
+
+/// Where a product of `m x n` elements and depth `k` is split: `Some((rows?, parts))`
+/// (split the rows when true, else the columns), or `None` to compute it whole.
+pub fn split_plan(m: usize, n: usize, k: usize, threads: usize) -> Option<(bool, usize)> {
+    if threads <= 1 || k <= 2 || k > MAX_SPLIT_DEPTH || m.saturating_mul(n).saturating_mul(k) < MIN_SPLIT_WORK {
+        return None;
+    }
+    let by_rows = m >= n;
+    let (long, short) = if by_rows { (m, n) } else { (n, m) };
+    if short < 2 {
+        return None;
+    }
+    // Parts of at least 2 lines, more than 256 elements and MIN_SPLIT_WORK each.
+    let min_lines = 2usize.max(257usize.div_ceil(short));
+    let by_work = (m * n * k) / MIN_SPLIT_WORK;
+    let parts = threads.min(long / min_lines).min(by_work.max(1));
+    (parts >= 2).then_some((by_rows, parts))
+}
+
+/// The rows (or columns) `[start, end)` of part `i` of `parts` over `len` lines:
+/// even cuts, so no part is shorter than `len / parts` lines ([`split_plan`]'s bound).
+fn part_range(i: usize, parts: usize, len: usize) -> (usize, usize) {
+    (len * i / parts, len * (i + 1) / parts)
+}
+
+/// `dst (m x n) = lhs (m x k) . rhs (k x n)` with gemm (candle's CPU matmul
+/// kernel), `read_dst = false`, `alpha = 0`, `beta = 1`, as candle calls it,
+/// split over up to `threads` threads by [`split_plan`]; every element equals
+/// the unsplit call's. Strides in elements; the parts write disjoint elements.
+///
+/// # Safety
+/// The pointers with their strides must address `m x k`, `k x n` and `m x n`
+/// valid elements; `dst` must not overlap the operands.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_split<T: candle_core::WithDType>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    (dst_cs, dst_rs): (isize, isize),
+    lhs: *const T,
+    (lhs_cs, lhs_rs): (isize, isize),
+    rhs: *const T,
+    (rhs_cs, rhs_rs): (isize, isize),
+    threads: usize,
+) {
+    let call = |m: usize, n: usize, dst: *mut T, lhs: *const T, rhs: *const T, par: gemm::Parallelism| {
+        // SAFETY: the caller's contract, restricted to a block of rows or columns.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst,
+                dst_cs,
+                dst_rs,
+                false,
+                lhs,
+                lhs_cs,
+                lhs_rs,
+                rhs,
+                rhs_cs,
+                rhs_rs,
+                T::from_f64(0.0),
+                T::from_f64(1.0),
+                false,
+                false,
+                false,
+                par,
+            )
+        }
+    };
+    let Some((by_rows, parts)) = split_plan(m, n, k, threads) else {
+        // As candle's matmul: its rayon pool when it has more than one thread.
+        let par = match candle_core::utils::get_num_threads() {
+            t if t > 1 => gemm::Parallelism::Rayon(t),
+            _ => gemm::Parallelism::None,
+        };
+        call(m, n, dst, lhs, rhs, par);
+        return;
+    };
+    let (d, l, r) = (SendPtr(dst), SendConst(lhs), SendConst(rhs));
+    let len = if by_rows { m } else { n };
+    let part = move |i: usize| {
+        let (a, b) = part_range(i, parts, len);
+        let (d, l, r) = (d, l, r);
+        // SAFETY: block `[a, b)` of the rows (columns) of `dst` and `lhs` (`rhs`).
+        unsafe {
+            if by_rows {
+                call(
+                    b - a,
+                    n,
+                    d.0.offset(a as isize * dst_rs),
+                    l.0.offset(a as isize * lhs_rs),
+                    r.0,
+                    gemm::Parallelism::None,
+                )
+            } else {
+                call(
+                    m,
+                    b - a,
+                    d.0.offset(a as isize * dst_cs),
+                    l.0,
+                    r.0.offset(a as isize * rhs_cs),
+                    gemm::Parallelism::None,
+                )
+            }
+        }
+    };
+    run_parts(parts, threads, &part);
+}
