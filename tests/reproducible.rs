@@ -59,3 +59,53 @@ fn same_seed_same_records_other_seed_other_records() {
     assert_eq!(a, run(5), "same seed, different records");
     assert_ne!(a, run(6), "the seed has no effect");
 }
+
+/// A run whose per-step products and one-member model kernels are large
+/// enough to be split over the helper threads (`ddppo_models::split`): SAC
+/// batches of 256 rows through 64-wide layers, 64-wide ensembles rolled out
+/// on 400 rows.
+fn split_sized(seed: u64) -> AgentConfig {
+    let mut cfg = tiny(seed);
+    cfg.eval_every = 560;
+    cfg.batch_size = 256;
+    cfg.hidden = vec![64, 64];
+    cfg.model.hidden = 64;
+    cfg
+}
+
+const CHILD_OUT: &str = "DDPPO_REPRO_CHILD_OUT";
+
+/// The same run with `DDPPO_MODEL_THREADS` = 1 and 2 (each in a child process
+/// of this test binary, since the count is read once per process) gives the
+/// same records bit for bit.
+#[test]
+fn model_thread_count_does_not_change_a_run() {
+    if let Ok(path) = std::env::var(CHILD_OUT) {
+        let mut agent = Agent::new(split_sized(3)).expect("agent");
+        let out: Vec<EvalRecord> =
+            agent.train(None, &mut NoObserver).expect("train").into_iter().map(comparable).collect();
+        std::fs::write(path, format!("{out:#?}")).expect("write records");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ddppo-repro-threads-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let records: Vec<String> = [1, 2]
+        .iter()
+        .map(|threads| {
+            let path = dir.join(format!("records-{threads}.txt"));
+            let status = std::process::Command::new(std::env::current_exe().expect("test binary"))
+                .args(["--exact", "model_thread_count_does_not_change_a_run", "--test-threads=1"])
+                .env("DDPPO_MODEL_THREADS", threads.to_string())
+                .env("RAYON_NUM_THREADS", "1")
+                .env(CHILD_OUT, &path)
+                .status()
+                .expect("child run");
+            assert!(status.success(), "the run with {threads} model threads failed");
+            std::fs::read_to_string(&path).expect("records")
+        })
+        .collect();
+    let _ = std::fs::remove_dir_all(&dir);
+    // The last record comes after a model training and the model-based updates.
+    assert!(records[0].contains("model_loss: Some") && records[0].contains("policy_updates: 61,"), "{}", records[0]);
+    assert!(records[0] == records[1], "1 and 2 model threads gave different records:\n{}\n{}", records[0], records[1]);
+}

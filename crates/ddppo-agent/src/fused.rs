@@ -8,6 +8,10 @@
 //!   accumulating the whole gradient into a zero tensor; here the bias
 //!   gradient is one pass of column sums in the same order (row 0 first,
 //!   from 0), and the input gradient is the output gradient itself.
+//! - [`linear`]: `x w^T`, its three products (forward, input and weight
+//!   gradients) split over the helper threads of `ddppo_models::split`, each
+//!   element computed as candle's unsplit matmul computes it; and no gradient
+//!   for data inputs and frozen weights, which candle's matmul forms anyway.
 //! - [`AdamUpdate`] and [`PolyakUpdate`]: the optimiser step and the target
 //!   networks' averaging of [`crate::nn`], in place, with the same f32 (or
 //!   f64) operations in the same order as the tensor-op version (an `affine`
@@ -147,6 +151,161 @@ impl CustomOp2 for AddBias {
             _ => candle_core::bail!("add-bias: f32 or f64 CPU gradient"),
         };
         Ok((Some(g.clone()), Some(sums)))
+    }
+}
+
+/// The thread count of [`linear`] in the networks of [`crate::nn::Mlp`]:
+/// `DDPPO_MODEL_THREADS` (`ddppo_models::model_threads`, default the
+/// machine's cores), read once.
+pub(crate) fn split_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| ddppo_models::model_threads().unwrap_or(1))
+}
+
+/// `x w^T` for `x`: rows x in and `w`: out x in, what `x.matmul(&w.t())`
+/// computes, bit for bit, forward and backward; on the CPU one custom op
+/// whose three products (`x w^T`, `g w`, `x^T g`) are each split over up to
+/// `threads` threads (`ddppo_models::split`, the unsplit product's numbers)
+/// and which forms only the gradients that are used (none for `x` when it is
+/// data, none for `w` when it is frozen).
+pub fn linear(x: &Tensor, w: &Tensor, threads: usize) -> Result<Tensor> {
+    let ok = x.device().is_cpu()
+        && x.rank() == 2
+        && w.rank() == 2
+        && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64);
+    if ok { Ok(x.apply_op2(w, Linear { threads })?) } else { Ok(x.matmul(&w.t()?)?) }
+}
+
+struct Linear {
+    threads: usize,
+}
+
+/// One operand's element data from its offset on, and its (column, row) strides.
+fn operand<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<(&'a [T], (isize, isize))> {
+    let st = l.stride();
+    Ok((&s.as_slice::<T>()?[l.start_offset()..], (st[1] as isize, st[0] as isize)))
+}
+
+/// `(m x k) (k x n)` into a fresh row-major buffer (see [`linear`]).
+fn product<T: WithDType>(
+    (m, n, k): (usize, usize, usize),
+    (lhs, lhs_st): (&[T], (isize, isize)),
+    (rhs, rhs_st): (&[T], (isize, isize)),
+    threads: usize,
+) -> candle_core::Result<Vec<T>> {
+    let reach = |(cs, rs): (isize, isize), rows: usize, cols: usize| {
+        (rows.max(1) - 1) * rs.unsigned_abs() + (cols.max(1) - 1) * cs.unsigned_abs() + 1
+    };
+    if m * n == 0 {
+        return Ok(Vec::new());
+    }
+    if k > 0 && (lhs.len() < reach(lhs_st, m, k) || rhs.len() < reach(rhs_st, k, n)) {
+        candle_core::bail!("linear: operand smaller than ({m} x {k}) ({k} x {n})")
+    }
+    let mut out: Vec<T> = Vec::with_capacity(m * n);
+    // SAFETY: the extents checked above; gemm with `read_dst = false` writes
+    // each of the `m * n` elements once before `set_len`.
+    unsafe {
+        ddppo_models::split::gemm_split(
+            (m, n, k),
+            out.as_mut_ptr(),
+            (1, n as isize),
+            lhs.as_ptr(),
+            lhs_st,
+            rhs.as_ptr(),
+            rhs_st,
+            threads,
+        );
+        out.set_len(m * n);
+    }
+    Ok(out)
+}
+
+fn linear_dims(l1: &Layout, l2: &Layout) -> candle_core::Result<(usize, usize, usize)> {
+    match (l1.dims(), l2.dims()) {
+        ([rows, i], [o, j]) if i == j => Ok((*rows, *i, *o)),
+        (a, b) => candle_core::bail!("linear: {a:?} times the transpose of {b:?}"),
+    }
+}
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, i, o) = linear_dims(l1, l2)?;
+        // `w^T` is `w`'s layout with the strides swapped, as candle's `t()`.
+        let transposed = |(cs, rs): (isize, isize)| (rs, cs);
+        let out = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                let ((x, xs), (w, ws)) = (operand::<f32>(s1, l1)?, operand::<f32>(s2, l2)?);
+                CpuStorage::F32(product((rows, o, i), (x, xs), (w, transposed(ws)), self.threads)?)
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                let ((x, xs), (w, ws)) = (operand::<f64>(s1, l1)?, operand::<f64>(s2, l2)?);
+                CpuStorage::F64(product((rows, o, i), (x, xs), (w, transposed(ws)), self.threads)?)
+            }
+            _ => candle_core::bail!("linear: f32 or f64 tensors of one dtype"),
+        };
+        Ok((out, Shape::from((rows, o))))
+    }
+
+    /// candle's matmul backward of `x . w.t()`: `g . w` for `x` and `x.t() . g`
+    /// (`in x out`, row-major) for `w.t()`, which reaches `w` transposed.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (rows, i) = x.dims2()?;
+        let o = w.dim(0)?;
+        let dev = x.device().clone();
+        let (gs, gl) = g.storage_and_layout();
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (candle_core::Storage::Cpu(gc), candle_core::Storage::Cpu(xc), candle_core::Storage::Cpu(wc)) =
+            (&*gs, &*xs, &*ws)
+        else {
+            candle_core::bail!("linear: CPU tensors only")
+        };
+        let transposed = |(cs, rs): (isize, isize)| (rs, cs);
+        macro_rules! grads {
+            ($t:ty) => {{
+                let (gd, gst) = operand::<$t>(gc, gl)?;
+                let dx = match x.track_op() {
+                    true => {
+                        let (wd, wst) = operand::<$t>(wc, wl)?;
+                        let v = product((rows, i, o), (gd, gst), (wd, wst), self.threads)?;
+                        Some(Tensor::from_vec(v, (rows, i), &dev)?)
+                    }
+                    false => None,
+                };
+                let dw = match w.track_op() {
+                    true => {
+                        let (xd, xst) = operand::<$t>(xc, xl)?;
+                        let v = product((i, o, rows), (xd, transposed(xst)), (gd, gst), self.threads)?;
+                        Some(Tensor::from_vec(v, (i, o), &dev)?.t()?)
+                    }
+                    false => None,
+                };
+                (dx, dw)
+            }};
+        }
+        let (dx, dw) = match (gc, xc, wc) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => grads!(f32),
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => grads!(f64),
+            _ => candle_core::bail!("linear: f32 or f64 tensors of one dtype"),
+        };
+        Ok((dx, dw))
     }
 }
 
@@ -350,6 +509,46 @@ mod tests {
             &Tensor::zeros(5, DType::F32, &Device::Cpu).unwrap(),
         );
         assert!(bad.is_err());
+    }
+
+    /// `linear(x, w)` and candle's `x.matmul(&w.t())`: the same output and,
+    /// through a nonlinear loss, the same gradients of `x` and `w`, bit for
+    /// bit, at the SAC networks' shapes (a 256-row batch through 27 -> 256 ->
+    /// 256 -> 16 and a Q head with one output), f32 and f64, 1 to 3 threads;
+    /// a frozen `w` and a data `x` get no gradient.
+    #[test]
+    fn linear_equals_matmul_of_transpose_bit_for_bit() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(6);
+        for dtype in [DType::F32, DType::F64] {
+            for (rows, i, o) in
+                [(256, 27, 256), (256, 256, 256), (256, 256, 16), (256, 256, 1), (5, 3, 2), (51, 35, 200)]
+            {
+                let x = Var::from_tensor(&random(&mut rng, &[rows, i], dtype)).unwrap();
+                let w = Var::from_tensor(&random(&mut rng, &[o, i], dtype)).unwrap();
+                let run = |threads: Option<usize>| {
+                    let y = match threads {
+                        Some(t) => linear(x.as_tensor(), w.as_tensor(), t).unwrap(),
+                        None => x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap(),
+                    };
+                    let loss = ((y.tanh().unwrap() * &y).unwrap().sum_all().unwrap()
+                        + y.sqr().unwrap().mean_all().unwrap())
+                    .unwrap();
+                    let g = loss.backward().unwrap();
+                    [y, g.get(x.as_tensor()).unwrap().clone(), g.get(w.as_tensor()).unwrap().clone()].map(|t| bits(&t))
+                };
+                let expect = run(None);
+                for t in 1..=3 {
+                    assert!(run(Some(t)) == expect, "{dtype:?} {rows}x{i}->{o}, {t} threads");
+                }
+                let y = linear(&x.as_tensor().detach(), &w.as_tensor().detach(), 2).unwrap();
+                assert!(y.sum_all().unwrap().backward().is_ok());
+                let y = linear(x.as_tensor(), &w.as_tensor().detach(), 2).unwrap();
+                let g = y.sum_all().unwrap().backward().unwrap();
+                assert!(g.get(x.as_tensor()).is_some() && g.get(w.as_tensor()).is_none());
+            }
+        }
+        let zeros = |r, c| Tensor::zeros((r, c), DType::F32, &Device::Cpu).unwrap();
+        assert!(linear(&zeros(3, 4), &zeros(5, 3), 2).is_err());
     }
 
     /// The single-pass Adam step and the tensor-op step leave the same

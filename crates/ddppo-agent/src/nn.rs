@@ -12,7 +12,7 @@ use candle_nn::{Linear, Module, VarBuilder, VarMap};
 use rand::Rng;
 
 use crate::Result;
-use crate::fused::{AdamUpdate, PolyakUpdate, add_bias};
+use crate::fused::{AdamUpdate, PolyakUpdate, add_bias, linear, split_threads};
 
 /// Registers a `fan_out x fan_in` weight (Xavier-uniform, as the SAC
 /// reference initialises its layers) and a zero bias under `vb`'s prefix,
@@ -76,7 +76,7 @@ impl Mlp {
         let last = self.layers.len() - 1;
         for (i, l) in self.layers.iter().enumerate() {
             h = match (h.rank(), l.bias()) {
-                (2, Some(b)) => add_bias(&h.matmul(&l.weight().t()?)?, b)?,
+                (2, Some(b)) => add_bias(&linear(&h, l.weight(), split_threads())?, b)?,
                 _ => l.forward(&h)?,
             };
             if i < last {
@@ -94,7 +94,10 @@ impl Mlp {
         let mut h = x.clone();
         let last = self.layers.len() - 1;
         for (i, l) in self.layers.iter().enumerate() {
-            h = h.matmul(&l.weight().detach().t()?)?;
+            h = match h.rank() {
+                2 => linear(&h, &l.weight().detach(), split_threads())?,
+                _ => h.matmul(&l.weight().detach().t()?)?,
+            };
             if let Some(b) = l.bias() {
                 h = add_bias(&h, &b.detach())?;
             }
