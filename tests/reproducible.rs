@@ -93,14 +93,19 @@ fn model_thread_count_does_not_change_a_run() {
         .iter()
         .map(|threads| {
             let path = dir.join(format!("records-{threads}.txt"));
-            let status = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            let child = std::process::Command::new(std::env::current_exe().expect("test binary"))
                 .args(["--exact", "model_thread_count_does_not_change_a_run", "--test-threads=1"])
                 .env("DDPPO_MODEL_THREADS", threads.to_string())
                 .env("RAYON_NUM_THREADS", "1")
                 .env(CHILD_OUT, &path)
-                .status()
+                .output()
                 .expect("child run");
-            assert!(status.success(), "the run with {threads} model threads failed");
+            assert!(
+                child.status.success(),
+                "the run with {threads} model threads failed:\n{}{}",
+                String::from_utf8_lossy(&child.stdout),
+                String::from_utf8_lossy(&child.stderr)
+            );
             std::fs::read_to_string(&path).expect("records")
         })
         .collect();
