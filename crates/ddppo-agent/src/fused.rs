@@ -23,6 +23,7 @@
 use candle_core::{CpuStorage, CustomOp2, InplaceOp2, InplaceOp3, Layout, Shape, Tensor, WithDType};
 
 use crate::Result;
+use ddppo_models::split::product;
 
 /// The element range of a contiguous layout.
 fn range(l: &Layout, what: &str) -> candle_core::Result<std::ops::Range<usize>> {
@@ -181,44 +182,9 @@ struct Linear {
 }
 
 /// One operand's element data from its offset on, and its (column, row) strides.
-fn operand<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<(&'a [T], (isize, isize))> {
+fn operand<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<(&'a [T], (usize, usize))> {
     let st = l.stride();
-    Ok((&s.as_slice::<T>()?[l.start_offset()..], (st[1] as isize, st[0] as isize)))
-}
-
-/// `(m x k) (k x n)` into a fresh row-major buffer (see [`linear`]).
-fn product<T: WithDType>(
-    (m, n, k): (usize, usize, usize),
-    (lhs, lhs_st): (&[T], (isize, isize)),
-    (rhs, rhs_st): (&[T], (isize, isize)),
-    threads: usize,
-) -> candle_core::Result<Vec<T>> {
-    let reach = |(cs, rs): (isize, isize), rows: usize, cols: usize| {
-        (rows.max(1) - 1) * rs.unsigned_abs() + (cols.max(1) - 1) * cs.unsigned_abs() + 1
-    };
-    if m * n == 0 {
-        return Ok(Vec::new());
-    }
-    if k > 0 && (lhs.len() < reach(lhs_st, m, k) || rhs.len() < reach(rhs_st, k, n)) {
-        candle_core::bail!("linear: operand smaller than ({m} x {k}) ({k} x {n})")
-    }
-    let mut out: Vec<T> = Vec::with_capacity(m * n);
-    // SAFETY: the extents checked above; gemm with `read_dst = false` writes
-    // each of the `m * n` elements once before `set_len`.
-    unsafe {
-        ddppo_models::split::gemm_split(
-            (m, n, k),
-            out.as_mut_ptr(),
-            (1, n as isize),
-            lhs.as_ptr(),
-            lhs_st,
-            rhs.as_ptr(),
-            rhs_st,
-            threads,
-        );
-        out.set_len(m * n);
-    }
-    Ok(out)
+    Ok((&s.as_slice::<T>()?[l.start_offset()..], (st[1], st[0])))
 }
 
 fn linear_dims(l1: &Layout, l2: &Layout) -> candle_core::Result<(usize, usize, usize)> {
@@ -242,7 +208,7 @@ impl CustomOp2 for Linear {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (rows, i, o) = linear_dims(l1, l2)?;
         // `w^T` is `w`'s layout with the strides swapped, as candle's `t()`.
-        let transposed = |(cs, rs): (isize, isize)| (rs, cs);
+        let transposed = |(cs, rs): (usize, usize)| (rs, cs);
         let out = match (s1, s2) {
             (CpuStorage::F32(_), CpuStorage::F32(_)) => {
                 let ((x, xs), (w, ws)) = (operand::<f32>(s1, l1)?, operand::<f32>(s2, l2)?);
@@ -277,7 +243,7 @@ impl CustomOp2 for Linear {
         else {
             candle_core::bail!("linear: CPU tensors only")
         };
-        let transposed = |(cs, rs): (isize, isize)| (rs, cs);
+        let transposed = |(cs, rs): (usize, usize)| (rs, cs);
         macro_rules! grads {
             ($t:ty) => {{
                 let (gd, gst) = operand::<$t>(gc, gl)?;

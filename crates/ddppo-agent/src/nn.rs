@@ -94,10 +94,7 @@ impl Mlp {
         let mut h = x.clone();
         let last = self.layers.len() - 1;
         for (i, l) in self.layers.iter().enumerate() {
-            h = match h.rank() {
-                2 => linear(&h, &l.weight().detach(), split_threads())?,
-                _ => h.matmul(&l.weight().detach().t()?)?,
-            };
+            h = linear(&h, &l.weight().detach(), split_threads())?;
             if let Some(b) = l.bias() {
                 h = add_bias(&h, &b.detach())?;
             }

@@ -551,6 +551,11 @@ fn batched_gemm<T: Real>(
     if lhs.data.len() < lhs.extent(e, m, k) || rhs.data.len() < rhs.extent(e, k, n) {
         candle_core::bail!("batched-gemm: operand smaller than {e} x ({m} x {k}) ({k} x {n})")
     }
+    if e == 1 {
+        // One member (a rollout's or policy update's rows of one elite): its product
+        // split over the helper threads instead, with the same numbers.
+        return crate::split::product((m, n, k), (lhs.data, (lhs.cs, lhs.rs)), (rhs.data, (rhs.cs, rhs.rs)), threads);
+    }
     // With the members spread over threads each product runs on one; otherwise
     // gemm may use candle's rayon pool, as candle's own matmul does.
     let parallelism = match candle_core::utils::get_num_threads() {
@@ -558,24 +563,6 @@ fn batched_gemm<T: Real>(
         _ => gemm::Parallelism::None,
     };
     let mut out = Uninit::new(e * m * n);
-    if e == 1 {
-        // One member (a rollout's or policy update's rows of one elite): its product
-        // split over the helper threads instead, with the same numbers.
-        // SAFETY: the extents checked above; gemm writes every element once.
-        unsafe {
-            crate::split::gemm_split(
-                (m, n, k),
-                out.slots().as_mut_ptr().cast::<T>(),
-                (1, n as isize),
-                lhs.data.as_ptr(),
-                (lhs.cs as isize, lhs.rs as isize),
-                rhs.data.as_ptr(),
-                (rhs.cs as isize, rhs.rs as isize),
-                threads,
-            );
-            return Ok(out.assume_init());
-        }
-    }
     let (lhs, rhs) = (&lhs, &rhs);
     by_member(threads, e, m * n * k, out.slots(), m * n, |steps, chunk| {
         let dst = chunk.as_mut_ptr().cast::<T>();

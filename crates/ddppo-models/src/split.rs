@@ -318,3 +318,40 @@ pub unsafe fn gemm_split<T: candle_core::WithDType>(
     };
     run_parts(parts, threads, &part);
 }
+
+/// `(m x k) (k x n)` into a fresh row-major `m x n` buffer by [`gemm_split`]:
+/// each operand its elements from its first one on and its (column, row)
+/// strides. An error, not a read out of bounds, when an operand is shorter
+/// than its strided extent.
+pub fn product<T: candle_core::WithDType>(
+    (m, n, k): (usize, usize, usize),
+    (lhs, (lhs_cs, lhs_rs)): (&[T], (usize, usize)),
+    (rhs, (rhs_cs, rhs_rs)): (&[T], (usize, usize)),
+    threads: usize,
+) -> candle_core::Result<Vec<T>> {
+    if m * n == 0 {
+        return Ok(Vec::new());
+    }
+    let reach = |cs: usize, rs: usize, rows: usize, cols: usize| (rows.max(1) - 1) * rs + (cols.max(1) - 1) * cs + 1;
+    if k > 0 && (lhs.len() < reach(lhs_cs, lhs_rs, m, k) || rhs.len() < reach(rhs_cs, rhs_rs, k, n)) {
+        candle_core::bail!("product: operand smaller than ({m} x {k}) ({k} x {n})")
+    }
+    let mut out: Vec<T> = Vec::with_capacity(m * n);
+    // SAFETY: the extents checked above (with `k = 0` gemm reads nothing); gemm
+    // with `read_dst = false` writes each of the `m * n` elements once before
+    // `set_len`.
+    unsafe {
+        gemm_split(
+            (m, n, k),
+            out.as_mut_ptr(),
+            (1, n as isize),
+            lhs.as_ptr(),
+            (lhs_cs as isize, lhs_rs as isize),
+            rhs.as_ptr(),
+            (rhs_cs as isize, rhs_rs as isize),
+            threads,
+        );
+        out.set_len(m * n);
+    }
+    Ok(out)
+}
