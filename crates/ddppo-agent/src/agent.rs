@@ -752,7 +752,7 @@ impl Agent {
         self.draw_batch()?;
         let [obs, act, rew, next_obs, mask] = self.batch_tensors()?;
         let alpha = self.temperature.alpha()?;
-        let loss = self.critic.loss(
+        let (loss, [g1, g2]) = self.critic.loss_and_grads(
             &self.policy,
             &obs,
             &act,
@@ -764,7 +764,7 @@ impl Agent {
             &mut self.run.rngs.update,
         )?;
         self.run.critic_loss.add(finite("critic loss", loss.to_scalar::<f32>()? as f64)?);
-        self.critic_opt.backward_step(&loss)?;
+        self.critic_opt.step_with(|var| g1.get(var.as_tensor()).or_else(|| g2.get(var.as_tensor())).cloned())?;
         self.critic.update_targets(self.cfg.tau)?;
         self.run.critic_updates += 1;
         Ok(())

@@ -2,16 +2,19 @@
 //! computing exactly what the candle ops it replaces compute, bit for bit
 //! (the tests compare them), without their intermediate tensors:
 //!
-//! - [`add_bias`]: `x + b` broadcast over rows. candle's `broadcast_add`
-//!   records a broadcast node whose backward pass sums the gradient over the
-//!   rows with its generic strided reduction (a division per element), after
-//!   accumulating the whole gradient into a zero tensor; here the bias
-//!   gradient is one pass of column sums in the same order (row 0 first,
-//!   from 0), and the input gradient is the output gradient itself.
 //! - [`linear`]: `x w^T`, its three products (forward, input and weight
 //!   gradients) split over the helper threads of `ddppo_models::split`, each
 //!   element computed as candle's unsplit matmul computes it; and no gradient
 //!   for data inputs and frozen weights, which candle's matmul forms anyway.
+//! - [`dense`]: a network layer, `x w^T + b` and its ReLU, as one graph node.
+//!   candle's version is four nodes (product, broadcast, add, ReLU): each
+//!   node's gradient starts as a zero-filled buffer that the gradient is added
+//!   to, its broadcast sums the bias gradient with a generic strided reduction
+//!   (a division per element), and its ReLU gradient takes five passes
+//!   (comparison, cast, product, zeros, sum). Here the layer's backward pass
+//!   forms the ReLU's gradient in one pass, as candle's values, the bias
+//!   gradient as one pass of column sums in candle's order (row 0 first, from
+//!   0), and [`linear`]'s products.
 //! - [`AdamUpdate`] and [`PolyakUpdate`]: the optimiser step and the target
 //!   networks' averaging of [`crate::nn`], in place, with the same f32 (or
 //!   f64) operations in the same order as the tensor-op version (an `affine`
@@ -20,7 +23,7 @@
 //!
 //! Other devices keep the tensor ops.
 
-use candle_core::{CpuStorage, CustomOp2, InplaceOp2, InplaceOp3, Layout, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, InplaceOp2, InplaceOp3, Layout, Shape, Tensor, WithDType};
 
 use crate::Result;
 use ddppo_models::split::product;
@@ -48,15 +51,23 @@ pub(crate) trait Real:
     + PartialOrd
 {
     fn sqrt(self) -> Self;
+    /// candle's ReLU of one value: `max(v, 0)`.
+    fn relu(self) -> Self;
 }
 impl Real for f32 {
     fn sqrt(self) -> Self {
         f32::sqrt(self)
     }
+    fn relu(self) -> Self {
+        self.max(0f32)
+    }
 }
 impl Real for f64 {
     fn sqrt(self) -> Self {
         f64::sqrt(self)
+    }
+    fn relu(self) -> Self {
+        self.max(0f64)
     }
 }
 
@@ -64,33 +75,6 @@ impl Real for f64 {
 #[inline(always)]
 fn affine<T: Real>(x: T, mul: f64, add: f64) -> T {
     x * T::from_f64(mul) + T::from_f64(add)
-}
-
-/// `x + b` for `x`: rows x n and `b`: n, on any device; on the CPU one
-/// custom op whose backward pass is a single column-sum pass.
-pub fn add_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64) {
-        Ok(x.apply_op2(b, AddBias)?)
-    } else {
-        Ok(x.broadcast_add(b)?)
-    }
-}
-
-struct AddBias;
-
-fn bias_dims(l1: &Layout, l2: &Layout) -> candle_core::Result<(usize, usize)> {
-    match (l1.dims(), l2.dims()) {
-        ([rows, n], [m]) if n == m => Ok((*rows, *n)),
-        (a, b) => candle_core::bail!("add-bias: {a:?} plus {b:?}"),
-    }
-}
-
-fn add_rows<T: Real>(x: &[T], b: &[T]) -> Vec<T> {
-    let mut out = Vec::with_capacity(x.len());
-    for row in x.chunks_exact(b.len()) {
-        out.extend(row.iter().zip(b).map(|(&x, &b)| x + b));
-    }
-    out
 }
 
 /// Column sums, row 0 first, each from 0: candle's sum over dim 0.
@@ -102,57 +86,6 @@ fn column_sums<T: Real>(g: &[T], n: usize) -> Vec<T> {
         }
     }
     out
-}
-
-impl CustomOp2 for AddBias {
-    fn name(&self) -> &'static str {
-        "add-bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        bias_dims(l1, l2)?;
-        let out = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                CpuStorage::F32(add_rows::<f32>(slice(s1, l1, "input")?, slice(s2, l2, "bias")?))
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                CpuStorage::F64(add_rows::<f64>(slice(s1, l1, "input")?, slice(s2, l2, "bias")?))
-            }
-            _ => candle_core::bail!("add-bias: f32 or f64 tensors of one dtype"),
-        };
-        Ok((out, l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        g: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        if !b.track_op() {
-            return Ok((Some(g.clone()), None));
-        }
-        let gc = g.contiguous()?;
-        let n = b.elem_count();
-        let (s, l) = gc.storage_and_layout();
-        let sums = match &*s {
-            candle_core::Storage::Cpu(c @ CpuStorage::F32(_)) => {
-                Tensor::from_vec(column_sums::<f32>(slice(c, l, "gradient")?, n), n, b.device())?
-            }
-            candle_core::Storage::Cpu(c @ CpuStorage::F64(_)) => {
-                Tensor::from_vec(column_sums::<f64>(slice(c, l, "gradient")?, n), n, b.device())?
-            }
-            _ => candle_core::bail!("add-bias: f32 or f64 CPU gradient"),
-        };
-        Ok((Some(g.clone()), Some(sums)))
-    }
 }
 
 /// The thread count of [`linear`] in the networks of [`crate::nn::Mlp`]:
@@ -272,6 +205,165 @@ impl CustomOp2 for Linear {
             _ => candle_core::bail!("linear: f32 or f64 tensors of one dtype"),
         };
         Ok((dx, dw))
+    }
+}
+
+/// `relu(x w^T + b)` (`relu`) or `x w^T + b`, for `x`: rows x in, `w`: out x
+/// in and `b`: out, what candle's `x.matmul(&w.t())`, `broadcast_add` and
+/// `relu` compute, bit for bit, forward and backward; on the CPU one graph
+/// node (module documentation), the pre-activation kept inside it for the
+/// ReLU's gradient. Other devices: candle's ops.
+pub fn dense(x: &Tensor, w: &Tensor, b: &Tensor, relu: bool, threads: usize) -> Result<Tensor> {
+    let ok = x.device().is_cpu()
+        && x.rank() == 2
+        && w.rank() == 2
+        && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64);
+    if ok {
+        return Ok(x.apply_op3(w, b, Dense { relu, threads, pre: std::sync::Mutex::new(None) })?);
+    }
+    let y = x.matmul(&w.t()?)?.broadcast_add(b)?;
+    Ok(if relu { y.relu()? } else { y })
+}
+
+struct Dense {
+    relu: bool,
+    threads: usize,
+    /// `x w^T + b` of the forward pass (kept when `relu`).
+    pre: std::sync::Mutex<Option<CpuStorage>>,
+}
+
+impl Dense {
+    /// The output and, with ReLU, the pre-activation.
+    fn fwd_t<T: Real>(
+        &self,
+        (x, xs): (&[T], (usize, usize)),
+        (w, ws): (&[T], (usize, usize)),
+        b: &[T],
+        (rows, i, o): (usize, usize, usize),
+    ) -> candle_core::Result<(Vec<T>, Option<Vec<T>>)> {
+        if b.len() != o {
+            candle_core::bail!("dense: a bias of {} for {o} outputs", b.len())
+        }
+        let mut y = product((rows, o, i), (x, xs), (w, (ws.1, ws.0)), self.threads)?;
+        for row in y.chunks_exact_mut(o.max(1)) {
+            row.iter_mut().zip(b).for_each(|(v, &b)| *v += b);
+        }
+        if !self.relu {
+            return Ok((y, None));
+        }
+        let pre = y.clone();
+        y.iter_mut().for_each(|v| *v = v.relu());
+        Ok((y, Some(pre)))
+    }
+
+    /// The gradient reaching the product's output, as candle forms it from
+    /// the output's gradient `g`: through the ReLU (`g * (pre >= 0 ? 1 : 0)`)
+    /// and then added to a zero start, the product's own gradient buffer.
+    fn pre_grad<T: Real>(&self, g: &[T], pre: Option<&[T]>) -> Vec<T> {
+        let zero = T::zero();
+        match pre {
+            Some(pre) => g.iter().zip(pre).map(|(&g, &p)| zero + g * if p >= zero { T::one() } else { zero }).collect(),
+            None => g.iter().map(|&g| zero + g).collect(),
+        }
+    }
+}
+
+impl CustomOp3 for Dense {
+    fn name(&self) -> &'static str {
+        "dense"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = linear_dims(l1, l2)?;
+        let (y, pre) = match (s1, s2, s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                let (y, pre) = self.fwd_t::<f32>(operand(s1, l1)?, operand(s2, l2)?, slice(s3, l3, "bias")?, dims)?;
+                (CpuStorage::F32(y), pre.map(CpuStorage::F32))
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                let (y, pre) = self.fwd_t::<f64>(operand(s1, l1)?, operand(s2, l2)?, slice(s3, l3, "bias")?, dims)?;
+                (CpuStorage::F64(y), pre.map(CpuStorage::F64))
+            }
+            _ => candle_core::bail!("dense: f32 or f64 tensors of one dtype"),
+        };
+        *self.pre.lock().map_err(|_| candle_core::Error::Msg("dense: lock poisoned".into()))? = pre;
+        Ok((y, Shape::from((dims.0, dims.2))))
+    }
+
+    /// [`Linear`]'s products on the gradient [`Dense::pre_grad`] forms, and
+    /// the bias gradient as candle's broadcast sums it ([`column_sums`]).
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (rows, i) = x.dims2()?;
+        let o = w.dim(0)?;
+        let dev = x.device().clone();
+        let gc = g.contiguous()?;
+        let (gs, gl) = gc.storage_and_layout();
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let pre = self.pre.lock().map_err(|_| candle_core::Error::Msg("dense: lock poisoned".into()))?;
+        let (candle_core::Storage::Cpu(gc), candle_core::Storage::Cpu(xc), candle_core::Storage::Cpu(wc)) =
+            (&*gs, &*xs, &*ws)
+        else {
+            candle_core::bail!("dense: CPU tensors only")
+        };
+        if self.relu && pre.is_none() {
+            candle_core::bail!("dense: backward pass before the forward pass")
+        }
+        let transposed = |(cs, rs): (usize, usize)| (rs, cs);
+        macro_rules! grads {
+            ($t:ty) => {{
+                let p = match pre.as_ref() {
+                    Some(p) => Some(p.as_slice::<$t>()?),
+                    None => None,
+                };
+                let gy = self.pre_grad::<$t>(slice(gc, gl, "gradient")?, p);
+                if gy.len() != rows * o {
+                    candle_core::bail!("dense: gradient of {} values for {rows} x {o}", gy.len())
+                }
+                let dx = match x.track_op() {
+                    true => {
+                        let (wd, wst) = operand::<$t>(wc, wl)?;
+                        let v = product((rows, i, o), (&gy, (1, o)), (wd, wst), self.threads)?;
+                        Some(Tensor::from_vec(v, (rows, i), &dev)?)
+                    }
+                    false => None,
+                };
+                let dw = match w.track_op() {
+                    true => {
+                        let (xd, xst) = operand::<$t>(xc, xl)?;
+                        let v = product((i, o, rows), (xd, transposed(xst)), (&gy, (1, o)), self.threads)?;
+                        Some(Tensor::from_vec(v, (i, o), &dev)?.t()?)
+                    }
+                    false => None,
+                };
+                let db = match b.track_op() {
+                    true => Some(Tensor::from_vec(column_sums::<$t>(&gy, o), o, &dev)?),
+                    false => None,
+                };
+                (dx, dw, db)
+            }};
+        }
+        let grads = match (gc, xc, wc) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => grads!(f32),
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => grads!(f64),
+            _ => candle_core::bail!("dense: f32 or f64 tensors of one dtype"),
+        };
+        Ok(grads)
     }
 }
 
@@ -443,38 +535,73 @@ mod tests {
         }
     }
 
-    /// `add_bias` and candle's `broadcast_add`: the same output and, through
-    /// a nonlinear loss that uses the result twice, the same gradients of
-    /// the input and of the bias, bit for bit, in f32 and f64; a detached
-    /// bias gets none.
+    /// `dense(x, w, b, relu)` and candle's `x.matmul(&w.t())`, `broadcast_add`
+    /// and `relu`: the same output and the same gradients of `x`, `w` and `b`,
+    /// bit for bit, at the SAC networks' shapes, with and without the ReLU, f32
+    /// and f64, 1 to 3 threads. Rows of zeros in `x` meet zero biases, so some
+    /// pre-activations are exactly 0 (where candle's ReLU passes the gradient),
+    /// and the loss's gradient at 0 is a weight of either sign. A frozen layer
+    /// (detached `w`, `b`) and a data `x` get no gradient.
     #[test]
-    fn add_bias_equals_broadcast_add_bit_for_bit() {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    fn dense_equals_candles_layer_bit_for_bit() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
         for dtype in [DType::F32, DType::F64] {
-            let x = Var::from_tensor(&random(&mut rng, &[37, 19], dtype)).unwrap();
-            let b = Var::from_tensor(&random(&mut rng, &[19], dtype)).unwrap();
-            let run = |fused: bool| {
-                let y = if fused {
-                    add_bias(x.as_tensor(), b.as_tensor()).unwrap()
-                } else {
-                    x.as_tensor().broadcast_add(b.as_tensor()).unwrap()
-                };
-                let loss = ((y.tanh().unwrap() * &y).unwrap().sum_all().unwrap()
-                    + y.sqr().unwrap().mean_all().unwrap())
-                .unwrap();
-                let g = loss.backward().unwrap();
-                [y, g.get(x.as_tensor()).unwrap().clone(), g.get(b.as_tensor()).unwrap().clone()].map(|t| bits(&t))
-            };
-            assert_eq!(run(true), run(false), "{dtype:?}");
-            let y = add_bias(x.as_tensor(), &b.as_tensor().detach()).unwrap();
-            let g = y.sum_all().unwrap().backward().unwrap();
-            assert!(g.get(x.as_tensor()).is_some() && g.get(b.as_tensor()).is_none());
+            for (rows, i, o) in [(256, 35, 256), (256, 256, 256), (256, 256, 1), (64, 27, 16), (5, 3, 2)] {
+                let mut xv: Vec<f64> = (0..rows * i).map(|_| rng.random_range(-1.0..1.0)).collect();
+                for r in (0..rows).step_by(4) {
+                    xv[r * i..(r + 1) * i].fill(0.0);
+                }
+                let x =
+                    Var::from_tensor(&Tensor::from_vec(xv, (rows, i), &Device::Cpu).unwrap().to_dtype(dtype).unwrap())
+                        .unwrap();
+                let w = Var::from_tensor(&random(&mut rng, &[o, i], dtype)).unwrap();
+                let bv: Vec<f64> = (0..o).map(|j| if j % 3 == 0 { 0.0 } else { rng.random_range(-1.0..1.0) }).collect();
+                let b = Var::from_tensor(&Tensor::new(bv, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()).unwrap();
+                let cv: Vec<f64> = (0..rows * o).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let c = Tensor::from_vec(cv, (rows, o), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+                for relu in [true, false] {
+                    let run = |threads: Option<usize>| {
+                        let y = match threads {
+                            Some(t) => dense(x.as_tensor(), w.as_tensor(), b.as_tensor(), relu, t).unwrap(),
+                            None => {
+                                let y = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
+                                let y = y.broadcast_add(b.as_tensor()).unwrap();
+                                if relu { y.relu().unwrap() } else { y }
+                            }
+                        };
+                        let loss = ((y.sin().unwrap() * &c).unwrap().sum_all().unwrap()
+                            - y.sqr().unwrap().mean_all().unwrap())
+                        .unwrap();
+                        let g = loss.backward().unwrap();
+                        [&y, x.as_tensor(), w.as_tensor(), b.as_tensor()]
+                            .map(|t| bits(if std::ptr::eq(t, &y) { t } else { g.get(t).unwrap() }))
+                    };
+                    let expect = run(None);
+                    for t in 1..=3 {
+                        assert!(run(Some(t)) == expect, "{dtype:?} {rows}x{i}->{o} relu {relu}, {t} threads");
+                    }
+                    let frozen =
+                        dense(x.as_tensor(), &w.as_tensor().detach(), &b.as_tensor().detach(), relu, 2).unwrap();
+                    let g = frozen.sum_all().unwrap().backward().unwrap();
+                    assert!(
+                        g.get(x.as_tensor()).is_some()
+                            && g.get(w.as_tensor()).is_none()
+                            && g.get(b.as_tensor()).is_none()
+                    );
+                    let data = dense(&x.as_tensor().detach(), w.as_tensor(), b.as_tensor(), relu, 2).unwrap();
+                    let g = data.sum_all().unwrap().backward().unwrap();
+                    assert!(
+                        g.get(x.as_tensor()).is_none()
+                            && g.get(w.as_tensor()).is_some()
+                            && g.get(b.as_tensor()).is_some()
+                    );
+                }
+            }
         }
-        let bad = add_bias(
-            &Tensor::zeros((3, 4), DType::F32, &Device::Cpu).unwrap(),
-            &Tensor::zeros(5, DType::F32, &Device::Cpu).unwrap(),
-        );
-        assert!(bad.is_err());
+        let zeros = |r, c| Tensor::zeros((r, c), DType::F32, &Device::Cpu).unwrap();
+        let bias = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
+        assert!(dense(&zeros(3, 4), &zeros(5, 4), &bias, true, 2).is_err(), "a bias of 4 for 5 outputs");
+        assert!(dense(&zeros(3, 4), &zeros(5, 3), &bias, true, 2).is_err(), "3 x 4 times the transpose of 5 x 3");
     }
 
     /// `linear(x, w)` and candle's `x.matmul(&w.t())`: the same output and,
@@ -522,11 +649,19 @@ mod tests {
     /// cross the clip bounds, with and without clipping, in f32 and f64.
     #[test]
     fn fused_adam_equals_tensor_ops_bit_for_bit() {
-        for (dtype, clip) in [(DType::F32, Some(5.0)), (DType::F32, None), (DType::F64, Some(0.5))] {
+        // Small variables (one thread) and a layer's worth (spread over the helper threads).
+        let small: &[&[usize]] = &[&[13, 7], &[7]];
+        let large: &[&[usize]] = &[&[130, 70], &[70], &[64, 130], &[64]];
+        for (dtype, clip, shapes) in [
+            (DType::F32, Some(5.0), small),
+            (DType::F32, None, small),
+            (DType::F64, Some(0.5), small),
+            (DType::F32, Some(5.0), large),
+        ] {
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
-            let init = [random(&mut rng, &[13, 7], dtype), random(&mut rng, &[7], dtype)];
+            let init: Vec<Tensor> = shapes.iter().map(|s| random(&mut rng, s, dtype)).collect();
             let grads: Vec<Vec<Tensor>> =
-                (0..30).map(|_| vec![random(&mut rng, &[13, 7], dtype), random(&mut rng, &[7], dtype)]).collect();
+                (0..30).map(|_| shapes.iter().map(|s| random(&mut rng, s, dtype)).collect()).collect();
             let run = |fused: bool| {
                 let vars: Vec<Var> = init.iter().map(|t| Var::from_tensor(&t.copy().unwrap()).unwrap()).collect();
                 let mut adam = Adam::new(vars.clone(), 3e-4, clip).unwrap();
@@ -540,7 +675,7 @@ mod tests {
                 let (m, v) = adam.moments();
                 vars.iter().map(|v| bits(v.as_tensor())).chain(m.iter().chain(v).map(bits)).collect::<Vec<_>>()
             };
-            assert_eq!(run(true), run(false), "{dtype:?}, clip {clip:?}");
+            assert_eq!(run(true), run(false), "{dtype:?}, clip {clip:?}, {} variables", shapes.len());
         }
     }
 
@@ -548,18 +683,24 @@ mod tests {
     #[test]
     fn fused_polyak_equals_tensor_ops_bit_for_bit() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
-        for dtype in [DType::F32, DType::F64] {
-            let (t0, s0) = (random(&mut rng, &[11, 5], dtype), random(&mut rng, &[11, 5], dtype));
-            let target = Var::from_tensor(&t0.copy().unwrap()).unwrap();
-            let source = Var::from_tensor(&s0).unwrap();
+        // One small pair (one thread) and a network's worth (spread over the helper threads).
+        let small: &[&[usize]] = &[&[11, 5]];
+        let large: &[&[usize]] = &[&[11, 5], &[140, 90], &[90], &[3, 90]];
+        for (dtype, shapes) in [(DType::F32, small), (DType::F64, small), (DType::F32, large)] {
+            let t0: Vec<Tensor> = shapes.iter().map(|s| random(&mut rng, s, dtype)).collect();
+            let s0: Vec<Tensor> = shapes.iter().map(|s| random(&mut rng, s, dtype)).collect();
+            let target: Vec<Var> = t0.iter().map(|t| Var::from_tensor(&t.copy().unwrap()).unwrap()).collect();
+            let source: Vec<Var> = s0.iter().map(|s| Var::from_tensor(s).unwrap()).collect();
             for _ in 0..20 {
-                polyak(std::slice::from_ref(&target), std::slice::from_ref(&source), 0.005).unwrap();
+                polyak(&target, &source, 0.005).unwrap();
             }
-            let mut t = t0;
-            for _ in 0..20 {
-                t = ((&t * (1.0 - 0.005)).unwrap() + (&s0 * 0.005).unwrap()).unwrap();
+            for ((target, t0), s0) in target.iter().zip(t0).zip(&s0) {
+                let mut t = t0;
+                for _ in 0..20 {
+                    t = ((&t * (1.0 - 0.005)).unwrap() + (s0 * 0.005).unwrap()).unwrap();
+                }
+                assert_eq!(bits(target.as_tensor()), bits(&t), "{dtype:?}");
             }
-            assert_eq!(bits(target.as_tensor()), bits(&t), "{dtype:?}");
         }
     }
 }

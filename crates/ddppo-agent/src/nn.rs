@@ -12,7 +12,7 @@ use candle_nn::{Linear, Module, VarBuilder, VarMap};
 use rand::Rng;
 
 use crate::Result;
-use crate::fused::{AdamUpdate, PolyakUpdate, add_bias, linear, split_threads};
+use crate::fused::{AdamUpdate, PolyakUpdate, dense, linear, split_threads};
 
 /// Registers a `fan_out x fan_in` weight (Xavier-uniform, as the SAC
 /// reference initialises its layers) and a zero bias under `vb`'s prefix,
@@ -75,13 +75,13 @@ impl Mlp {
         let mut h = x.clone();
         let last = self.layers.len() - 1;
         for (i, l) in self.layers.iter().enumerate() {
-            h = match (h.rank(), l.bias()) {
-                (2, Some(b)) => add_bias(&linear(&h, l.weight(), split_threads())?, b)?,
-                _ => l.forward(&h)?,
+            h = match (h.rank(), l.bias(), i < last) {
+                (2, Some(b), hidden) => dense(&h, l.weight(), b, hidden, split_threads())?,
+                (_, _, hidden) => {
+                    let y = l.forward(&h)?;
+                    if hidden { y.relu()? } else { y }
+                }
             };
-            if i < last {
-                h = h.relu()?;
-            }
         }
         Ok(h)
     }
@@ -94,13 +94,12 @@ impl Mlp {
         let mut h = x.clone();
         let last = self.layers.len() - 1;
         for (i, l) in self.layers.iter().enumerate() {
-            h = linear(&h, &l.weight().detach(), split_threads())?;
-            if let Some(b) = l.bias() {
-                h = add_bias(&h, &b.detach())?;
-            }
-            if i < last {
-                h = h.relu()?;
-            }
+            let w = l.weight().detach();
+            h = match (l.bias(), i < last) {
+                (Some(b), hidden) => dense(&h, &w, &b.detach(), hidden, split_threads())?,
+                (None, true) => linear(&h, &w, split_threads())?.relu()?,
+                (None, false) => linear(&h, &w, split_threads())?,
+            };
         }
         Ok(h)
     }
@@ -197,28 +196,34 @@ impl Adam {
         let t = self.step as i32;
         let bc1 = 1.0 - self.beta1.powi(t);
         let bc2 = 1.0 - self.beta2.powi(t);
-        for (i, var) in self.vars.iter().enumerate() {
-            // A variable's gradient can come out of the backward pass still
-            // in the graph (`exp`'s is `grad * exp(x)`, a tracked op): the
-            // moments built from it would then hold the previous moments, a
-            // chain that grows by one link per step and is never freed
-            // (temperature updates leaked ~4 KB each). Detaching changes no value.
-            let Some(g) = grad(var).map(|g| g.detach()) else { continue };
-            if self.fused {
-                let k = AdamUpdate {
-                    clip: self.clip,
-                    beta1: self.beta1,
-                    beta2: self.beta2,
-                    bc1,
-                    bc2,
-                    eps: self.eps,
-                    lr: self.lr,
-                };
-                let (m, v) = k.apply(var.as_tensor(), &self.m[i], &self.v[i], &g)?;
-                self.m[i] = m;
-                self.v[i] = v;
-                continue;
+        // A variable's gradient can come out of the backward pass still in the
+        // graph (`exp`'s is `grad * exp(x)`, a tracked op): the moments built
+        // from it would then hold the previous moments, a chain that grows by
+        // one link per step and is never freed (temperature updates leaked
+        // ~4 KB each). Detaching changes no value.
+        let grads: Vec<(usize, Tensor)> =
+            self.vars.iter().enumerate().filter_map(|(i, var)| grad(var).map(|g| (i, g.detach()))).collect();
+        if self.fused {
+            let k = AdamUpdate {
+                clip: self.clip,
+                beta1: self.beta1,
+                beta2: self.beta2,
+                bc1,
+                bc2,
+                eps: self.eps,
+                lr: self.lr,
+            };
+            // Each variable's step is its own: spread them over the helper threads.
+            let (vars, m, v) = (&self.vars, &self.m, &self.v);
+            let new = per_variable(&grads, true, |(i, g)| k.apply(vars[*i].as_tensor(), &m[*i], &v[*i], g))?;
+            for ((i, _), (m, v)) in grads.iter().zip(new) {
+                self.m[*i] = m;
+                self.v[*i] = v;
             }
+            return Ok(());
+        }
+        for (i, g) in grads {
+            let var = &self.vars[i];
             let g = match self.clip {
                 Some(c) => g.clamp(-c, c)?,
                 None => g,
@@ -237,14 +242,86 @@ impl Adam {
 
 /// `target <- (1 - tau) target + tau source`, variable by variable.
 pub fn polyak(target: &[Var], source: &[Var], tau: f64) -> Result<()> {
-    for (t, s) in target.iter().zip(source) {
+    let pairs: Vec<(&Var, &Var)> = target.iter().zip(source).collect();
+    // Other devices' queues stay on this thread.
+    let parallel = pairs.iter().all(|(t, s)| t.device().is_cpu() && s.device().is_cpu());
+    per_variable(&pairs, parallel, |(t, s)| -> Result<()> {
         if t.device().is_cpu() && s.is_contiguous() {
             t.as_tensor().inplace_op2(s.as_tensor(), &PolyakUpdate(tau))?;
         } else {
             t.set(&((t.as_tensor() * (1.0 - tau))? + (s.as_tensor() * tau)?)?)?;
         }
-    }
+        Ok(())
+    })?;
     Ok(())
+}
+
+/// Below this many values in all, [`per_variable`] stays on the calling thread.
+const MIN_SPLIT_VALUES: usize = 1 << 14;
+
+/// `f` of every item (a variable's update, which touches that variable
+/// alone), in order; with `parallel` (CPU tensors) the items spread over the
+/// helper threads of `ddppo_models::split` in groups of about equal size:
+/// the results do not depend on the thread count. The first error is returned.
+fn per_variable<I: Sync + ItemSize, R: Send>(
+    items: &[I],
+    parallel: bool,
+    f: impl Fn(&I) -> Result<R> + Sync,
+) -> Result<Vec<R>> {
+    let sizes: Vec<usize> = items.iter().map(ItemSize::size).collect();
+    let threads = if parallel { split_threads() } else { 1 };
+    let total: usize = sizes.iter().sum();
+    if threads <= 1 || items.len() < 2 || total < MIN_SPLIT_VALUES {
+        return items.iter().map(&f).collect();
+    }
+    let parts = balanced_groups(&sizes, threads.min(items.len()));
+    let slots: Vec<std::sync::Mutex<Option<Result<R>>>> = items.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    ddppo_models::split::run_parts(parts.len(), threads, &|p| {
+        for &i in &parts[p] {
+            let r = f(&items[i]);
+            *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+        }
+    });
+    slots
+        .into_iter()
+        .map(|s| {
+            s.into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .unwrap_or_else(|| Err(candle_core::Error::Msg("a variable's update did not run".into()).into()))
+        })
+        .collect()
+}
+
+/// The values one item of [`per_variable`] updates.
+trait ItemSize {
+    fn size(&self) -> usize;
+}
+impl ItemSize for (usize, Tensor) {
+    fn size(&self) -> usize {
+        self.1.elem_count()
+    }
+}
+impl ItemSize for (&Var, &Var) {
+    fn size(&self) -> usize {
+        self.0.elem_count()
+    }
+}
+
+/// Item indices in `parts` groups of about equal total size: largest first,
+/// each to the group with the least so far (ties: the lower group); every
+/// group non-empty when there are at least `parts` items.
+fn balanced_groups(sizes: &[usize], parts: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..sizes.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(sizes[i]));
+    let mut groups = vec![Vec::new(); parts];
+    let mut load = vec![0usize; parts];
+    for i in order {
+        let g = (0..parts).min_by_key(|&g| (load[g], groups[g].len(), g)).unwrap_or(0);
+        load[g] += sizes[i].max(1);
+        groups[g].push(i);
+    }
+    groups.retain(|g| !g.is_empty());
+    groups
 }
 
 /// The variables of `vm` sorted by name, so that the order (and therefore the
@@ -269,4 +346,35 @@ pub fn upload(data: &[f32], rows: usize, cols: usize, dtype: DType, device: &Dev
 pub fn host_randn(rng: &mut impl Rng, rows: usize, cols: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     let v: Vec<f64> = (0..rows * cols).map(|_| rng.sample(rand_distr::StandardNormal)).collect();
     Ok(ddppo_models::transfer::upload_f64(v, &[rows, cols], dtype, device)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::balanced_groups;
+
+    /// Every item in exactly one group, no group empty, groups in the same
+    /// order for the same sizes, and no group heavier than another by more
+    /// than the largest item.
+    #[test]
+    fn balanced_groups_partition_the_items_evenly() {
+        let cases: &[&[usize]] =
+            &[&[65536, 256, 256, 8960, 256, 1], &[1, 1, 1], &[5], &[], &[100, 100, 100, 100], &[7, 0, 3, 9, 9, 2]];
+        for sizes in cases {
+            for parts in 1..=3 {
+                let groups = balanced_groups(sizes, parts);
+                assert_eq!(groups, balanced_groups(sizes, parts));
+                let mut all: Vec<usize> = groups.concat();
+                all.sort_unstable();
+                assert_eq!(all, (0..sizes.len()).collect::<Vec<_>>(), "{sizes:?} in {parts}");
+                assert!(groups.iter().all(|g| !g.is_empty()));
+                assert_eq!(groups.len(), parts.min(sizes.len()));
+                let load: Vec<usize> = groups.iter().map(|g| g.iter().map(|&i| sizes[i].max(1)).sum()).collect();
+                let spread = load.iter().max().unwrap_or(&0) - load.iter().min().unwrap_or(&0);
+                assert!(
+                    spread <= sizes.iter().map(|s| *s.max(&1)).max().unwrap_or(0),
+                    "{sizes:?} in {parts}: {load:?}"
+                );
+            }
+        }
+    }
 }

@@ -24,6 +24,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::agent::LearnedModels;
+use crate::fused::split_threads;
 use crate::nn::upload;
 use crate::sac::GaussianPolicy;
 use crate::variant::GradientSource;
@@ -61,7 +62,7 @@ impl Members {
 }
 
 /// A (possibly stochastic, possibly ensemble) model of `(r, s') | (s, a)`.
-pub trait DynamicsModel {
+pub trait DynamicsModel: Sync {
     /// Which member predicts each of `rows` rows (an ensemble draws one elite
     /// per row; a single model returns zeros).
     fn draw_members(&self, rows: usize, rng: &mut ChaCha8Rng) -> Vec<usize>;
@@ -335,14 +336,22 @@ impl<'a> ModelEnv<'a> {
     /// derivative, in a single backward pass. Makes no host-device copy.
     pub fn imagine_step(&self, obs: &Tensor, act: &Tensor, draws: &ImaginationDraws, t: usize) -> Result<ImaginedStep> {
         let noise = draws.model_noise.as_ref().map(|n| n.get(t)).transpose()?;
-        let p = self.prediction.sample(obs, act, &draws.members[t], noise.as_ref())?;
+        // The two models' passes are independent: the value's on a helper
+        // thread (on detached inputs: it is cut from the graph anyway) while
+        // this thread forms the derivative's graph.
+        let (obs_value, act_value) = (obs.detach(), act.detach());
+        let (g, p) = ddppo_models::split::join(
+            split_threads(),
+            || match &self.derivatives {
+                Derivatives::None => Err(Error::Config("the policy update needs model derivatives".into())),
+                Derivatives::RolloutMean => self.prediction.mean(obs, act, &draws.gradient_members[t]),
+                Derivatives::Separate(gm) => gm.mean(obs, act, &draws.gradient_members[t]),
+            },
+            || self.prediction.sample(&obs_value, &act_value, &draws.members[t], noise.as_ref()),
+        );
+        let (g, p) = (g?, p?);
         let p_rew = p.reward.detach();
         let p_next = p.next_obs.detach();
-        let g = match &self.derivatives {
-            Derivatives::None => return Err(Error::Config("the policy update needs model derivatives".into())),
-            Derivatives::RolloutMean => self.prediction.mean(obs, act, &draws.gradient_members[t])?,
-            Derivatives::Separate(gm) => gm.mean(obs, act, &draws.gradient_members[t])?,
-        };
         let reward = ((&p_rew + &g.reward)? - g.reward.detach())?;
         let next_obs = ((&p_next + &g.next_obs)? - g.next_obs.detach())?;
         Ok(ImaginedStep { reward, next_obs, sampled_next_obs: p_next })

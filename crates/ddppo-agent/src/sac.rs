@@ -6,6 +6,10 @@ use candle_core::{D, DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use rand::Rng;
 
+use candle_core::backprop::GradStore;
+use ddppo_models::split::join;
+
+use crate::fused::split_threads;
 use crate::nn::{Mlp, host_randn, polyak, sorted_vars};
 use crate::{Error, Result};
 
@@ -270,9 +274,13 @@ impl SacCritic {
         &self.vars
     }
 
+    /// Both networks at `(obs, act)`, each on its own thread when a helper is
+    /// idle ([`ddppo_models::split::join`]; the same numbers either way).
     fn eval(nets: &[Mlp; 2], obs: &Tensor, act: &Tensor) -> Result<(Tensor, Tensor)> {
         let x = Tensor::cat(&[obs, act], 1)?;
-        Ok((nets[0].forward(&x)?.squeeze(1)?, nets[1].forward(&x)?.squeeze(1)?))
+        let q = |net: &Mlp| -> Result<Tensor> { Ok(net.forward(&x)?.squeeze(1)?) };
+        let (a, b) = join(split_threads(), || q(&nets[0]), || q(&nets[1]));
+        Ok((a?, b?))
     }
 
     /// `(Q1(s, a), Q2(s, a))`, each of shape rows.
@@ -291,9 +299,9 @@ impl SacCritic {
     /// value, equation 11), so no critic gradients are computed.
     pub fn min_q_frozen(&self, obs: &Tensor, act: &Tensor) -> Result<Tensor> {
         let x = Tensor::cat(&[obs, act], 1)?;
-        let a = self.q[0].forward_frozen(&x)?.squeeze(1)?;
-        let b = self.q[1].forward_frozen(&x)?.squeeze(1)?;
-        Ok(a.minimum(&b)?)
+        let q = |net: &Mlp| -> Result<Tensor> { Ok(net.forward_frozen(&x)?.squeeze(1)?) };
+        let (a, b) = join(split_threads(), || q(&self.q[0]), || q(&self.q[1]));
+        Ok(a?.minimum(&b?)?)
     }
 
     /// `min(Q1', Q2')(s, a)` of the target networks.
@@ -322,6 +330,39 @@ impl SacCritic {
         let y = critic_target(rew, mask, &min_q_next, &next.logp.detach(), alpha, gamma)?.detach();
         let (q1, q2) = self.q(obs, act)?;
         Ok(((q1 - &y)?.sqr()?.mean_all()? + (q2 - &y)?.sqr()?.mean_all()?)?)
+    }
+
+    /// The loss of [`SacCritic::loss`] (same draws from `rng`, same value) and
+    /// its gradients: each network's term, `mean((Qi - y)^2)`, forward and
+    /// backward on its own thread when a helper is idle. The networks share
+    /// no parameter, so each term's backward pass forms exactly the gradients
+    /// the sum's does (the sum passes its gradient of 1 to each term
+    /// unchanged); the two stores hold the first and second network's.
+    #[allow(clippy::too_many_arguments)]
+    pub fn loss_and_grads(
+        &self,
+        policy: &GaussianPolicy,
+        obs: &Tensor,
+        act: &Tensor,
+        rew: &Tensor,
+        next_obs: &Tensor,
+        mask: &Tensor,
+        alpha: f64,
+        gamma: f64,
+        rng: &mut impl Rng,
+    ) -> Result<(Tensor, [GradStore; 2])> {
+        let next = policy.sample(next_obs, rng)?;
+        let min_q_next = self.target_min_q(next_obs, &next.action.detach())?;
+        let y = critic_target(rew, mask, &min_q_next, &next.logp.detach(), alpha, gamma)?.detach();
+        let x = Tensor::cat(&[obs, act], 1)?;
+        let term = |net: &Mlp| -> Result<(Tensor, GradStore)> {
+            let l = (net.forward(&x)?.squeeze(1)? - &y)?.sqr()?.mean_all()?;
+            let g = l.backward()?;
+            Ok((l, g))
+        };
+        let (a, b) = join(split_threads(), || term(&self.q[0]), || term(&self.q[1]));
+        let ((l1, g1), (l2, g2)) = (a?, b?);
+        Ok(((l1 + l2)?, [g1, g2]))
     }
 
     /// Polyak update of the targets with rate `tau`.

@@ -198,3 +198,38 @@ fn frozen_q_matches_q_and_leaves_critic_without_gradient() {
         assert!(gf.get(v.as_tensor()).is_none(), "frozen Q must not produce parameter gradients");
     }
 }
+
+/// The critic's loss split into its two networks' terms, each differentiated
+/// on its own (on two threads where the machine has a second core), gives
+/// the summed loss's value and every parameter's gradient bit for bit, in
+/// f32 at a random critic and batch.
+#[test]
+fn critic_terms_apart_equal_the_summed_loss() {
+    let d = Device::Cpu;
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let (od, ad, rows) = (7, 3, 96);
+    let critic = SacCritic::new(od, ad, &[64, 64], DType::F32, &d, &mut rng).unwrap();
+    let policy = GaussianPolicy::new(od, &vec![-1.0; ad], &vec![1.0; ad], &[64, 64], DType::F32, &d, &mut rng).unwrap();
+    let randn = |rng: &mut ChaCha8Rng, r: usize, c: usize| {
+        let v: Vec<f32> = (0..r * c).map(|_| rand::Rng::random_range(rng, -1.0..1.0)).collect();
+        Tensor::from_vec(v, (r, c), &d).unwrap()
+    };
+    let (obs, act, next) = (randn(&mut rng, rows, od), randn(&mut rng, rows, ad), randn(&mut rng, rows, od));
+    let rew = randn(&mut rng, rows, 1).squeeze(1).unwrap();
+    let mask = Tensor::ones(rows, DType::F32, &d).unwrap();
+    let summed =
+        critic.loss(&policy, &obs, &act, &rew, &next, &mask, 0.2, 0.99, &mut ChaCha8Rng::seed_from_u64(9)).unwrap();
+    let grads = summed.backward().unwrap();
+    let (apart, [g1, g2]) = critic
+        .loss_and_grads(&policy, &obs, &act, &rew, &next, &mask, 0.2, 0.99, &mut ChaCha8Rng::seed_from_u64(9))
+        .unwrap();
+    let bits =
+        |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&summed.unsqueeze(0).unwrap()), bits(&apart.unsqueeze(0).unwrap()));
+    for var in critic.vars() {
+        let want = grads.get(var.as_tensor()).expect("every critic parameter has a gradient");
+        let (a, b) = (g1.get(var.as_tensor()), g2.get(var.as_tensor()));
+        assert!(a.is_some() != b.is_some(), "a parameter's gradient sits in exactly one store");
+        assert_eq!(bits(want), bits(a.or(b).unwrap()));
+    }
+}

@@ -355,3 +355,30 @@ pub fn product<T: candle_core::WithDType>(
     }
     Ok(out)
 }
+
+/// `(a(), b())`, `a` on the calling thread and `b` on a helper thread at the
+/// same time when one is idle (at most `threads - 1` exist), else `b` after
+/// `a` on the calling thread. For two independent computations (the two
+/// ensembles' forward passes of a policy-update step, the two Q networks):
+/// products inside them then run unsplit on their own thread, which computes
+/// the same numbers (module documentation). A panic in either is resumed here.
+pub fn join<A: Send, B: Send>(threads: usize, a: impl FnOnce() -> A + Send, b: impl FnOnce() -> B + Send) -> (A, B) {
+    let (a, b) = (Mutex::new(Some(a)), Mutex::new(Some(b)));
+    let (ra, rb) = (Mutex::new(None), Mutex::new(None));
+    run_parts(2, threads, &|i| {
+        if i == 0 {
+            let f = a.lock().unwrap_or_else(|p| p.into_inner()).take();
+            *ra.lock().unwrap_or_else(|p| p.into_inner()) = f.map(|f| f());
+        } else {
+            let f = b.lock().unwrap_or_else(|p| p.into_inner()).take();
+            *rb.lock().unwrap_or_else(|p| p.into_inner()) = f.map(|f| f());
+        }
+    });
+    let ra = ra.into_inner().unwrap_or_else(|p| p.into_inner());
+    let rb = rb.into_inner().unwrap_or_else(|p| p.into_inner());
+    match (ra, rb) {
+        (Some(x), Some(y)) => (x, y),
+        // run_parts runs both parts or resumes a panic.
+        _ => unreachable!("join: a part did not run"),
+    }
+}

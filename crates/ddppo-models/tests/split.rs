@@ -6,6 +6,14 @@
 use ddppo_models::split::{MAX_SPLIT_DEPTH, gemm_split, split_plan};
 use rand::{Rng, SeedableRng};
 
+/// The tests of this file one at a time: they share the process's helper
+/// threads, and the overlap check of `join` needs the helper to be idle.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn whole<T: candle_core::WithDType>(
     (m, n, k): (usize, usize, usize),
     dst: &mut [T],
@@ -79,6 +87,7 @@ fn case<T: candle_core::WithDType>(rng: &mut rand_chacha::ChaCha8Rng, m: usize, 
 
 #[test]
 fn split_products_equal_the_whole_product_bit_for_bit() {
+    let _serial = serial();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
     let sizes = [1usize, 2, 3, 16, 17, 27, 64, 65, 200, 256, 300];
     let depths = [1usize, 2, 3, 11, 27, 35, 200, 256, 512, 513, 700];
@@ -109,6 +118,7 @@ fn split_products_equal_the_whole_product_bit_for_bit() {
 
 #[test]
 fn split_plan_keeps_each_part_on_the_whole_products_kernel_path() {
+    let _serial = serial();
     for m in [1usize, 2, 3, 8, 16, 100, 256, 1000] {
         for n in [1usize, 2, 3, 8, 16, 100, 256, 1000] {
             for k in [1usize, 2, 3, 64, 512, 513] {
@@ -125,4 +135,47 @@ fn split_plan_keeps_each_part_on_the_whole_products_kernel_path() {
     }
     assert_eq!(split_plan(256, 256, 256, 1), None);
     assert_eq!(split_plan(256, 256, 256, 2), Some((true, 2)));
+}
+
+/// `join` returns both results in order at 1 to 3 threads; with a helper the
+/// second runs on another thread at the same time as the first (each waits
+/// for the other to start), and products inside either still equal the whole
+/// product; a panic in either part reaches the caller.
+#[test]
+fn join_runs_both_parts_and_keeps_products_exact() {
+    let _serial = serial();
+    use ddppo_models::split::{join, product};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let (m, n, k) = (96, 80, 64);
+    let lhs: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let rhs: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let expect = product((m, n, k), (&lhs, (1, k)), (&rhs, (1, n)), 1).unwrap();
+    for threads in 1..=3 {
+        let prod = || product((m, n, k), (&lhs, (1, k)), (&rhs, (1, n)), threads).unwrap();
+        let (a, (b, label)) = join(threads, prod, || (prod(), "second"));
+        assert!(a == expect && b == expect && label == "second", "{threads} threads");
+        // Nested: a join inside a part runs too (on the calling thread when no helper is idle).
+        let ((x, y), z) = join(threads, || join(threads, || 1, || 2), || 3);
+        assert_eq!((x, y, z), (1, 2, 3));
+    }
+    // At the same time: each part waits (up to 10 s) for the other to have started.
+    let (a_started, b_started) = (AtomicBool::new(false), AtomicBool::new(false));
+    let wait_for = |mine: &AtomicBool, other: &AtomicBool| {
+        mine.store(true, Ordering::SeqCst);
+        let t = Instant::now();
+        while !other.load(Ordering::SeqCst) && t.elapsed() < Duration::from_secs(10) {
+            std::hint::spin_loop();
+        }
+        other.load(Ordering::SeqCst)
+    };
+    let (a, b) = join(2, || wait_for(&a_started, &b_started), || wait_for(&b_started, &a_started));
+    assert!(a && b, "the parts of a 2-thread join did not overlap");
+    for side in 0..2 {
+        let r = std::panic::catch_unwind(|| {
+            join(2, || assert!(side != 0, "first part fails"), || assert!(side != 1, "second part fails"))
+        });
+        assert!(r.is_err(), "a panic in part {side} is resumed");
+    }
 }
