@@ -96,6 +96,16 @@ pub(crate) fn split_threads() -> usize {
     *THREADS.get_or_init(|| ddppo_models::model_threads().unwrap_or(1))
 }
 
+/// The threads two independent computations on `t`'s device, of `work`
+/// multiply-adds each, may use (`ddppo_models::split::join`): [`split_threads`]
+/// on the CPU when the work is at least a split product's
+/// (`ddppo_models::split::MIN_SPLIT_WORK`), else one: a small job costs less
+/// than handing it over, and on a busy machine a helper may wait for a core.
+/// A GPU's work stays on the thread that queues it.
+pub(crate) fn join_threads(t: &Tensor, work: usize) -> usize {
+    if t.device().is_cpu() && work >= ddppo_models::split::MIN_SPLIT_WORK { split_threads() } else { 1 }
+}
+
 /// `x w^T` for `x`: rows x in and `w`: out x in, what `x.matmul(&w.t())`
 /// computes, bit for bit, forward and backward; on the CPU one custom op
 /// whose three products (`x w^T`, `g w`, `x^T g`) are each split over up to

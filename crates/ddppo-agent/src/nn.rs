@@ -104,6 +104,11 @@ impl Mlp {
         Ok(h)
     }
 
+    /// Multiply-adds of one row's forward pass (the products).
+    pub fn work_per_row(&self) -> usize {
+        self.layers.iter().map(|l| l.weight().elem_count()).sum()
+    }
+
     /// The layers' `(weight, bias)` tensors, input side first.
     pub fn layers(&self) -> impl Iterator<Item = (&Tensor, Option<&Tensor>)> {
         self.layers.iter().map(|l| (l.weight(), l.bias()))

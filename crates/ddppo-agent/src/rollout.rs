@@ -24,7 +24,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::agent::LearnedModels;
-use crate::fused::split_threads;
+use crate::fused::join_threads;
 use crate::nn::upload;
 use crate::sac::GaussianPolicy;
 use crate::variant::GradientSource;
@@ -83,6 +83,11 @@ pub trait DynamicsModel: Sync {
     /// The members' mean prediction, differentiable in `obs` and `act`: the
     /// derivative path of the policy update.
     fn mean(&self, obs: &Tensor, act: &Tensor, members: &Members) -> Result<Prediction>;
+    /// Multiply-adds of one row's forward pass: whether a pass is worth a
+    /// helper thread (`ddppo_models::split::join`). 0, the default: never.
+    fn work_per_row(&self) -> usize {
+        0
+    }
 }
 
 impl<T: DynamicsModel + ?Sized> DynamicsModel for &T {
@@ -100,6 +105,9 @@ impl<T: DynamicsModel + ?Sized> DynamicsModel for &T {
     }
     fn mean(&self, obs: &Tensor, act: &Tensor, members: &Members) -> Result<Prediction> {
         (**self).mean(obs, act, members)
+    }
+    fn work_per_row(&self) -> usize {
+        (**self).work_per_row()
     }
 }
 
@@ -340,8 +348,9 @@ impl<'a> ModelEnv<'a> {
         // thread (on detached inputs: it is cut from the graph anyway) while
         // this thread forms the derivative's graph.
         let (obs_value, act_value) = (obs.detach(), act.detach());
+        let work = obs.dim(0)? * self.prediction.work_per_row();
         let (g, p) = ddppo_models::split::join(
-            split_threads(),
+            join_threads(obs, work),
             || match &self.derivatives {
                 Derivatives::None => Err(Error::Config("the policy update needs model derivatives".into())),
                 Derivatives::RolloutMean => self.prediction.mean(obs, act, &draws.gradient_members[t]),
@@ -369,6 +378,11 @@ impl DynamicsModel for ProbabilisticEnsemble {
     }
     fn noise_width(&self) -> usize {
         1 + self.obs_dim()
+    }
+    fn work_per_row(&self) -> usize {
+        let c = self.config();
+        let (inp, out) = (self.obs_dim() + self.act_dim(), 2 * (1 + self.obs_dim()));
+        inp * c.hidden + c.hidden_layers.saturating_sub(1) * c.hidden * c.hidden + c.hidden * out
     }
     fn prepare(&self, steps: Vec<Vec<usize>>) -> Result<Vec<Members>> {
         let views: Vec<&[usize]> = steps.iter().map(Vec::as_slice).collect();

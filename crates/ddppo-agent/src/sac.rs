@@ -9,7 +9,7 @@ use rand::Rng;
 use candle_core::backprop::GradStore;
 use ddppo_models::split::join;
 
-use crate::fused::split_threads;
+use crate::fused::join_threads;
 use crate::nn::{Mlp, host_randn, polyak, sorted_vars};
 use crate::{Error, Result};
 
@@ -279,7 +279,7 @@ impl SacCritic {
     fn eval(nets: &[Mlp; 2], obs: &Tensor, act: &Tensor) -> Result<(Tensor, Tensor)> {
         let x = Tensor::cat(&[obs, act], 1)?;
         let q = |net: &Mlp| -> Result<Tensor> { Ok(net.forward(&x)?.squeeze(1)?) };
-        let (a, b) = join(split_threads(), || q(&nets[0]), || q(&nets[1]));
+        let (a, b) = join(join_threads(&x, x.dim(0)? * nets[0].work_per_row()), || q(&nets[0]), || q(&nets[1]));
         Ok((a?, b?))
     }
 
@@ -300,7 +300,7 @@ impl SacCritic {
     pub fn min_q_frozen(&self, obs: &Tensor, act: &Tensor) -> Result<Tensor> {
         let x = Tensor::cat(&[obs, act], 1)?;
         let q = |net: &Mlp| -> Result<Tensor> { Ok(net.forward_frozen(&x)?.squeeze(1)?) };
-        let (a, b) = join(split_threads(), || q(&self.q[0]), || q(&self.q[1]));
+        let (a, b) = join(join_threads(&x, x.dim(0)? * self.q[0].work_per_row()), || q(&self.q[0]), || q(&self.q[1]));
         Ok(a?.minimum(&b?)?)
     }
 
@@ -308,6 +308,22 @@ impl SacCritic {
     pub fn target_min_q(&self, obs: &Tensor, act: &Tensor) -> Result<Tensor> {
         let (a, b) = Self::eval(&self.q_target, obs, act)?;
         Ok(a.minimum(&b)?.detach())
+    }
+
+    /// `y` of equation 12 ([`critic_target`]) at `a' ~ pi(s')` drawn from
+    /// `rng`, detached.
+    fn target(
+        &self,
+        policy: &GaussianPolicy,
+        rew: &Tensor,
+        next_obs: &Tensor,
+        mask: &Tensor,
+        (alpha, gamma): (f64, f64),
+        rng: &mut impl Rng,
+    ) -> Result<Tensor> {
+        let next = policy.sample(next_obs, rng)?;
+        let min_q_next = self.target_min_q(next_obs, &next.action.detach())?;
+        Ok(critic_target(rew, mask, &min_q_next, &next.logp.detach(), alpha, gamma)?.detach())
     }
 
     /// The loss of equation 12: `mean((Q1 - y)^2) + mean((Q2 - y)^2)` with
@@ -325,9 +341,7 @@ impl SacCritic {
         gamma: f64,
         rng: &mut impl Rng,
     ) -> Result<Tensor> {
-        let next = policy.sample(next_obs, rng)?;
-        let min_q_next = self.target_min_q(next_obs, &next.action.detach())?;
-        let y = critic_target(rew, mask, &min_q_next, &next.logp.detach(), alpha, gamma)?.detach();
+        let y = self.target(policy, rew, next_obs, mask, (alpha, gamma), rng)?;
         let (q1, q2) = self.q(obs, act)?;
         Ok(((q1 - &y)?.sqr()?.mean_all()? + (q2 - &y)?.sqr()?.mean_all()?)?)
     }
@@ -351,16 +365,15 @@ impl SacCritic {
         gamma: f64,
         rng: &mut impl Rng,
     ) -> Result<(Tensor, [GradStore; 2])> {
-        let next = policy.sample(next_obs, rng)?;
-        let min_q_next = self.target_min_q(next_obs, &next.action.detach())?;
-        let y = critic_target(rew, mask, &min_q_next, &next.logp.detach(), alpha, gamma)?.detach();
+        let y = self.target(policy, rew, next_obs, mask, (alpha, gamma), rng)?;
         let x = Tensor::cat(&[obs, act], 1)?;
         let term = |net: &Mlp| -> Result<(Tensor, GradStore)> {
             let l = (net.forward(&x)?.squeeze(1)? - &y)?.sqr()?.mean_all()?;
             let g = l.backward()?;
             Ok((l, g))
         };
-        let (a, b) = join(split_threads(), || term(&self.q[0]), || term(&self.q[1]));
+        let (a, b) =
+            join(join_threads(&x, x.dim(0)? * self.q[0].work_per_row()), || term(&self.q[0]), || term(&self.q[1]));
         let ((l1, g1), (l2, g2)) = (a?, b?);
         Ok(((l1 + l2)?, [g1, g2]))
     }
