@@ -130,6 +130,31 @@ fn operand<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Resu
     Ok((&s.as_slice::<T>()?[l.start_offset()..], (st[1], st[0])))
 }
 
+/// candle's matmul backward of `x . w.t()` for the output gradient `g`
+/// (`rows x o`): `g . w` for `x` when `w`'s data is given, and `x.t() . g`
+/// (`in x out`, row-major) for `w.t()`, which reaches `w` transposed, when
+/// `x`'s data is given; each product split over `threads`.
+fn linear_grads<T: WithDType>(
+    (rows, i, o): (usize, usize, usize),
+    g: (&[T], (usize, usize)),
+    w: Option<(&[T], (usize, usize))>,
+    x: Option<(&[T], (usize, usize))>,
+    threads: usize,
+    dev: &candle_core::Device,
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    let dx = match w {
+        Some(w) => Some(Tensor::from_vec(product((rows, i, o), g, w, threads)?, (rows, i), dev)?),
+        None => None,
+    };
+    let dw = match x {
+        Some((xd, (cs, rs))) => {
+            Some(Tensor::from_vec(product((i, o, rows), (xd, (rs, cs)), g, threads)?, (i, o), dev)?.t()?)
+        }
+        None => None,
+    };
+    Ok((dx, dw))
+}
+
 fn linear_dims(l1: &Layout, l2: &Layout) -> candle_core::Result<(usize, usize, usize)> {
     match (l1.dims(), l2.dims()) {
         ([rows, i], [o, j]) if i == j => Ok((*rows, *i, *o)),
@@ -186,27 +211,11 @@ impl CustomOp2 for Linear {
         else {
             candle_core::bail!("linear: CPU tensors only")
         };
-        let transposed = |(cs, rs): (usize, usize)| (rs, cs);
         macro_rules! grads {
             ($t:ty) => {{
-                let (gd, gst) = operand::<$t>(gc, gl)?;
-                let dx = match x.track_op() {
-                    true => {
-                        let (wd, wst) = operand::<$t>(wc, wl)?;
-                        let v = product((rows, i, o), (gd, gst), (wd, wst), self.threads)?;
-                        Some(Tensor::from_vec(v, (rows, i), &dev)?)
-                    }
-                    false => None,
-                };
-                let dw = match w.track_op() {
-                    true => {
-                        let (xd, xst) = operand::<$t>(xc, xl)?;
-                        let v = product((i, o, rows), (xd, transposed(xst)), (gd, gst), self.threads)?;
-                        Some(Tensor::from_vec(v, (i, o), &dev)?.t()?)
-                    }
-                    false => None,
-                };
-                (dx, dw)
+                let wd = if x.track_op() { Some(operand::<$t>(wc, wl)?) } else { None };
+                let xd = if w.track_op() { Some(operand::<$t>(xc, xl)?) } else { None };
+                linear_grads((rows, i, o), operand::<$t>(gc, gl)?, wd, xd, self.threads, &dev)?
             }};
         }
         let (dx, dw) = match (gc, xc, wc) {
@@ -334,7 +343,6 @@ impl CustomOp3 for Dense {
         if self.relu && pre.is_none() {
             candle_core::bail!("dense: backward pass before the forward pass")
         }
-        let transposed = |(cs, rs): (usize, usize)| (rs, cs);
         macro_rules! grads {
             ($t:ty) => {{
                 let p = match pre.as_ref() {
@@ -345,22 +353,9 @@ impl CustomOp3 for Dense {
                 if gy.len() != rows * o {
                     candle_core::bail!("dense: gradient of {} values for {rows} x {o}", gy.len())
                 }
-                let dx = match x.track_op() {
-                    true => {
-                        let (wd, wst) = operand::<$t>(wc, wl)?;
-                        let v = product((rows, i, o), (&gy, (1, o)), (wd, wst), self.threads)?;
-                        Some(Tensor::from_vec(v, (rows, i), &dev)?)
-                    }
-                    false => None,
-                };
-                let dw = match w.track_op() {
-                    true => {
-                        let (xd, xst) = operand::<$t>(xc, xl)?;
-                        let v = product((i, o, rows), (xd, transposed(xst)), (&gy, (1, o)), self.threads)?;
-                        Some(Tensor::from_vec(v, (i, o), &dev)?.t()?)
-                    }
-                    false => None,
-                };
+                let wd = if x.track_op() { Some(operand::<$t>(wc, wl)?) } else { None };
+                let xd = if w.track_op() { Some(operand::<$t>(xc, xl)?) } else { None };
+                let (dx, dw) = linear_grads((rows, i, o), (&gy, (1, o)), wd, xd, self.threads, &dev)?;
                 let db = match b.track_op() {
                     true => Some(Tensor::from_vec(column_sums::<$t>(&gy, o), o, &dev)?),
                     false => None,

@@ -220,7 +220,12 @@ impl Adam {
             };
             // Each variable's step is its own: spread them over the helper threads.
             let (vars, m, v) = (&self.vars, &self.m, &self.v);
-            let new = per_variable(&grads, true, |(i, g)| k.apply(vars[*i].as_tensor(), &m[*i], &v[*i], g))?;
+            let new = per_variable(
+                &grads,
+                |(_, g)| g.elem_count(),
+                true,
+                |(i, g)| k.apply(vars[*i].as_tensor(), &m[*i], &v[*i], g),
+            )?;
             for ((i, _), (m, v)) in grads.iter().zip(new) {
                 self.m[*i] = m;
                 self.v[*i] = v;
@@ -250,14 +255,19 @@ pub fn polyak(target: &[Var], source: &[Var], tau: f64) -> Result<()> {
     let pairs: Vec<(&Var, &Var)> = target.iter().zip(source).collect();
     // Other devices' queues stay on this thread.
     let parallel = pairs.iter().all(|(t, s)| t.device().is_cpu() && s.device().is_cpu());
-    per_variable(&pairs, parallel, |(t, s)| -> Result<()> {
-        if t.device().is_cpu() && s.is_contiguous() {
-            t.as_tensor().inplace_op2(s.as_tensor(), &PolyakUpdate(tau))?;
-        } else {
-            t.set(&((t.as_tensor() * (1.0 - tau))? + (s.as_tensor() * tau)?)?)?;
-        }
-        Ok(())
-    })?;
+    per_variable(
+        &pairs,
+        |(t, _)| t.elem_count(),
+        parallel,
+        |(t, s)| -> Result<()> {
+            if t.device().is_cpu() && s.is_contiguous() {
+                t.as_tensor().inplace_op2(s.as_tensor(), &PolyakUpdate(tau))?;
+            } else {
+                t.set(&((t.as_tensor() * (1.0 - tau))? + (s.as_tensor() * tau)?)?)?;
+            }
+            Ok(())
+        },
+    )?;
     Ok(())
 }
 
@@ -266,14 +276,16 @@ const MIN_SPLIT_VALUES: usize = 1 << 14;
 
 /// `f` of every item (a variable's update, which touches that variable
 /// alone), in order; with `parallel` (CPU tensors) the items spread over the
-/// helper threads of `ddppo_models::split` in groups of about equal size:
+/// helper threads of `ddppo_models::split` in groups of about equal `size`
+/// (the values an item updates):
 /// the results do not depend on the thread count. The first error is returned.
-fn per_variable<I: Sync + ItemSize, R: Send>(
+fn per_variable<I: Sync, R: Send>(
     items: &[I],
+    size: impl Fn(&I) -> usize,
     parallel: bool,
     f: impl Fn(&I) -> Result<R> + Sync,
 ) -> Result<Vec<R>> {
-    let sizes: Vec<usize> = items.iter().map(ItemSize::size).collect();
+    let sizes: Vec<usize> = items.iter().map(size).collect();
     let threads = if parallel { split_threads() } else { 1 };
     let total: usize = sizes.iter().sum();
     if threads <= 1 || items.len() < 2 || total < MIN_SPLIT_VALUES {
@@ -295,21 +307,6 @@ fn per_variable<I: Sync + ItemSize, R: Send>(
                 .unwrap_or_else(|| Err(candle_core::Error::Msg("a variable's update did not run".into()).into()))
         })
         .collect()
-}
-
-/// The values one item of [`per_variable`] updates.
-trait ItemSize {
-    fn size(&self) -> usize;
-}
-impl ItemSize for (usize, Tensor) {
-    fn size(&self) -> usize {
-        self.1.elem_count()
-    }
-}
-impl ItemSize for (&Var, &Var) {
-    fn size(&self) -> usize {
-        self.0.elem_count()
-    }
 }
 
 /// Item indices in `parts` groups of about equal total size: largest first,
