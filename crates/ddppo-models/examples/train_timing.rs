@@ -7,8 +7,8 @@
 //! ```
 //!
 //! Shapes: `ip2k` (InvertedPendulum, obs 4, act 1, n = 10, w = 10, N = 2,000),
-//! `ip10k` (the same with N = 10,000) and `hopper5k` (obs 11, act 3, n = 25,
-//! w = 50, N = 5,000); all with E = 7, 4 x 200, batch 256. The data are synthetic
+//! `ip10k` (the same with N = 10,000), `hopper5k` (obs 11, act 3, n = 25,
+//! w = 50, N = 5,000) and `ant5k` (obs 27, act 8, n = 5, w = 0.1, N = 5,000); all with E = 7, 4 x 200, batch 256. The data are synthetic
 //! trajectories of smooth nonlinear systems of those dimensions (no MuJoCo here),
 //! so the epoch counts are indicative; the seconds per epoch are what a run pays.
 //! Each call trains a fresh ensemble with a fixed seed; with `--calls C > 1` the
@@ -29,10 +29,11 @@ struct Shape {
     rows: usize,
 }
 
-const SHAPES: [Shape; 3] = [
+const SHAPES: [Shape; 4] = [
     Shape { name: "ip2k", obs: 4, act: 1, neighbours: 10, weight: 10.0, rows: 2_000 },
     Shape { name: "ip10k", obs: 4, act: 1, neighbours: 10, weight: 10.0, rows: 10_000 },
     Shape { name: "hopper5k", obs: 11, act: 3, neighbours: 25, weight: 50.0, rows: 5_000 },
+    Shape { name: "ant5k", obs: 27, act: 8, neighbours: 5, weight: 0.1, rows: 5_000 },
 ];
 
 struct Data {

@@ -30,11 +30,20 @@ pub fn softplus(x: &Tensor) -> Result<Tensor> {
     Ok((x.relu()? + tail)?)
 }
 
+/// The rows of a forward pass whose mean and log-variance are formed: all `base`
+/// rows, or with tangents those before the tangents' points (`start`). The gradient
+/// loss's points are only there for their tangents: their heads (the log-variance
+/// bounds' chain of a dozen ops) would be computed and differentiated for nothing.
+fn head_rows(base: usize, tangent: Option<(&Tensor, usize, usize)>) -> usize {
+    tangent.map_or(base, |(_, start, _)| start)
+}
+
 /// Outputs of a forward pass with tangents.
 pub(crate) struct TangentOutput {
-    /// `E' x B x out`: mean of `(r, ds)` in raw units.
+    /// `E' x B x out`: mean of `(r, ds)` in raw units; with tangents only of the rows
+    /// before the tangents' points (`start`), see [`head_rows`].
     pub mean: Tensor,
-    /// `E' x B x out`: bounded log-variance.
+    /// `E' x B x out`: bounded log-variance, of the same rows as `mean`.
     pub logvar: Tensor,
     /// `E' x (Bt * k) x out`: `J_mean · t0` for each tangent row.
     pub tangent: Option<Tensor>,
@@ -246,9 +255,14 @@ impl ProbabilisticEnsemble {
         if self.frozen { v.as_tensor().detach() } else { v.as_tensor().clone() }
     }
 
-    /// `h W` for a layer's weights: on CPU a frozen view skips the weight gradient.
+    /// `h W` for the output layer's weights: on CPU the members over threads, and a
+    /// frozen view skips the weight gradient.
     fn layer_matmul(&self, h: &Tensor, w: &Tensor) -> Result<Tensor> {
-        if self.frozen && self.fused { Ok(h.apply_op2(w, crate::fused::ConstWeightMatmul)?) } else { Ok(h.matmul(w)?) }
+        if self.fused {
+            Ok(h.apply_op2(w, crate::fused::WeightMatmul { threads: self.threads })?)
+        } else {
+            Ok(h.matmul(w)?)
+        }
     }
 
     /// All parameters in a fixed order: per layer weight and bias, then the log-variance
@@ -321,6 +335,8 @@ impl ProbabilisticEnsemble {
     /// units, `k` directions for each of the `Bt` input rows `start..start + Bt` (row-major:
     /// point, then direction). Each hidden layer maps `t -> silu'(z) * (t W)` (section 3),
     /// so `J · v` costs about `k` extra forward passes and needs only first-order autograd.
+    /// Mean and log-variance are then formed for the rows before `start` only
+    /// ([`head_rows`]).
     pub(crate) fn forward_std(
         &self,
         x: &Tensor,
@@ -351,14 +367,19 @@ impl ProbabilisticEnsemble {
         }
         let (w, b) = self.layers[last].params(member, self.frozen)?;
         let y = self.layer_matmul(&h, &w)?;
-        // Bias through a ones-column matmul: its gradient is then a matmul too, not a
-        // reduction over the batch axis.
-        let ones = Tensor::ones((ep, base, 1), self.dtype, &self.device)?;
-        let out = (y.narrow(1, 0, base)? + ones.matmul(&b)?)?;
         let t = match tangent {
             Some(_) => Some(y.narrow(1, base, y.dim(1)? - base)?.narrow(D::Minus1, 0, od)?),
             None => None,
         };
+        let heads = head_rows(base, tangent);
+        if heads == 0 {
+            let empty = Tensor::zeros((ep, 0, od), self.dtype, &self.device)?;
+            return Ok(TangentOutput { mean: empty.clone(), logvar: empty, tangent: t });
+        }
+        // Bias through a ones-column matmul: its gradient is then a matmul too, not a
+        // reduction over the batch axis.
+        let ones = Tensor::ones((ep, heads, 1), self.dtype, &self.device)?;
+        let out = (y.narrow(1, 0, heads)? + ones.matmul(&b)?)?;
         let mean = out.narrow(D::Minus1, 0, od)?;
         let raw = out.narrow(D::Minus1, od, od)?;
         let logvar = self.bound_logvar(&raw)?;
@@ -405,8 +426,12 @@ impl ProbabilisticEnsemble {
             }
             h = a;
         }
+        let h = h.narrow(1, 0, head_rows(h.dim(1)?, tangent))?;
         let mean = h.narrow(D::Minus1, 0, od)?;
         let raw = h.narrow(D::Minus1, od, od)?;
+        if raw.dim(1)? == 0 {
+            return Ok(TangentOutput { mean: raw.clone(), logvar: raw, tangent: t });
+        }
         let logvar = self.bound_logvar(&raw)?;
         Ok(TangentOutput { mean, logvar, tangent: t })
     }
@@ -824,6 +849,36 @@ mod tests {
             v.set(&(v.as_tensor() + (noise * 0.2).unwrap()).unwrap()).unwrap();
         }
         ens
+    }
+
+    /// With tangents the pass forms mean and log-variance of the rows before the
+    /// tangents' points only: the same numbers, bit for bit, as a pass without
+    /// tangents over those rows, on the fused and the plain path; a pass whose
+    /// tangents start at row 0 has no heads.
+    #[test]
+    fn tangent_pass_heads_are_those_of_the_rows_before_the_points() {
+        for dtype in [DType::F64, DType::F32] {
+            for fused in [true, false] {
+                let mut rng = ChaCha8Rng::seed_from_u64(11);
+                let mut ens = perturbed_ensemble(&mut rng, 24, dtype);
+                ens.set_fused_kernels(fused);
+                let (e, b, bg, k) = (3, 48, 16, 3);
+                let x = randt(&mut rng, &[e, b + bg, 4], dtype);
+                let t0 = randt(&mut rng, &[e, bg * k, 4], dtype);
+                let with = ens.forward_std(&x, None, Some((&t0, b, k))).unwrap();
+                let alone = ens.forward_std(&x.narrow(1, 0, b).unwrap().contiguous().unwrap(), None, None).unwrap();
+                let bits = |t: &Tensor| {
+                    assert_eq!(t.dims(), &[e, b, 3]);
+                    crate::fused::tests::bits(t)
+                };
+                assert_eq!(bits(&with.mean), bits(&alone.mean), "{dtype:?} fused {fused}: mean");
+                assert_eq!(bits(&with.logvar), bits(&alone.logvar), "{dtype:?} fused {fused}: logvar");
+                let none =
+                    ens.forward_std(&x, None, Some((&randt(&mut rng, &[e, (b + bg) * k, 4], dtype), 0, k))).unwrap();
+                assert_eq!((none.mean.dims(), none.logvar.dims()), (&[e, 0, 3][..], &[e, 0, 3][..]));
+                assert_eq!(none.tangent.unwrap().dims(), &[e, (b + bg) * k, 3]);
+            }
+        }
     }
 
     /// With more directions than inputs, `forward_jv` contracts the Jacobian's columns

@@ -15,7 +15,6 @@
 //! gemm products (only those needed) and a column sum for the bias.
 use std::mem::MaybeUninit;
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
 
 /// Row structure of the stacked matrix `E x (base + nt * k) x o`.
@@ -624,22 +623,7 @@ impl HiddenLayer {
         want: [bool; 3],
     ) -> candle_core::Result<(Option<Vec<T>>, Option<Vec<T>>, Option<Vec<T>>)> {
         let gy = self.op.bwd([y, b, g], (e, rows, o), self.threads)?;
-        let gh = if want[0] {
-            // gy W^T: W^T's element (j, c) is W[c * o + j].
-            let lhs = Operand { data: &gy, skip: rows * o, cs: 1, rs: o };
-            let rhs = Operand { data: w, skip: k * o, cs: o, rs: 1 };
-            Some(batched_gemm(e, (rows, k, o), lhs, rhs, self.threads)?)
-        } else {
-            None
-        };
-        let gw = if want[1] {
-            // h^T gy: h^T's element (c, r) is h[r * k + c].
-            let lhs = Operand { data: h, skip: rows * k, cs: k, rs: 1 };
-            let rhs = Operand { data: &gy, skip: rows * o, cs: 1, rs: o };
-            Some(batched_gemm(e, (k, o, rows), lhs, rhs, self.threads)?)
-        } else {
-            None
-        };
+        let (gh, gw) = product_grads([h, w, &gy], (e, rows, k, o), [want[0], want[1]], self.threads)?;
         // The bias gradient: column sums of gy over the base rows.
         let gb = if want[2] {
             let mut gb = vec![T::ZERO; e * o];
@@ -742,15 +726,57 @@ impl CustomOp3 for HiddenLayer {
     }
 }
 
-/// `x W` for a constant `W` (a frozen view's weights): the same product as
-/// `Tensor::matmul`, but the backward pass returns only `d loss / d x`. candle's own
-/// matmul backward always forms the gradient of both operands, here the unused
-/// `x^T g`, as costly as the product itself.
-pub(crate) struct ConstWeightMatmul;
+/// `x W`, the ensemble's output layer (no activation): the product candle's
+/// `Tensor::matmul` forms, with the members spread over threads ([`by_member`]) or
+/// one member's rows split ([`crate::split`]), where candle's matmul runs the members
+/// one after another on the calling thread. The backward pass forms only the
+/// gradients that are used: none for `W` when it is a constant (a frozen view),
+/// where candle's matmul backward always forms both operands' (`x^T g`, as costly as
+/// the product itself).
+pub(crate) struct WeightMatmul {
+    pub threads: usize,
+}
 
-impl CustomOp2 for ConstWeightMatmul {
+fn product_dims(l1: &Layout, l2: &Layout) -> candle_core::Result<(usize, usize, usize, usize)> {
+    let (e, rows, k) = dims3(l1)?;
+    let (e2, k2, o) = dims3(l2)?;
+    if e != e2 || k != k2 {
+        candle_core::bail!("weight-matmul: {:?} times {:?}", l1.dims(), l2.dims())
+    }
+    Ok((e, rows, k, o))
+}
+
+/// The gradients of `y = h W` (`e` members, `h`: `rows x k`, `W`: `k x o`) for the
+/// output gradient `gy`: `(gy W^T, h^T gy)`, each only when `want` says so.
+#[allow(clippy::type_complexity)]
+fn product_grads<T: Real>(
+    [h, w, gy]: [&[T]; 3],
+    (e, rows, k, o): (usize, usize, usize, usize),
+    want: [bool; 2],
+    threads: usize,
+) -> candle_core::Result<(Option<Vec<T>>, Option<Vec<T>>)> {
+    let gh = if want[0] {
+        // gy W^T: W^T's element (j, c) is W[c * o + j].
+        let lhs = Operand { data: gy, skip: rows * o, cs: 1, rs: o };
+        let rhs = Operand { data: w, skip: k * o, cs: o, rs: 1 };
+        Some(batched_gemm(e, (rows, k, o), lhs, rhs, threads)?)
+    } else {
+        None
+    };
+    let gw = if want[1] {
+        // h^T gy: h^T's element (c, r) is h[r * k + c].
+        let lhs = Operand { data: h, skip: rows * k, cs: k, rs: 1 };
+        let rhs = Operand { data: gy, skip: rows * o, cs: 1, rs: o };
+        Some(batched_gemm(e, (k, o, rows), lhs, rhs, threads)?)
+    } else {
+        None
+    };
+    Ok((gh, gw))
+}
+
+impl CustomOp2 for WeightMatmul {
     fn name(&self) -> &'static str {
-        "const-weight-matmul"
+        "weight-matmul"
     }
 
     fn cpu_fwd(
@@ -760,23 +786,50 @@ impl CustomOp2 for ConstWeightMatmul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (e, m, k) = dims3(l1)?;
-        let (e2, k2, n) = dims3(l2)?;
-        if e != e2 || k != k2 {
-            candle_core::bail!("const-weight-matmul: {:?} times {:?}", l1.dims(), l2.dims())
+        let (e, rows, k, o) = product_dims(l1, l2)?;
+        macro_rules! fwd {
+            ($t:ty) => {{
+                let lhs = Operand { data: contiguous::<$t>(s1, l1)?, skip: rows * k, cs: 1, rs: k };
+                let rhs = Operand { data: contiguous::<$t>(s2, l2)?, skip: k * o, cs: 1, rs: o };
+                batched_gemm(e, (rows, o, k), lhs, rhs, self.threads)?
+            }};
         }
-        let out = s1.matmul(s2, (e, m, n, k), l1, l2)?;
-        Ok((out, Shape::from((e, m, n))))
+        let out = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(fwd!(f32)),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(fwd!(f64)),
+            _ => candle_core::bail!("weight-matmul: f32 or f64 inputs of one dtype"),
+        };
+        Ok((out, Shape::from((e, rows, o))))
     }
 
     fn bwd(
         &self,
-        _x: &Tensor,
+        h: &Tensor,
         w: &Tensor,
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(g.matmul(&w.t()?)?), None))
+        let want = [h.track_op(), w.track_op()];
+        let (h, w, g) = (h.contiguous()?, w.contiguous()?, g.contiguous()?);
+        let dims = product_dims(h.layout(), w.layout())?;
+        let ((hs, hl), (ws, wl), (gs, gl)) = (h.storage_and_layout(), w.storage_and_layout(), g.storage_and_layout());
+        let (e, rows, k, o) = dims;
+        let dev = h.device();
+        macro_rules! grads {
+            ($t:ty) => {{
+                let slices = [cpu_slice::<$t>(&hs, hl)?, cpu_slice::<$t>(&ws, wl)?, cpu_slice::<$t>(&gs, gl)?];
+                let (gh, gw) = product_grads(slices, dims, want, self.threads)?;
+                (
+                    gh.map(|v| Tensor::from_vec(v, (e, rows, k), dev)).transpose()?,
+                    gw.map(|v| Tensor::from_vec(v, (e, k, o), dev)).transpose()?,
+                )
+            }};
+        }
+        Ok(match h.dtype() {
+            candle_core::DType::F32 => grads!(f32),
+            candle_core::DType::F64 => grads!(f64),
+            d => candle_core::bail!("weight-matmul: f32 or f64 only, got {d:?}"),
+        })
     }
 }
 
@@ -939,8 +992,67 @@ impl CustomOp2 for SmallBatchedMatmul {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::exp_f32;
+pub(crate) mod tests {
+    use super::{WeightMatmul, exp_f32};
+    use candle_core::{DType, Device, Tensor, Var};
+
+    /// A tensor of `shape` with values in [-1, 1) from a fixed linear congruential stream.
+    fn tensor(seed: u64, shape: &[usize], dtype: DType) -> Tensor {
+        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (state >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+    }
+
+    /// Every element of `t` as the bits of its f64 value (exact for f32 and f64).
+    pub(crate) fn bits(t: &Tensor) -> Vec<u64> {
+        t.flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+            .into_iter()
+            .map(f64::to_bits)
+            .collect()
+    }
+
+    /// The output layer's op gives candle's `matmul` bit for bit: the product and the
+    /// gradients of both operands, for one member (its rows split over helpers) and for
+    /// several (spread over threads), at 1 to 3 threads; with a constant weight only
+    /// the input's gradient is formed.
+    #[test]
+    fn weight_matmul_equals_candles_matmul_bit_for_bit() {
+        for dtype in [DType::F32, DType::F64] {
+            for (e, rows, k, o) in [(1, 300, 64, 56), (7, 300, 64, 56), (3, 37, 20, 9), (2, 2, 3, 1)] {
+                let h = Var::from_tensor(&tensor(1, &[e, rows, k], dtype)).unwrap();
+                let w = Var::from_tensor(&tensor(2, &[e, k, o], dtype)).unwrap();
+                let r = tensor(3, &[e, rows, o], dtype);
+                let reference = h.as_tensor().matmul(w.as_tensor()).unwrap();
+                let grads = (&reference * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let (gh, gw) = (grads.get(h.as_tensor()).unwrap(), grads.get(w.as_tensor()).unwrap());
+                for threads in 1..=3 {
+                    let case = format!("{dtype:?} {e}x{rows}x{k}x{o} threads {threads}");
+                    let y = h.as_tensor().apply_op2(w.as_tensor(), WeightMatmul { threads }).unwrap();
+                    assert_eq!(y.dims(), reference.dims(), "{case}");
+                    assert_eq!(bits(&y), bits(&reference), "{case}: product");
+                    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                    assert_eq!(bits(g.get(h.as_tensor()).unwrap()), bits(gh), "{case}: input gradient");
+                    assert_eq!(bits(g.get(w.as_tensor()).unwrap()), bits(gw), "{case}: weight gradient");
+                    let fixed = w.as_tensor().detach();
+                    let y = h.as_tensor().apply_op2(&fixed, WeightMatmul { threads }).unwrap();
+                    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                    assert_eq!(bits(g.get(h.as_tensor()).unwrap()), bits(gh), "{case}: constant weight");
+                    assert!(g.get(&fixed).is_none() && g.get(w.as_tensor()).is_none(), "{case}: no weight gradient");
+                }
+            }
+        }
+    }
 
     #[test]
     fn fast_exp_is_accurate_over_the_finite_range() {

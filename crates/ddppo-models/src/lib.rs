@@ -12,7 +12,9 @@
 //! sections 2 and 3).
 //!
 //! CPU speed: on CPU each hidden layer is one fused autograd node (matmul, then
-//! bias, SiLU and the tangent scaling in one pass, vectorised for AVX-512/AVX2).
+//! bias, SiLU and the tangent scaling in one pass, vectorised for AVX-512/AVX2),
+//! and the output layer's product is an op of its own with the members spread
+//! over threads.
 //! With more neighbours than input dimensions the gradient loss propagates the
 //! Jacobian's columns and contracts them with the neighbour directions, which is
 //! cheaper than propagating the directions. Binaries should call
