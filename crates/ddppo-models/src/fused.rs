@@ -1,6 +1,6 @@
 //! Fused CPU kernels for the ensemble (ALGORITHM.md sections 2 and 3): one hidden
-//! layer with forward-mode tangents as a single autograd node, and the small
-//! batched products of the gradient loss.
+//! layer with forward-mode tangents as a single autograd node, the output layer's
+//! product ([`WeightMatmul`]), and the small batched products of the gradient loss.
 //!
 //! [`HiddenLayer`]: the layer's matmul is done once for the stacked rows `[h; t]`
 //! (base rows and tangent rows share `W`); then [`SiluTangent`] adds the bias to the
