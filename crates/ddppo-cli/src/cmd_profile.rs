@@ -210,6 +210,14 @@ pub fn run(args: ProfileArgs) -> Result<()> {
         }
         profile.rows.push(r);
     }
+    let spells = ddppo_models::split::contention().spells();
+    if spells > 0 {
+        eprintln!(
+            "the split helpers came late (a busy machine): their parts ran on the calling thread in {spells} spells of {} to {} ms",
+            ddppo_models::split::SERIAL_SPELL.as_millis(),
+            ddppo_models::split::MAX_SERIAL_SPELL.as_millis()
+        );
+    }
     say!("{}", table(&profile));
     if let Some(b) = &baseline {
         say!("\n{}", comparison(&profile, b));
