@@ -181,6 +181,13 @@ fn give_back(helpers: Vec<Arc<Helper>>) {
     pool().free.lock().unwrap_or_else(|e| e.into_inner()).extend(helpers);
 }
 
+/// A helper that starts its part sooner than this after it was posted is never
+/// late: a spinning helper on a free core starts within a microsecond, a
+/// descheduled one after milliseconds (the kernel's time slice); tiny parts
+/// (an optimiser step's few values) would otherwise count picking up a part at
+/// all as late.
+pub const LATE_START: Duration = Duration::from_micros(20);
+
 /// What a late helper adds to [`Contention`]'s score (a helper in time takes 1 off).
 pub const LATE_COST: u32 = 8;
 
@@ -299,21 +306,22 @@ pub fn run_parts(parts: usize, threads: usize, f: &(dyn Fn(usize) + Sync)) {
     // SAFETY (lifetime erasure): every helper given this pointer is waited for
     // below before this function returns, so `f` outlives all uses.
     let erased: *const (dyn Fn(usize) + Sync + 'static) = unsafe { std::mem::transmute(f as *const _) };
+    let posted = now_ns();
     for (i, h) in helpers.iter().enumerate() {
         h.post(JobPtr(erased, i + 1));
     }
-    let mut panicked = false;
-    let mut late = 0u32;
-    let posted = now_ns();
+    let late_start = LATE_START.as_nanos() as u64;
+    let (mut panicked, mut late, mut in_time) = (false, 0u32, 0u32);
     let mut own_ns = 0;
     let own = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         f(0);
         (helpers.len() + 1..parts).for_each(f);
         own_ns = now_ns().saturating_sub(posted);
-        // Parts no helper has started yet run here rather than wait for a core.
+        // Parts no helper has started yet run here rather than wait for a core
+        // (late, unless the own part was too short to tell).
         for (i, h) in helpers.iter().enumerate().rev() {
             if h.reclaim() {
-                late += 1;
+                late += u32::from(own_ns > late_start);
                 f(i + 1);
             }
         }
@@ -321,14 +329,18 @@ pub fn run_parts(parts: usize, threads: usize, f: &(dyn Fn(usize) + Sync)) {
     for h in &helpers {
         if h.state.load(Ordering::SeqCst) != IDLE {
             panicked |= h.wait_done();
-            // Started after half the caller's own part: most of the overlap lost.
-            if h.started_ns.load(Ordering::Relaxed).saturating_sub(posted) > own_ns / 2 {
+            // Late: started after half the caller's own part (most of the overlap
+            // lost) and later than a spinning helper on a free core ever starts.
+            let delay = h.started_ns.load(Ordering::Relaxed).saturating_sub(posted);
+            if delay > own_ns / 2 && delay > late_start {
                 late += 1;
+            } else {
+                in_time += 1;
             }
         }
     }
     if !helpers.is_empty() {
-        CONTENTION.record(late, helpers.len() as u32 - late, now_ns());
+        CONTENTION.record(late, in_time, now_ns());
     }
     give_back(helpers);
     if let Err(p) = own {
