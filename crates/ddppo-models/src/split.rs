@@ -209,7 +209,7 @@ pub const MAX_SERIAL_SPELL: Duration = Duration::from_millis(1280);
 /// machine with two busy loops beside `ddppo profile --env ant --rows 5000`:
 /// Ant's policy updates took 1.02-1.34 s per env step when the caller waited
 /// for its helpers, 0.21-0.27 s with parts taken back, 0.19-0.20 s with the
-/// serial spells below, 0.15-0.17 s on one thread. Each late helper adds
+/// serial spells below, 0.15-0.20 s on one thread. Each late helper adds
 /// [`LATE_COST`], each one in time takes 1 off; at [`LATE_LIMIT`] the parts
 /// run on the calling thread for a [`SERIAL_SPELL`] (the helpers fall asleep),
 /// then the helpers are tried again. An idle machine's helper is late only
