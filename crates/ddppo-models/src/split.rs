@@ -222,7 +222,7 @@ pub struct Contention {
 }
 
 impl Contention {
-    pub const fn new() -> Self {
+    const fn new() -> Self {
         Self {
             score: AtomicU32::new(0),
             serial_until_ns: AtomicU64::new(0),
@@ -232,14 +232,14 @@ impl Contention {
     }
 
     /// Whether parts may go to helpers at `now_ns` (nanoseconds on any clock).
-    pub fn parallel_at(&self, now_ns: u64) -> bool {
+    fn parallel_at(&self, now_ns: u64) -> bool {
         now_ns >= self.serial_until_ns.load(Ordering::Relaxed)
     }
 
     /// Records one parallel call's helpers: `late` of them started their part
     /// only after half the time the caller took for its own (or not before the
     /// caller took it back), `in_time` sooner.
-    pub fn record(&self, late: u32, in_time: u32, now_ns: u64) {
+    fn record(&self, late: u32, in_time: u32, now_ns: u64) {
         let add = late * LATE_COST;
         let prev = self
             .score
@@ -270,12 +270,6 @@ impl Contention {
     /// The length of the last serial spell (zero before the first).
     pub fn last_spell(&self) -> Duration {
         Duration::from_nanos(self.spell_ns.load(Ordering::Relaxed))
-    }
-}
-
-impl Default for Contention {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
