@@ -48,6 +48,19 @@ struct JobPtr(*const (dyn Fn(usize) + Sync), usize);
 // the helper reports DONE).
 unsafe impl Send for JobPtr {}
 
+impl JobPtr {
+    /// Part `part` of `f`, its lifetime erased.
+    ///
+    /// # Safety
+    /// `f` must outlive every use of the job: whoever posts it waits for it
+    /// (or takes it back) before `f` goes.
+    unsafe fn new(f: &(dyn Fn(usize) + Sync), part: usize) -> Self {
+        // SAFETY: the caller's contract.
+        let erased: *const (dyn Fn(usize) + Sync + 'static) = unsafe { std::mem::transmute(f as *const _) };
+        Self(erased, part)
+    }
+}
+
 struct Helper {
     state: AtomicU8,
     sleeping: AtomicBool,
@@ -240,14 +253,12 @@ impl Contention {
     /// only after half the time the caller took for its own (or not before the
     /// caller took it back), `in_time` sooner.
     fn record(&self, late: u32, in_time: u32, now_ns: u64) {
-        let add = late * LATE_COST;
+        let next = |s: u32| (s + late * LATE_COST).saturating_sub(in_time);
         let prev = self
             .score
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
-                Some((s + add).saturating_sub(in_time).min(LATE_LIMIT))
-            })
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| Some(next(s).min(LATE_LIMIT)))
             .unwrap_or_else(|s| s);
-        if (prev + add).saturating_sub(in_time) >= LATE_LIMIT {
+        if next(prev) >= LATE_LIMIT {
             self.score.store(0, Ordering::Relaxed);
             let (last_end, last) =
                 (self.serial_until_ns.load(Ordering::Relaxed), self.spell_ns.load(Ordering::Relaxed));
@@ -297,12 +308,11 @@ pub fn run_parts(parts: usize, threads: usize, f: &(dyn Fn(usize) + Sync)) {
         return;
     }
     let helpers = take_helpers(parts - 1, threads - 1);
-    // SAFETY (lifetime erasure): every helper given this pointer is waited for
-    // below before this function returns, so `f` outlives all uses.
-    let erased: *const (dyn Fn(usize) + Sync + 'static) = unsafe { std::mem::transmute(f as *const _) };
     let posted = now_ns();
     for (i, h) in helpers.iter().enumerate() {
-        h.post(JobPtr(erased, i + 1));
+        // SAFETY: every helper given a job is waited for below (or its job taken
+        // back) before this function returns, so `f` outlives all uses.
+        h.post(unsafe { JobPtr::new(f, i + 1) });
     }
     let late_start = LATE_START.as_nanos() as u64;
     let (mut panicked, mut late, mut in_time) = (false, 0u32, 0u32);
@@ -537,8 +547,7 @@ mod tests {
 
     fn post_counter(h: &Helper, f: &(dyn Fn(usize) + Sync), part: usize) {
         // SAFETY (test): `f` lives until the end of the test, past every use.
-        let erased: *const (dyn Fn(usize) + Sync + 'static) = unsafe { std::mem::transmute(f as *const _) };
-        h.post(JobPtr(erased, part));
+        h.post(unsafe { JobPtr::new(f, part) });
     }
 
     #[test]
