@@ -136,6 +136,13 @@ pub const MMAP_THRESHOLD: usize = 32 << 20;
 /// to the kernel ([`tune_allocator`]).
 pub const TRIM_THRESHOLD: usize = 1 << 30;
 
+/// glibc's `M_TOP_PAD` as [`tune_allocator`] sets it: the size of a thread
+/// arena's heaps (`HEAP_MAX_SIZE`, twice the largest mmap threshold on 64-bit
+/// targets). glibc unmaps a thread arena's heap that comes free only if the
+/// heap below it has room for this pad on top of its own free top; a 64 MiB
+/// heap never has, so no heap is unmapped.
+pub const TOP_PAD: usize = 64 << 20;
+
 /// Allocator tuning for candle on CPU (Linux/glibc only; a no-op elsewhere).
 /// The `ddppo` binary calls it first thing; a binary of your own that trains
 /// the ensembles should too.
@@ -145,19 +152,28 @@ pub const TRIM_THRESHOLD: usize = 1 << 30;
 /// frees them together at its end. With glibc's defaults that memory goes back
 /// to the kernel and every step pays the page faults and zeroing of all its
 /// tensors again: buffers above the dynamic `M_MMAP_THRESHOLD` are a fresh
-/// `mmap` each, a main-heap top freed beyond `M_TRIM_THRESHOLD` is trimmed,
-/// and a thread's arena (a run trains the two ensembles on two threads) unmaps
-/// each of its 64 MiB heaps once it is free, whatever the trim threshold. This
-/// sets the mmap threshold to [`MMAP_THRESHOLD`] (the largest glibc accepts),
-/// the trim threshold to [`TRIM_THRESHOLD`], and one arena (`M_ARENA_MAX` 1:
-/// every thread allocates from the main heap, which is only ever trimmed):
-/// freed buffers are reused. Measured on the 2-core machine, `ddppo profile
-/// --env hopper --rows 5000 --max-epochs 2 --update-steps 5`,
-/// `DDPPO_MODEL_THREADS=2`, two runs each: the model training (both ensembles
-/// at once, as in a run) 12.4 / 11.4 s with glibc's defaults, 12.5 / 11.4 s
-/// with the two thresholds alone, 9.0 / 8.4 s with the single arena too
-/// (0.73x; system time 4.3 s -> 0.5 s). Call once at start-up, before any
-/// other thread exists. Returns whether glibc accepted all three values.
+/// `mmap` each, a heap top freed beyond `M_TRIM_THRESHOLD` is trimmed, and a
+/// thread's arena (a run trains the two ensembles on two threads) unmaps each
+/// of its 64 MiB heaps once it is free, whatever the trim threshold. This sets
+/// the mmap threshold to [`MMAP_THRESHOLD`] (the largest glibc accepts), the
+/// trim threshold to [`TRIM_THRESHOLD`] and the top pad to [`TOP_PAD`] (which
+/// keeps a thread arena's free heaps mapped): freed buffers are reused.
+///
+/// The threads keep their own arenas (glibc's default). An earlier version
+/// kept the heaps by putting every thread on the main heap (`M_ARENA_MAX` 1)
+/// instead; the per-step updates then spent much of their time waiting for
+/// that one arena's lock, since the calling thread and the [`split`] helper
+/// allocate the small tensors of a policy or critic update at the same time.
+/// Measured on the idle 2-core Intel Xeon, `ddppo profile --env ant --rows
+/// 5000 --max-epochs 5 --update-steps 30`, `RAYON_NUM_THREADS=1`, two A/B
+/// pairs, one arena against this: seconds per env step of policy updates
+/// 0.187, 0.188 -> 0.137, 0.139 (0.73x), of critic updates 0.028 -> 0.024;
+/// model training 8.3, 8.4 s -> 8.3, 8.0 s; the 100,000-row rollout 0.44,
+/// 0.46 s -> 0.57, 0.50 s (it runs once per model training). Hopper
+/// (`--max-epochs 3 --update-steps 20`): policy 0.116, 0.119 -> 0.087, 0.089;
+/// model training 9.5, 9.8 s -> 9.7, 9.4 s, against 11.2, 11.8 s (system time
+/// 3.1, 4.4 s) with thread arenas but without the top pad. Call once at
+/// start-up. Returns whether glibc accepted all three values.
 pub fn tune_allocator() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -166,7 +182,7 @@ pub fn tune_allocator() -> bool {
         unsafe {
             let a = libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD as libc::c_int);
             let b = libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD as libc::c_int);
-            let c = libc::mallopt(libc::M_ARENA_MAX, 1);
+            let c = libc::mallopt(libc::M_TOP_PAD, TOP_PAD as libc::c_int);
             a == 1 && b == 1 && c == 1
         }
     }
