@@ -106,14 +106,25 @@ impl ModelOptimizer {
 
     /// [`apply`](Self::apply) without reading the loss back to the host.
     pub(crate) fn backward_step(&mut self, total: &Tensor) -> Result<()> {
-        let grads = total.backward()?;
+        self.backward_step_taped(total, None)
+    }
+
+    /// [`backward_step`](Self::backward_step) for a total formed by
+    /// [`training_loss`](ProbabilisticEnsemble::training_loss), with its tape.
+    pub(crate) fn backward_step_taped(&mut self, total: &Tensor, tape: Option<crate::fused::Tape>) -> Result<()> {
+        let mut grads = total.backward()?;
+        if let Some(tape) = tape {
+            tape.backward(&mut grads)?;
+        }
         self.update(&grads)
     }
 
     /// One step on `batch`, `weight` being `w` of equation 10; returns the loss value.
     pub fn step(&mut self, ens: &ProbabilisticEnsemble, batch: &crate::LossBatch, weight: f64) -> Result<f64> {
-        let terms = ens.loss(batch, weight)?;
-        self.apply(&terms.total)
+        let (terms, tape) = ens.training_loss(batch, weight, true)?;
+        let value = crate::transfer::download_scalar(&terms.total)?;
+        self.backward_step_taped(&terms.total, tape)?;
+        Ok(value)
     }
 
     /// One Adam update from the gradients in `grads`; a parameter without a gradient

@@ -47,6 +47,8 @@ pub(crate) struct TangentOutput {
     pub logvar: Tensor,
     /// `E' x (Bt * k) x out`: `J_mean · t0` for each tangent row.
     pub tangent: Option<Tensor>,
+    /// A training step's hidden stack, run outside the graph ([`crate::fused::Tape`]).
+    pub tape: Option<crate::fused::Tape>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -343,7 +345,24 @@ impl ProbabilisticEnsemble {
         member: Option<usize>,
         tangent: Option<(&Tensor, usize, usize)>,
     ) -> Result<TangentOutput> {
-        if self.fused { self.forward_fused(x, member, tangent) } else { self.forward_plain(x, member, tangent) }
+        self.forward_std_with(x, member, tangent, false)
+    }
+
+    /// [`forward_std`](Self::forward_std); with `taped` on the fused CPU path of a
+    /// trainable ensemble, the hidden stack runs outside the graph and its
+    /// [`Tape`](crate::fused::Tape) comes with the output.
+    pub(crate) fn forward_std_with(
+        &self,
+        x: &Tensor,
+        member: Option<usize>,
+        tangent: Option<(&Tensor, usize, usize)>,
+        taped: bool,
+    ) -> Result<TangentOutput> {
+        if self.fused {
+            self.forward_fused(x, member, tangent, taped && member.is_none() && !self.frozen)
+        } else {
+            self.forward_plain(x, member, tangent)
+        }
     }
 
     /// CPU path: base and tangent rows stacked, one matmul per layer, the fused
@@ -353,6 +372,7 @@ impl ProbabilisticEnsemble {
         x: &Tensor,
         member: Option<usize>,
         tangent: Option<(&Tensor, usize, usize)>,
+        taped: bool,
     ) -> Result<TangentOutput> {
         let od = self.out_dim();
         let (ep, base, _) = x.dims3()?;
@@ -361,12 +381,19 @@ impl ProbabilisticEnsemble {
             None => (x.clone(), SiluTangent { base, start: 0, k: 1 }),
         };
         let last = self.layers.len() - 1;
-        for layer in &self.layers[..last] {
-            let (w, b) = layer.params(member, self.frozen)?;
-            h = h.apply_op3(&w, &b.contiguous()?, HiddenLayer::new(op, self.threads))?;
-        }
         let (w, b) = self.layers[last].params(member, self.frozen)?;
-        let y = self.layer_matmul(&h, &w)?;
+        let (y, tape) = if taped {
+            let hidden =
+                self.layers[..last].iter().map(|l| l.params(member, self.frozen)).collect::<Result<Vec<_>>>()?;
+            let (tape, y) = crate::fused::Tape::forward(&h, &hidden, &w, op, self.threads)?;
+            (y, Some(tape))
+        } else {
+            for layer in &self.layers[..last] {
+                let (w, b) = layer.params(member, self.frozen)?;
+                h = h.apply_op3(&w, &b.contiguous()?, HiddenLayer::new(op, self.threads))?;
+            }
+            (self.layer_matmul(&h, &w)?, None)
+        };
         let t = match tangent {
             Some(_) => Some(y.narrow(1, base, y.dim(1)? - base)?.narrow(D::Minus1, 0, od)?),
             None => None,
@@ -374,7 +401,7 @@ impl ProbabilisticEnsemble {
         let heads = head_rows(base, tangent);
         if heads == 0 {
             let empty = Tensor::zeros((ep, 0, od), self.dtype, &self.device)?;
-            return Ok(TangentOutput { mean: empty.clone(), logvar: empty, tangent: t });
+            return Ok(TangentOutput { mean: empty.clone(), logvar: empty, tangent: t, tape });
         }
         // Bias through a ones-column matmul: its gradient is then a matmul too, not a
         // reduction over the batch axis.
@@ -383,7 +410,7 @@ impl ProbabilisticEnsemble {
         let mean = out.narrow(D::Minus1, 0, od)?;
         let raw = out.narrow(D::Minus1, od, od)?;
         let logvar = self.bound_logvar(&raw)?;
-        Ok(TangentOutput { mean, logvar, tangent: t })
+        Ok(TangentOutput { mean, logvar, tangent: t, tape })
     }
 
     /// Device-independent path written with candle's ops (used off-CPU, and in tests
@@ -430,10 +457,10 @@ impl ProbabilisticEnsemble {
         let mean = h.narrow(D::Minus1, 0, od)?;
         let raw = h.narrow(D::Minus1, od, od)?;
         if raw.dim(1)? == 0 {
-            return Ok(TangentOutput { mean: raw.clone(), logvar: raw, tangent: t });
+            return Ok(TangentOutput { mean: raw.clone(), logvar: raw, tangent: t, tape: None });
         }
         let logvar = self.bound_logvar(&raw)?;
-        Ok(TangentOutput { mean, logvar, tangent: t })
+        Ok(TangentOutput { mean, logvar, tangent: t, tape: None })
     }
 
     /// Forward pass of all members with the directional derivatives `J · t0` of the
@@ -446,9 +473,22 @@ impl ProbabilisticEnsemble {
     /// `t0` afterwards: the same `J · t0` (up to float rounding) from `in` instead of
     /// `k` tangent rows per point, which are most of the cost of the gradient loss.
     pub(crate) fn forward_jv(&self, x: &Tensor, start: usize, t0: &Tensor, k: usize) -> Result<TangentOutput> {
+        self.forward_jv_with(x, start, t0, k, false)
+    }
+
+    /// [`forward_jv`](Self::forward_jv), `taped` as in
+    /// [`forward_std_with`](Self::forward_std_with).
+    pub(crate) fn forward_jv_with(
+        &self,
+        x: &Tensor,
+        start: usize,
+        t0: &Tensor,
+        k: usize,
+        taped: bool,
+    ) -> Result<TangentOutput> {
         let (ind, od) = (self.in_dim(), self.out_dim());
         if k <= ind {
-            return self.forward_std(x, None, Some((t0, start, k)));
+            return self.forward_std_with(x, None, Some((t0, start, k)), taped);
         }
         let (e, rows, _) = t0.dims3()?;
         let bt = rows / k;
@@ -456,7 +496,7 @@ impl ProbabilisticEnsemble {
             .unsqueeze(0)?
             .broadcast_as((e * bt, ind, ind))?
             .reshape((e, bt * ind, ind))?;
-        let mut out = self.forward_std(x, None, Some((&eye, start, ind)))?;
+        let mut out = self.forward_std_with(x, None, Some((&eye, start, ind)), taped)?;
         let cols =
             out.tangent.take().ok_or_else(|| Error::Internal("no tangent".into()))?.reshape((e * bt, ind, od))?;
         let v = t0.reshape((e * bt, k, ind))?;
@@ -956,6 +996,57 @@ mod tests {
             assert_eq!(fused.len(), plain.len());
             for (i, (a, b)) in fused.iter().zip(&plain).enumerate() {
                 assert!((a - b).abs() <= tol * (1.0 + b.abs()), "{dtype:?} entry {i}: fused {a} plain {b}");
+            }
+        }
+    }
+
+    /// A training step's taped pass (hidden stack outside candle's graph,
+    /// [`crate::fused::Tape`]) gives the loss and every parameter gradient of the
+    /// whole graph, bit for bit: NLL alone, tangents with `k <= in` and with `k > in`
+    /// (the Jacobian-column route), f32 and f64, members over one thread and two.
+    #[test]
+    fn taped_training_step_matches_the_whole_graph_exactly() {
+        for dtype in [DType::F64, DType::F32] {
+            for (k, with_neighbours) in [(0, false), (3, true), (6, true)] {
+                for threads in [1, 2] {
+                    let mut rng = ChaCha8Rng::seed_from_u64(11);
+                    // 48 units: enough work per product for the members to be spread.
+                    let mut ens = perturbed_ensemble(&mut rng, 48, dtype);
+                    ens.set_threads(threads);
+                    let (e, b, bg) = (3, 6, 4);
+                    let batch = LossBatch {
+                        x: randt(&mut rng, &[e, b, 4], dtype),
+                        y: randt(&mut rng, &[e, b, 3], dtype),
+                        neighbours: with_neighbours.then(|| NeighbourBatch {
+                            points: randt(&mut rng, &[e, bg, 4], dtype),
+                            directions: randt(&mut rng, &[e, bg * k, 4], dtype),
+                            differences: randt(&mut rng, &[e, bg * k, 3], dtype),
+                            k,
+                        }),
+                    };
+                    let run = |taped: bool| {
+                        let (terms, tape) = ens.training_loss(&batch, 0.9, taped).unwrap();
+                        assert_eq!(tape.is_some(), taped, "a tape exactly when asked for");
+                        let mut grads = terms.total.backward().unwrap();
+                        if let Some(tape) = tape {
+                            tape.backward(&mut grads).unwrap();
+                        }
+                        let mut all = vec![terms.total.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()];
+                        for v in ens.vars() {
+                            let g = grads.get(v.as_tensor()).expect("every parameter has a gradient");
+                            all.extend(
+                                g.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap(),
+                            );
+                        }
+                        all
+                    };
+                    let (taped, graph) = (run(true), run(false));
+                    assert_eq!(taped.len(), graph.len());
+                    for (i, (a, g)) in taped.iter().zip(&graph).enumerate() {
+                        // `==`: equal bits, but for the sign of a zero (candle forms 0 + g).
+                        assert!(a == g, "{dtype:?} k {k} threads {threads} entry {i}: taped {a} graph {g}");
+                    }
+                }
             }
         }
     }

@@ -999,6 +999,198 @@ impl CustomOp2 for SmallBatchedMatmul {
     }
 }
 
+/// A training step's hidden stack and output-layer product run outside candle's
+/// graph, on the same kernels ([`HiddenLayer`], [`WeightMatmul`]) with the same
+/// operands, so the same numbers.
+///
+/// Why: candle's backward pass gives the gradient of every graph node a
+/// zero-filled buffer and then adds the op's gradient into it, two passes over
+/// memory on one thread. For the hidden activations (`E x rows x hidden`: 10 MB
+/// per layer for Ant's gradient ensemble, 1,792 stacked rows) that was a sixth of
+/// an epoch. Here the graph starts at the output layer's product `y`, a variable:
+/// candle's backward pass forms the loss's gradient for `y` (and for the head's
+/// parameters and the weight decay), then [`Tape::backward`] runs the layers'
+/// backward passes and adds their parameter gradients to candle's.
+///
+/// The gradients are those of the whole graph: each activation has one consumer
+/// (its gradient is the op's, where candle formed `0 + g`, the same number up to
+/// the sign of a zero), and a weight's two terms (its layer's and the weight
+/// decay's) are added as candle adds them (two terms: the order does not matter).
+pub(crate) struct Tape {
+    op: SiluTangent,
+    threads: usize,
+    /// Per hidden layer: its input, weight, bias and pre-activation `h W`.
+    hidden: Vec<[Tensor; 4]>,
+    /// The output layer's input and weight.
+    last: (Tensor, Tensor),
+    /// `last.0 · last.1`, where candle's graph begins.
+    y: Tensor,
+}
+
+/// `(e, rows, o)` of a member-major product.
+fn product_shape(e: usize, rows: usize, o: usize) -> Shape {
+    Shape::from((e, rows, o))
+}
+
+impl Tape {
+    /// The forward pass of `h0` (data, `E x rows x in`) through the hidden layers
+    /// `(W, b)` and the output layer's weight `w_out`; returns the tape and `y`, a
+    /// variable of shape `E x rows x out`.
+    pub(crate) fn forward(
+        h0: &Tensor,
+        hidden: &[(Tensor, Tensor)],
+        w_out: &Tensor,
+        op: SiluTangent,
+        threads: usize,
+    ) -> candle_core::Result<(Self, Tensor)> {
+        let dev = h0.device().clone();
+        let mut h = h0.detach().contiguous()?;
+        let mut saved = Vec::with_capacity(hidden.len());
+        for (w, b) in hidden {
+            let (w, b) = (w.contiguous()?, b.contiguous()?);
+            let dims = hidden_dims(h.layout(), w.layout(), b.layout())?;
+            let (e, rows, _, o) = dims;
+            let layer = HiddenLayer::new(op, threads);
+            let (pre, out) = {
+                let ((hs, hl), (ws, wl), (bs, bl)) =
+                    (h.storage_and_layout(), w.storage_and_layout(), b.storage_and_layout());
+                macro_rules! fwd {
+                    ($t:ty) => {{
+                        let (y, out) =
+                            layer.fwd_t::<$t>(cpu_slice(&hs, hl)?, cpu_slice(&ws, wl)?, cpu_slice(&bs, bl)?, dims)?;
+                        (
+                            Tensor::from_vec(y, product_shape(e, rows, o), &dev)?,
+                            Tensor::from_vec(out, product_shape(e, rows, o), &dev)?,
+                        )
+                    }};
+                }
+                match h.dtype() {
+                    candle_core::DType::F32 => fwd!(f32),
+                    candle_core::DType::F64 => fwd!(f64),
+                    d => candle_core::bail!("hidden-layer: f32 or f64 only, got {d:?}"),
+                }
+            };
+            saved.push([h, w, b, pre]);
+            h = out;
+        }
+        let w_out = w_out.contiguous()?;
+        let (e, rows, k, o) = product_dims(h.layout(), w_out.layout())?;
+        let y = {
+            let ((hs, hl), (ws, wl)) = (h.storage_and_layout(), w_out.storage_and_layout());
+            macro_rules! fwd {
+                ($t:ty) => {{
+                    let lhs = Operand { data: cpu_slice::<$t>(&hs, hl)?, skip: rows * k, cs: 1, rs: k };
+                    let rhs = Operand { data: cpu_slice::<$t>(&ws, wl)?, skip: k * o, cs: 1, rs: o };
+                    candle_core::Var::from_vec(
+                        batched_gemm(e, (rows, o, k), lhs, rhs, threads)?,
+                        product_shape(e, rows, o),
+                        &dev,
+                    )?
+                }};
+            }
+            match h.dtype() {
+                candle_core::DType::F32 => fwd!(f32),
+                candle_core::DType::F64 => fwd!(f64),
+                d => candle_core::bail!("weight-matmul: f32 or f64 only, got {d:?}"),
+            }
+        };
+        let y = y.as_tensor().clone();
+        Ok((Self { op, threads, hidden: saved, last: (h, w_out), y: y.clone() }, y))
+    }
+
+    /// Takes `y`'s gradient out of `grads` and puts the layers' parameter
+    /// gradients in (added to those already there). No gradient for `y` (the loss
+    /// did not use it): nothing to do.
+    pub(crate) fn backward(self, grads: &mut candle_core::backprop::GradStore) -> candle_core::Result<()> {
+        let Some(gy) = grads.remove(&self.y) else { return Ok(()) };
+        let dev = self.y.device().clone();
+        let mut g = gy.contiguous()?;
+        let (h, w) = &self.last;
+        let (e, rows, k, o) = product_dims(h.layout(), w.layout())?;
+        let want = [!self.hidden.is_empty(), true];
+        let (gh, gw) = {
+            let ((hs, hl), (ws, wl), (gs, gl)) =
+                (h.storage_and_layout(), w.storage_and_layout(), g.storage_and_layout());
+            macro_rules! grads {
+                ($t:ty) => {{
+                    let slices = [cpu_slice::<$t>(&hs, hl)?, cpu_slice::<$t>(&ws, wl)?, cpu_slice::<$t>(&gs, gl)?];
+                    let (gh, gw) = product_grads(slices, (e, rows, k, o), want, self.threads)?;
+                    (
+                        gh.map(|v| Tensor::from_vec(v, (e, rows, k), &dev)).transpose()?,
+                        gw.map(|v| Tensor::from_vec(v, (e, k, o), &dev)).transpose()?,
+                    )
+                }};
+            }
+            match g.dtype() {
+                candle_core::DType::F32 => grads!(f32),
+                candle_core::DType::F64 => grads!(f64),
+                d => candle_core::bail!("weight-matmul: f32 or f64 only, got {d:?}"),
+            }
+        };
+        if let Some(gw) = gw {
+            accumulate(grads, w, gw)?;
+        }
+        let Some(gh) = gh else { return Ok(()) };
+        g = gh;
+        let layer = HiddenLayer::new(self.op, self.threads);
+        for (l, [h, w, b, pre]) in self.hidden.iter().enumerate().rev() {
+            let dims = hidden_dims(h.layout(), w.layout(), b.layout())?;
+            let (e, rows, k, o) = dims;
+            let (gh, gw, gb) = {
+                let ((hs, hl), (ws, wl), (bs, bl), (ps, pl), (gs, gl)) = (
+                    h.storage_and_layout(),
+                    w.storage_and_layout(),
+                    b.storage_and_layout(),
+                    pre.storage_and_layout(),
+                    g.storage_and_layout(),
+                );
+                macro_rules! grads {
+                    ($t:ty) => {{
+                        let slices = [
+                            cpu_slice::<$t>(&hs, hl)?,
+                            cpu_slice::<$t>(&ws, wl)?,
+                            cpu_slice::<$t>(&bs, bl)?,
+                            cpu_slice::<$t>(&ps, pl)?,
+                            cpu_slice::<$t>(&gs, gl)?,
+                        ];
+                        let (gh, gw, gb) = layer.bwd_t::<$t>(slices, dims, [l > 0, true, true])?;
+                        (
+                            gh.map(|v| Tensor::from_vec(v, (e, rows, k), &dev)).transpose()?,
+                            gw.map(|v| Tensor::from_vec(v, (e, k, o), &dev)).transpose()?,
+                            gb.map(|v| Tensor::from_vec(v, (e, 1, o), &dev)).transpose()?,
+                        )
+                    }};
+                }
+                match g.dtype() {
+                    candle_core::DType::F32 => grads!(f32),
+                    candle_core::DType::F64 => grads!(f64),
+                    d => candle_core::bail!("hidden-layer: f32 or f64 only, got {d:?}"),
+                }
+            };
+            for (t, grad) in [(w, gw), (b, gb)] {
+                if let Some(grad) = grad {
+                    accumulate(grads, t, grad)?;
+                }
+            }
+            match gh {
+                Some(gh) => g = gh,
+                None => break,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Adds `g` to the gradient of `t` in `grads` (or puts it there).
+fn accumulate(grads: &mut candle_core::backprop::GradStore, t: &Tensor, g: Tensor) -> candle_core::Result<()> {
+    let sum = match grads.remove(t) {
+        Some(prev) => (prev + g)?.detach(),
+        None => g,
+    };
+    grads.insert(t, sum);
+    Ok(())
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::{WeightMatmul, exp_f32};

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::adam::{ModelOptimizer, OptimizerState};
 use crate::ensemble::{EnsembleSnapshot, ProbabilisticEnsemble};
+use crate::fused::Tape;
 use crate::layer::host_tensor;
 use crate::{EnsembleConfig, Error, GradientLossConfig, Result};
 
@@ -135,11 +136,28 @@ pub fn directional_derivative_loss(
 impl ProbabilisticEnsemble {
     /// The training loss on one minibatch; `weight` is `w` of equation 10.
     pub fn loss(&self, batch: &LossBatch, weight: f64) -> Result<LossTerms> {
+        Ok(self.training_loss(batch, weight, false)?.0)
+    }
+
+    /// [`loss`](Self::loss); with `taped` on the fused CPU path the hidden stack
+    /// runs outside the graph, and the [`Tape`] that comes back must be given to
+    /// [`ModelOptimizer::backward_step_taped`](crate::ModelOptimizer) with the
+    /// total (the same gradients, without candle's zero-filled buffer and
+    /// addition per activation).
+    pub(crate) fn training_loss(
+        &self,
+        batch: &LossBatch,
+        weight: f64,
+        taped: bool,
+    ) -> Result<(LossTerms, Option<Tape>)> {
         let b = batch.x.dim(1)?;
-        let out = match &batch.neighbours {
-            Some(nb) => self.forward_jv(&Tensor::cat(&[&batch.x, &nb.points], 1)?, b, &nb.directions, nb.k)?,
-            None => self.forward_std(&batch.x, None, None)?,
+        let mut out = match &batch.neighbours {
+            Some(nb) => {
+                self.forward_jv_with(&Tensor::cat(&[&batch.x, &nb.points], 1)?, b, &nb.directions, nb.k, taped)?
+            }
+            None => self.forward_std_with(&batch.x, None, None, taped)?,
         };
+        let tape = out.tape.take();
         let mean = out.mean.narrow(1, 0, b)?;
         let lv = out.logvar.narrow(1, 0, b)?;
         // Gaussian NLL per member: mean((mu - y)^2 exp(-lv)) + mean(lv).
@@ -159,7 +177,7 @@ impl ProbabilisticEnsemble {
                 total = (total + (self.param(&layer.weight).sqr()?.sum_all()? * (0.5 * d))?)?;
             }
         }
-        Ok(LossTerms { total, nll, derivative_loss })
+        Ok((LossTerms { total, nll, derivative_loss }, tape))
     }
 }
 
@@ -573,7 +591,7 @@ fn run_epoch(
                 return Err(Error::Interrupted);
             }
             let batch = rows.minibatch(&epoch_rows, i, e, k, dtype)?;
-            let terms = ens.loss(&batch, inputs.weight)?;
+            let (terms, tape) = ens.training_loss(&batch, inputs.weight, true)?;
             let total = terms.total.to_dtype(DType::F64)?;
             let nll = terms.nll.to_dtype(DType::F64)?;
             let r = terms.derivative_loss.as_ref().map(|r| r.to_dtype(DType::F64)).transpose()?;
@@ -588,7 +606,7 @@ fn run_epoch(
                     },
                 ),
             });
-            optimizer.backward_step(&terms.total)?;
+            optimizer.backward_step_taped(&terms.total, tape)?;
         }
         let (t, n, rs) = sums.ok_or_else(|| Error::Internal("an epoch without minibatches".into()))?;
         let mut parts = vec![t.reshape(1)?, n];
@@ -619,7 +637,7 @@ fn run_epoch(
             DType::F64 => rows.minibatch::<f64>(&idx, (lo, hi), set, rng, device)?,
             d => return Err(Error::Internal(format!("dtype {d:?}"))),
         };
-        let terms = ens.loss(&batch, inputs.weight)?;
+        let (terms, tape) = ens.training_loss(&batch, inputs.weight, true)?;
         let total = crate::transfer::download_scalar(&terms.total)?;
         let r = terms.derivative_loss.as_ref().map(crate::transfer::download_f64).transpose()?;
         if !total.is_finite() {
@@ -627,7 +645,7 @@ fn run_epoch(
             let member = (0..e).find(|&m| !nll[m].is_finite() || r.as_ref().is_some_and(|r| !r[m].is_finite()));
             return Err(Error::NonFinite { member, epoch });
         }
-        optimizer.backward_step(&terms.total)?;
+        optimizer.backward_step_taped(&terms.total, tape)?;
         sums.loss += total;
         if let Some(r) = r {
             sums.derivative_loss += r.iter().sum::<f64>() / e as f64;
