@@ -13,6 +13,10 @@
 //! step makes about ten full-size temporaries and a broadcast-reduce in the
 //! backward pass (slow on CPU); here the backward pass is one more loop, three
 //! gemm products (only those needed) and a column sum for the bias.
+//!
+//! A model-training step runs the same kernels outside candle's graph
+//! ([`Tape`]): candle's backward pass would give each layer's input a
+//! zero-filled gradient buffer and an addition on the calling thread.
 use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
@@ -1025,6 +1029,23 @@ pub(crate) struct Tape {
     last: (Tensor, Tensor),
     /// `last.0 · last.1`, where candle's graph begins.
     y: Tensor,
+    /// Per layer (the output layer last), the weight decay `d` whose gradient
+    /// the tape adds ([`decay`](Self::decay)); 0: none.
+    decay: Vec<f64>,
+}
+
+/// `gw + ((w c) 2 + 0)` element by element, `c = 0.5 d`: the layer's gradient
+/// plus that of the weight decay `0.5 d sum(w^2)` formed as candle's backward
+/// pass forms it (the scalar's gradient `1 c + 0`, then `sqr`'s `(w g) 2 + 0`),
+/// added as candle adds a weight's two gradients (two terms: either order).
+fn add_decay<T: Real>(gw: &mut [T], w: &[T], d: f64) {
+    if d == 0.0 {
+        return;
+    }
+    let c = T::ONE * T::from_f64(0.5 * d) + T::ZERO;
+    for (g, &w) in gw.iter_mut().zip(w) {
+        *g += (w * c) * T::TWO + T::ZERO;
+    }
 }
 
 /// `(e, rows, o)` of a member-major product.
@@ -1095,7 +1116,14 @@ impl Tape {
             }
         };
         let y = y.as_tensor().clone();
-        Ok((Self { op, threads, hidden: saved, last: (h, w_out), y: y.clone() }, y))
+        let decay = vec![0.0; saved.len() + 1];
+        Ok((Self { op, threads, hidden: saved, last: (h, w_out), y: y.clone(), decay }, y))
+    }
+
+    /// Layer `layer` (the output layer is the last) has the weight decay `d`:
+    /// the loss holds its value (outside the graph), the tape its gradient.
+    pub(crate) fn decay(&mut self, layer: usize, d: f64) {
+        self.decay[layer] = d;
     }
 
     /// Takes `y`'s gradient out of `grads` and puts the layers' parameter
@@ -1115,9 +1143,14 @@ impl Tape {
                 ($t:ty) => {{
                     let slices = [cpu_slice::<$t>(&hs, hl)?, cpu_slice::<$t>(&ws, wl)?, cpu_slice::<$t>(&gs, gl)?];
                     let (gh, gw) = product_grads(slices, (e, rows, k, o), want, self.threads)?;
+                    let d = self.decay[self.hidden.len()];
                     (
                         gh.map(|v| Tensor::from_vec(v, (e, rows, k), &dev)).transpose()?,
-                        gw.map(|v| Tensor::from_vec(v, (e, k, o), &dev)).transpose()?,
+                        gw.map(|mut v| {
+                            add_decay(&mut v, slices[1], d);
+                            Tensor::from_vec(v, (e, k, o), &dev)
+                        })
+                        .transpose()?,
                     )
                 }};
             }
@@ -1156,7 +1189,11 @@ impl Tape {
                         let (gh, gw, gb) = layer.bwd_t::<$t>(slices, dims, [l > 0, true, true])?;
                         (
                             gh.map(|v| Tensor::from_vec(v, (e, rows, k), &dev)).transpose()?,
-                            gw.map(|v| Tensor::from_vec(v, (e, k, o), &dev)).transpose()?,
+                            gw.map(|mut v| {
+                                add_decay(&mut v, slices[1], self.decay[l]);
+                                Tensor::from_vec(v, (e, k, o), &dev)
+                            })
+                            .transpose()?,
                             gb.map(|v| Tensor::from_vec(v, (e, 1, o), &dev)).transpose()?,
                         )
                     }};

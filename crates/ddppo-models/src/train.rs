@@ -172,9 +172,19 @@ impl ProbabilisticEnsemble {
         let c = self.cfg.logvar_bound_penalty;
         let penalty = ((self.param(&self.max_logvar).sum_all()? - self.param(&self.min_logvar).sum_all()?)? * c)?;
         total = (total + penalty)?;
-        for (layer, &d) in self.layers.iter().zip(&self.cfg.weight_decay) {
+        let mut tape = tape;
+        for (l, (layer, &d)) in self.layers.iter().zip(&self.cfg.weight_decay).enumerate() {
             if d > 0.0 {
-                total = (total + (self.param(&layer.weight).sqr()?.sum_all()? * (0.5 * d))?)?;
+                match tape.as_mut() {
+                    // The same value, outside the graph; the tape adds the gradient
+                    // (candle's backward pass of the term made four passes over
+                    // every weight: a fifth of the prediction ensemble's step).
+                    Some(tape) => {
+                        total = (total + (layer.weight.as_tensor().detach().sqr()?.sum_all()? * (0.5 * d))?)?;
+                        tape.decay(l, d);
+                    }
+                    None => total = (total + (self.param(&layer.weight).sqr()?.sum_all()? * (0.5 * d))?)?,
+                }
             }
         }
         Ok((LossTerms { total, nll, derivative_loss }, tape))
