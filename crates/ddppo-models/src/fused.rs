@@ -1013,8 +1013,8 @@ impl CustomOp2 for SmallBatchedMatmul {
 /// per layer for Ant's gradient ensemble, 1,792 stacked rows) that was a sixth of
 /// an epoch. Here the graph starts at the output layer's product `y`, a variable:
 /// candle's backward pass forms the loss's gradient for `y` (and for the head's
-/// parameters and the weight decay), then [`Tape::backward`] runs the layers'
-/// backward passes and adds their parameter gradients to candle's.
+/// parameters), then [`Tape::backward`] runs the layers' backward passes and
+/// adds their parameter gradients, and the weight decay's, to candle's.
 ///
 /// The gradients are those of the whole graph: each activation has one consumer
 /// (its gradient is the op's, where candle formed `0 + g`, the same number up to
@@ -1127,10 +1127,12 @@ impl Tape {
     }
 
     /// Takes `y`'s gradient out of `grads` and puts the layers' parameter
-    /// gradients in (added to those already there). No gradient for `y` (the loss
-    /// did not use it): nothing to do.
+    /// gradients in (added to those already there). A loss that does not read
+    /// `y` is an error (the weight decay's gradients would be lost with it).
     pub(crate) fn backward(self, grads: &mut candle_core::backprop::GradStore) -> candle_core::Result<()> {
-        let Some(gy) = grads.remove(&self.y) else { return Ok(()) };
+        let Some(gy) = grads.remove(&self.y) else {
+            candle_core::bail!("tape: the loss did not read the output layer's product")
+        };
         let dev = self.y.device().clone();
         let mut g = gy.contiguous()?;
         let (h, w) = &self.last;

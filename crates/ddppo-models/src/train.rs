@@ -143,7 +143,8 @@ impl ProbabilisticEnsemble {
     /// runs outside the graph, and the [`Tape`] that comes back must be given to
     /// [`ModelOptimizer::backward_step_taped`](crate::ModelOptimizer) with the
     /// total (the same gradients, without candle's zero-filled buffer and
-    /// addition per activation).
+    /// addition per activation). The tape also holds the weight decay's
+    /// gradient; the total keeps its value.
     pub(crate) fn training_loss(
         &self,
         batch: &LossBatch,
@@ -157,7 +158,7 @@ impl ProbabilisticEnsemble {
             }
             None => self.forward_std_with(&batch.x, None, None, taped)?,
         };
-        let tape = out.tape.take();
+        let mut tape = out.tape.take();
         let mean = out.mean.narrow(1, 0, b)?;
         let lv = out.logvar.narrow(1, 0, b)?;
         // Gaussian NLL per member: mean((mu - y)^2 exp(-lv)) + mean(lv).
@@ -172,7 +173,6 @@ impl ProbabilisticEnsemble {
         let c = self.cfg.logvar_bound_penalty;
         let penalty = ((self.param(&self.max_logvar).sum_all()? - self.param(&self.min_logvar).sum_all()?)? * c)?;
         total = (total + penalty)?;
-        let mut tape = tape;
         for (l, (layer, &d)) in self.layers.iter().zip(&self.cfg.weight_decay).enumerate() {
             if d > 0.0 {
                 match tape.as_mut() {
