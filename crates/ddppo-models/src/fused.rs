@@ -707,7 +707,21 @@ impl CustomOp3 for HiddenLayer {
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let want = [h.track_op(), w.track_op(), b.track_op()];
+        self.grads([h, w, b, g], [h.track_op(), w.track_op(), b.track_op()], 0.0)
+    }
+}
+
+impl HiddenLayer {
+    /// The backward pass of the forward pass this op last ran, for the output
+    /// gradient `g`: `(dL/dh, dL/dW, dL/db)`, each only when `want` says so; the
+    /// weight decay `d`'s gradient is added to `dL/dW` ([`add_decay`]; 0: none).
+    #[allow(clippy::type_complexity)]
+    fn grads(
+        &self,
+        [h, w, b, g]: [&Tensor; 4],
+        want: [bool; 3],
+        d: f64,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (h, w, b, g) = (h.contiguous()?, w.contiguous()?, b.contiguous()?, g.contiguous()?);
         let dims = hidden_dims(h.layout(), w.layout(), b.layout())?;
         let saved = self.y.lock().map_err(|_| candle_core::Error::Msg("hidden-layer: lock poisoned".into()))?;
@@ -718,14 +732,19 @@ impl CustomOp3 for HiddenLayer {
         let dev = h.device();
         macro_rules! grads {
             ($t:ty, $y:expr) => {{
+                let ws = cpu_slice(&ws, wl)?;
                 let (gh, gw, gb) = self.bwd_t::<$t>(
-                    [cpu_slice(&hs, hl)?, cpu_slice(&ws, wl)?, cpu_slice(&bs, bl)?, $y, cpu_slice(&gs, gl)?],
+                    [cpu_slice(&hs, hl)?, ws, cpu_slice(&bs, bl)?, $y, cpu_slice(&gs, gl)?],
                     dims,
                     want,
                 )?;
                 (
                     gh.map(|v| Tensor::from_vec(v, (e, rows, k), dev)).transpose()?,
-                    gw.map(|v| Tensor::from_vec(v, (e, k, o), dev)).transpose()?,
+                    gw.map(|mut v| {
+                        add_decay(&mut v, ws, d);
+                        Tensor::from_vec(v, (e, k, o), dev)
+                    })
+                    .transpose()?,
                     gb.map(|v| Tensor::from_vec(v, (e, 1, o), dev)).transpose()?,
                 )
             }};
@@ -800,11 +819,9 @@ impl CustomOp2 for WeightMatmul {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (e, rows, k, o) = product_dims(l1, l2)?;
         macro_rules! fwd {
-            ($t:ty) => {{
-                let lhs = Operand { data: contiguous::<$t>(s1, l1)?, skip: rows * k, cs: 1, rs: k };
-                let rhs = Operand { data: contiguous::<$t>(s2, l2)?, skip: k * o, cs: 1, rs: o };
-                batched_gemm(e, (rows, o, k), lhs, rhs, self.threads)?
-            }};
+            ($t:ty) => {
+                self.product::<$t>(contiguous(s1, l1)?, contiguous(s2, l2)?, (e, rows, k, o))?
+            };
         }
         let out = match (s1, s2) {
             (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(fwd!(f32)),
@@ -821,7 +838,31 @@ impl CustomOp2 for WeightMatmul {
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let want = [h.track_op(), w.track_op()];
+        self.grads([h, w, g], [h.track_op(), w.track_op()], 0.0)
+    }
+}
+
+impl WeightMatmul {
+    /// `h W` for `e` members (`h`: `rows x k`, `W`: `k x o`, contiguous).
+    fn product<T: Real>(
+        &self,
+        h: &[T],
+        w: &[T],
+        (e, rows, k, o): (usize, usize, usize, usize),
+    ) -> candle_core::Result<Vec<T>> {
+        let lhs = Operand { data: h, skip: rows * k, cs: 1, rs: k };
+        let rhs = Operand { data: w, skip: k * o, cs: 1, rs: o };
+        batched_gemm(e, (rows, o, k), lhs, rhs, self.threads)
+    }
+
+    /// `(dL/dh, dL/dW)` for the output gradient `g`, each only when `want` says
+    /// so; the weight decay `d`'s gradient is added to `dL/dW` ([`add_decay`]; 0: none).
+    fn grads(
+        &self,
+        [h, w, g]: [&Tensor; 3],
+        want: [bool; 2],
+        d: f64,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (h, w, g) = (h.contiguous()?, w.contiguous()?, g.contiguous()?);
         let dims = product_dims(h.layout(), w.layout())?;
         let ((hs, hl), (ws, wl), (gs, gl)) = (h.storage_and_layout(), w.storage_and_layout(), g.storage_and_layout());
@@ -833,7 +874,11 @@ impl CustomOp2 for WeightMatmul {
                 let (gh, gw) = product_grads(slices, dims, want, self.threads)?;
                 (
                     gh.map(|v| Tensor::from_vec(v, (e, rows, k), dev)).transpose()?,
-                    gw.map(|v| Tensor::from_vec(v, (e, k, o), dev)).transpose()?,
+                    gw.map(|mut v| {
+                        add_decay(&mut v, slices[1], d);
+                        Tensor::from_vec(v, (e, k, o), dev)
+                    })
+                    .transpose()?,
                 )
             }};
         }
@@ -1021,10 +1066,11 @@ impl CustomOp2 for SmallBatchedMatmul {
 /// the sign of a zero), and a weight's two terms (its layer's and the weight
 /// decay's) are added as candle adds them (two terms: the order does not matter).
 pub(crate) struct Tape {
-    op: SiluTangent,
-    threads: usize,
-    /// Per hidden layer: its input, weight, bias and pre-activation `h W`.
-    hidden: Vec<[Tensor; 4]>,
+    /// The output layer's product.
+    out: WeightMatmul,
+    /// Per hidden layer: the op (it keeps its pre-activation `h W`), its input,
+    /// weight and bias.
+    hidden: Vec<(HiddenLayer, [Tensor; 3])>,
     /// The output layer's input and weight.
     last: (Tensor, Tensor),
     /// `last.0 · last.1`, where candle's graph begins.
@@ -1048,11 +1094,6 @@ fn add_decay<T: Real>(gw: &mut [T], w: &[T], d: f64) {
     }
 }
 
-/// `(e, rows, o)` of a member-major product.
-fn product_shape(e: usize, rows: usize, o: usize) -> Shape {
-    Shape::from((e, rows, o))
-}
-
 impl Tape {
     /// The forward pass of `h0` (data, `E x rows x in`) through the hidden layers
     /// `(W, b)` and the output layer's weight `w_out`; returns the tape and `y`, a
@@ -1064,50 +1105,30 @@ impl Tape {
         op: SiluTangent,
         threads: usize,
     ) -> candle_core::Result<(Self, Tensor)> {
-        let dev = h0.device().clone();
         let mut h = h0.detach().contiguous()?;
         let mut saved = Vec::with_capacity(hidden.len());
         for (w, b) in hidden {
             let (w, b) = (w.contiguous()?, b.contiguous()?);
-            let dims = hidden_dims(h.layout(), w.layout(), b.layout())?;
-            let (e, rows, _, o) = dims;
             let layer = HiddenLayer::new(op, threads);
-            let (pre, out) = {
-                let ((hs, hl), (ws, wl), (bs, bl)) =
-                    (h.storage_and_layout(), w.storage_and_layout(), b.storage_and_layout());
-                macro_rules! fwd {
-                    ($t:ty) => {{
-                        let (y, out) =
-                            layer.fwd_t::<$t>(cpu_slice(&hs, hl)?, cpu_slice(&ws, wl)?, cpu_slice(&bs, bl)?, dims)?;
-                        (
-                            Tensor::from_vec(y, product_shape(e, rows, o), &dev)?,
-                            Tensor::from_vec(out, product_shape(e, rows, o), &dev)?,
-                        )
-                    }};
-                }
-                match h.dtype() {
-                    candle_core::DType::F32 => fwd!(f32),
-                    candle_core::DType::F64 => fwd!(f64),
-                    d => candle_core::bail!("hidden-layer: f32 or f64 only, got {d:?}"),
-                }
-            };
-            saved.push([h, w, b, pre]);
+            let out = h.apply_op3_no_bwd(&w, &b, &layer)?;
+            saved.push((layer, [h, w, b]));
             h = out;
         }
+        let out = WeightMatmul { threads };
         let w_out = w_out.contiguous()?;
-        let (e, rows, k, o) = product_dims(h.layout(), w_out.layout())?;
+        let dims = product_dims(h.layout(), w_out.layout())?;
+        let (e, rows, _, o) = dims;
+        // The product's own buffer becomes the variable (no copy).
         let y = {
             let ((hs, hl), (ws, wl)) = (h.storage_and_layout(), w_out.storage_and_layout());
             macro_rules! fwd {
-                ($t:ty) => {{
-                    let lhs = Operand { data: cpu_slice::<$t>(&hs, hl)?, skip: rows * k, cs: 1, rs: k };
-                    let rhs = Operand { data: cpu_slice::<$t>(&ws, wl)?, skip: k * o, cs: 1, rs: o };
+                ($t:ty) => {
                     candle_core::Var::from_vec(
-                        batched_gemm(e, (rows, o, k), lhs, rhs, threads)?,
-                        product_shape(e, rows, o),
-                        &dev,
+                        out.product::<$t>(cpu_slice(&hs, hl)?, cpu_slice(&ws, wl)?, dims)?,
+                        (e, rows, o),
+                        h.device(),
                     )?
-                }};
+                };
             }
             match h.dtype() {
                 candle_core::DType::F32 => fwd!(f32),
@@ -1117,7 +1138,7 @@ impl Tape {
         };
         let y = y.as_tensor().clone();
         let decay = vec![0.0; saved.len() + 1];
-        Ok((Self { op, threads, hidden: saved, last: (h, w_out), y: y.clone(), decay }, y))
+        Ok((Self { out, hidden: saved, last: (h, w_out), y: y.clone(), decay }, y))
     }
 
     /// Layer `layer` (the output layer is the last) has the weight decay `d`:
@@ -1127,94 +1148,28 @@ impl Tape {
     }
 
     /// Takes `y`'s gradient out of `grads` and puts the layers' parameter
-    /// gradients in (added to those already there). A loss that does not read
-    /// `y` is an error (the weight decay's gradients would be lost with it).
+    /// gradients in (added to those already there), from the ops' own backward
+    /// passes. A loss that does not read `y` is an error (the weight decay's
+    /// gradients would be lost with it).
     pub(crate) fn backward(self, grads: &mut candle_core::backprop::GradStore) -> candle_core::Result<()> {
         let Some(gy) = grads.remove(&self.y) else {
             candle_core::bail!("tape: the loss did not read the output layer's product")
         };
-        let dev = self.y.device().clone();
-        let mut g = gy.contiguous()?;
         let (h, w) = &self.last;
-        let (e, rows, k, o) = product_dims(h.layout(), w.layout())?;
         let want = [!self.hidden.is_empty(), true];
-        let (gh, gw) = {
-            let ((hs, hl), (ws, wl), (gs, gl)) =
-                (h.storage_and_layout(), w.storage_and_layout(), g.storage_and_layout());
-            macro_rules! grads {
-                ($t:ty) => {{
-                    let slices = [cpu_slice::<$t>(&hs, hl)?, cpu_slice::<$t>(&ws, wl)?, cpu_slice::<$t>(&gs, gl)?];
-                    let (gh, gw) = product_grads(slices, (e, rows, k, o), want, self.threads)?;
-                    let d = self.decay[self.hidden.len()];
-                    (
-                        gh.map(|v| Tensor::from_vec(v, (e, rows, k), &dev)).transpose()?,
-                        gw.map(|mut v| {
-                            add_decay(&mut v, slices[1], d);
-                            Tensor::from_vec(v, (e, k, o), &dev)
-                        })
-                        .transpose()?,
-                    )
-                }};
-            }
-            match g.dtype() {
-                candle_core::DType::F32 => grads!(f32),
-                candle_core::DType::F64 => grads!(f64),
-                d => candle_core::bail!("weight-matmul: f32 or f64 only, got {d:?}"),
-            }
-        };
+        let (mut g, gw) = self.out.grads([h, w, &gy], want, self.decay[self.hidden.len()])?;
         if let Some(gw) = gw {
             accumulate(grads, w, gw)?;
         }
-        let Some(gh) = gh else { return Ok(()) };
-        g = gh;
-        let layer = HiddenLayer::new(self.op, self.threads);
-        for (l, [h, w, b, pre]) in self.hidden.iter().enumerate().rev() {
-            let dims = hidden_dims(h.layout(), w.layout(), b.layout())?;
-            let (e, rows, k, o) = dims;
-            let (gh, gw, gb) = {
-                let ((hs, hl), (ws, wl), (bs, bl), (ps, pl), (gs, gl)) = (
-                    h.storage_and_layout(),
-                    w.storage_and_layout(),
-                    b.storage_and_layout(),
-                    pre.storage_and_layout(),
-                    g.storage_and_layout(),
-                );
-                macro_rules! grads {
-                    ($t:ty) => {{
-                        let slices = [
-                            cpu_slice::<$t>(&hs, hl)?,
-                            cpu_slice::<$t>(&ws, wl)?,
-                            cpu_slice::<$t>(&bs, bl)?,
-                            cpu_slice::<$t>(&ps, pl)?,
-                            cpu_slice::<$t>(&gs, gl)?,
-                        ];
-                        let (gh, gw, gb) = layer.bwd_t::<$t>(slices, dims, [l > 0, true, true])?;
-                        (
-                            gh.map(|v| Tensor::from_vec(v, (e, rows, k), &dev)).transpose()?,
-                            gw.map(|mut v| {
-                                add_decay(&mut v, slices[1], self.decay[l]);
-                                Tensor::from_vec(v, (e, k, o), &dev)
-                            })
-                            .transpose()?,
-                            gb.map(|v| Tensor::from_vec(v, (e, 1, o), &dev)).transpose()?,
-                        )
-                    }};
-                }
-                match g.dtype() {
-                    candle_core::DType::F32 => grads!(f32),
-                    candle_core::DType::F64 => grads!(f64),
-                    d => candle_core::bail!("hidden-layer: f32 or f64 only, got {d:?}"),
-                }
-            };
+        for (l, (layer, [h, w, b])) in self.hidden.iter().enumerate().rev() {
+            let Some(gy) = g.take() else { break };
+            let (gh, gw, gb) = layer.grads([h, w, b, &gy], [l > 0, true, true], self.decay[l])?;
             for (t, grad) in [(w, gw), (b, gb)] {
                 if let Some(grad) = grad {
                     accumulate(grads, t, grad)?;
                 }
             }
-            match gh {
-                Some(gh) => g = gh,
-                None => break,
-            }
+            g = gh;
         }
         Ok(())
     }
