@@ -483,12 +483,23 @@ where
         rest = tail;
         first += n;
     }
+    run_groups(groups, |(ms, chunk)| f(ms, chunk))
+}
+
+/// Runs `f` on every group at the same time, the first on the calling thread and
+/// each other on a scoped thread of its own; the first error, or a group's panic,
+/// is passed on.
+fn run_groups<P: Send, F>(groups: Vec<P>, f: F) -> candle_core::Result<()>
+where
+    F: Fn(P) -> candle_core::Result<()> + Sync,
+{
     std::thread::scope(|s| {
         let mut groups = groups.into_iter();
         let own = groups.next();
-        let handles: Vec<_> = groups.map(|(ms, chunk)| s.spawn(|| f(ms, chunk))).collect();
+        let f = &f;
+        let handles: Vec<_> = groups.map(|g| s.spawn(move || f(g))).collect();
         let mut result = match own {
-            Some((ms, chunk)) => f(ms, chunk),
+            Some(g) => f(g),
             None => Ok(()),
         };
         for h in handles {
@@ -499,6 +510,94 @@ where
         }
         result
     })
+}
+
+/// Where `t` threads' shares of the output rows of `e` products of `m x n` (depth
+/// `k`) begin and end, in member-major row order (member `q`'s row `r` is row
+/// `q m + r`): `t + 1` increasing cuts from 0 to `e m`, each near `e m j / t`, so
+/// every thread gets the same number of rows however `e` and `t` divide.
+///
+/// A cut inside a member splits that member's product by rows, which gives every
+/// element the bits of the whole product only under [`crate::split`]'s rule
+/// (depth at most [`crate::split::MAX_SPLIT_DEPTH`] and more than 2, parts of at
+/// least 2 rows and more than 256 elements). Where a part would break it, the cut
+/// moves to the nearest member boundary (with seven members on two threads: 4 and
+/// 3 members, where an exact split gives 3.5 each).
+fn row_cuts(e: usize, (m, n, k): (usize, usize, usize), t: usize) -> Vec<usize> {
+    let total = e * m;
+    let t = t.clamp(1, total.max(1));
+    let exact = k > 2 && k <= crate::split::MAX_SPLIT_DEPTH && n >= 2;
+    let min_rows = 2usize.max(257usize.div_ceil(n.max(1)));
+    let mut cuts = vec![0];
+    for j in 1..t {
+        let (c, last) = (total * j / t, *cuts.last().unwrap_or(&0));
+        let (q, r) = (c / m, c % m);
+        // The member's part before the cut starts at its first row or at the cut
+        // before, if that one falls inside the same member.
+        let before = c.saturating_sub(last.max(q * m));
+        let c = if r == 0 || (exact && before >= min_rows && m - r >= min_rows) {
+            c
+        } else if r * 2 < m {
+            q * m
+        } else {
+            (q + 1) * m
+        };
+        if c > last && c < total {
+            cuts.push(c);
+        }
+    }
+    cuts.push(total);
+    cuts
+}
+
+/// Rows `rows` (member-major, as [`row_cuts`]) of the `e` products `lhs_q rhs_q`
+/// (`m x k` by `k x n`) written into `chunk`, their `n` slots each in order: each
+/// member's part by one gemm call of its rows.
+///
+/// # Safety
+/// The operands must hold their `e` matrices (as [`Operand::extent`]); `chunk`
+/// must have `rows.len() * n` slots.
+unsafe fn gemm_rows<T: Real>(
+    rows: std::ops::Range<usize>,
+    (m, n, k): (usize, usize, usize),
+    (lhs, rhs): (&Operand<T>, &Operand<T>),
+    chunk: &mut [MaybeUninit<T>],
+    parallelism: gemm::Parallelism,
+) {
+    let dst = chunk.as_mut_ptr().cast::<T>();
+    let mut row = rows.start;
+    while row < rows.end {
+        let (q, a) = (row / m, row % m);
+        let b = m.min(a + rows.end - row);
+        // SAFETY: member `q`'s rows `a..b` lie inside the operands (the caller's
+        // extents); their `(b - a) n` destination slots start at `row - rows.start`
+        // rows into `chunk`, and gemm with `read_dst = false` only writes them,
+        // each element once.
+        unsafe {
+            gemm::gemm(
+                b - a,
+                n,
+                k,
+                dst.add((row - rows.start) * n),
+                1,
+                n as isize,
+                false,
+                lhs.data.as_ptr().add(q * lhs.skip + a * lhs.rs),
+                lhs.cs as isize,
+                lhs.rs as isize,
+                rhs.data.as_ptr().add(q * rhs.skip),
+                rhs.cs as isize,
+                rhs.rs as isize,
+                T::ZERO,
+                T::ONE,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+        row += b - a;
+    }
 }
 
 /// One hidden layer on CPU as a single graph node: `y = h W` (one matmul for the
@@ -548,7 +647,9 @@ impl<T> Operand<'_, T> {
 
 /// `e` products `(m x k) (k x n)` with gemm (candle's own matmul kernel), written
 /// straight into a fresh buffer: candle zero-fills its product buffer first, a full
-/// extra pass over memory for each of the three products of a layer.
+/// extra pass over memory for each of the three products of a layer. The output
+/// rows are shared evenly over `threads` threads ([`row_cuts`]: a member's product
+/// split by rows where that gives the same bits, else whole members).
 fn batched_gemm<T: Real>(
     e: usize,
     (m, n, k): (usize, usize, usize),
@@ -575,39 +676,21 @@ fn batched_gemm<T: Real>(
     };
     let mut out = Uninit::new(e * m * n);
     let (lhs, rhs) = (&lhs, &rhs);
-    by_member(threads, e, m * n * k, out.slots(), m * n, |steps, chunk| {
-        let dst = chunk.as_mut_ptr().cast::<T>();
-        for (i, step) in steps.enumerate() {
-            // SAFETY: the extents checked above keep every read inside `lhs` and `rhs`;
-            // block `i` of `chunk` (member `step`'s m * n slots) lies inside it, and
-            // gemm with `read_dst = false` only writes it, each element once.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
-                    dst.add(i * m * n),
-                    1,
-                    n as isize,
-                    false,
-                    lhs.data.as_ptr().add(step * lhs.skip),
-                    lhs.cs as isize,
-                    lhs.rs as isize,
-                    rhs.data.as_ptr().add(step * rhs.skip),
-                    rhs.cs as isize,
-                    rhs.rs as isize,
-                    T::ZERO,
-                    T::ONE,
-                    false,
-                    false,
-                    false,
-                    parallelism,
-                );
-            }
-        }
+    let t = if e.saturating_mul(m * n * k) < MIN_PARALLEL_WORK { 1 } else { threads };
+    let cuts = row_cuts(e, (m, n, k), t);
+    let mut groups = Vec::with_capacity(cuts.len() - 1);
+    let mut rest = out.slots();
+    for w in cuts.windows(2) {
+        let (chunk, tail) = rest.split_at_mut((w[1] - w[0]) * n);
+        groups.push((w[0]..w[1], chunk));
+        rest = tail;
+    }
+    run_groups(groups, |(rows, chunk)| {
+        // SAFETY: the extents checked above; `chunk` holds the group's rows.
+        unsafe { gemm_rows(rows, (m, n, k), (lhs, rhs), chunk, parallelism) };
         Ok(())
     })?;
-    // SAFETY: the `e` products wrote every element.
+    // SAFETY: the groups' rows cover all `e m` rows, and gemm wrote every element.
     Ok(unsafe { out.assume_init() })
 }
 
@@ -779,6 +862,13 @@ fn product_dims(l1: &Layout, l2: &Layout) -> candle_core::Result<(usize, usize, 
 
 /// The gradients of `y = h W` (`e` members, `h`: `rows x k`, `W`: `k x o`) for the
 /// output gradient `gy`: `(gy W^T, h^T gy)`, each only when `want` says so.
+///
+/// With both wanted and the members spread over threads, the `2 e` products are
+/// shared out whole, as equal halves of the list `gh_0, gW_0, gh_1, gW_1, ...` (the
+/// two products of a member have the same FLOPs): the weight gradient's depth is
+/// the `rows`, too deep to split a member's product by rows with the same bits
+/// ([`row_cuts`]), so with seven members on two threads each thread takes three
+/// members' pairs and one of the fourth member's two products.
 #[allow(clippy::type_complexity)]
 fn product_grads<T: Real>(
     [h, w, gy]: [&[T]; 3],
@@ -786,23 +876,54 @@ fn product_grads<T: Real>(
     want: [bool; 2],
     threads: usize,
 ) -> candle_core::Result<(Option<Vec<T>>, Option<Vec<T>>)> {
-    let gh = if want[0] {
-        // gy W^T: W^T's element (j, c) is W[c * o + j].
-        let lhs = Operand { data: gy, skip: rows * o, cs: 1, rs: o };
-        let rhs = Operand { data: w, skip: k * o, cs: o, rs: 1 };
-        Some(batched_gemm(e, (rows, k, o), lhs, rhs, threads)?)
-    } else {
-        None
-    };
-    let gw = if want[1] {
-        // h^T gy: h^T's element (c, r) is h[r * k + c].
-        let lhs = Operand { data: h, skip: rows * k, cs: k, rs: 1 };
-        let rhs = Operand { data: gy, skip: rows * o, cs: 1, rs: o };
-        Some(batched_gemm(e, (k, o, rows), lhs, rhs, threads)?)
-    } else {
-        None
-    };
-    Ok((gh, gw))
+    // gy W^T: W^T's element (j, c) is W[c * o + j].
+    let gh_ops = (Operand { data: gy, skip: rows * o, cs: 1, rs: o }, Operand { data: w, skip: k * o, cs: o, rs: 1 });
+    // h^T gy: h^T's element (c, r) is h[r * k + c].
+    let gw_ops =
+        (Operand { data: h, skip: rows * k, cs: k, rs: 1 }, Operand { data: gy, skip: rows * o, cs: 1, rs: o });
+    let paired = want[0] && want[1] && e > 1 && threads > 1 && e.saturating_mul(2 * rows * k * o) >= MIN_PARALLEL_WORK;
+    if !paired {
+        let gh = want[0].then(|| batched_gemm(e, (rows, k, o), gh_ops.0, gh_ops.1, threads)).transpose()?;
+        let gw = want[1].then(|| batched_gemm(e, (k, o, rows), gw_ops.0, gw_ops.1, threads)).transpose()?;
+        return Ok((gh, gw));
+    }
+    if gy.len() < gh_ops.0.extent(e, rows, o)
+        || w.len() < gh_ops.1.extent(e, o, k)
+        || h.len() < gw_ops.0.extent(e, k, rows)
+    {
+        candle_core::bail!("product-grads: operand smaller than {e} x ({rows} x {k}) ({k} x {o})")
+    }
+    let (mut gh, mut gw) = (Uninit::new(e * rows * k), Uninit::new(e * k * o));
+    let t = threads.min(2 * e);
+    let mut groups = Vec::with_capacity(t);
+    let (mut rest_h, mut rest_w) = (gh.slots(), gw.slots());
+    for j in 0..t {
+        // Products `lo..hi` of the list: gh of members ceil(lo/2)..ceil(hi/2), gW of
+        // members floor(lo/2)..floor(hi/2).
+        let (lo, hi) = (2 * e * j / t, 2 * e * (j + 1) / t);
+        let (mh, mw) = (lo.div_ceil(2)..hi.div_ceil(2), lo / 2..hi / 2);
+        let (ch, th) = rest_h.split_at_mut(mh.len() * rows * k);
+        let (cw, tw) = rest_w.split_at_mut(mw.len() * k * o);
+        groups.push((mh, ch, mw, cw));
+        (rest_h, rest_w) = (th, tw);
+    }
+    let (gh_ops, gw_ops) = (&gh_ops, &gw_ops);
+    run_groups(groups, |(mh, ch, mw, cw)| {
+        // SAFETY: the extents checked above; each chunk holds its members' slots.
+        unsafe {
+            gemm_rows(
+                mh.start * rows..mh.end * rows,
+                (rows, k, o),
+                (&gh_ops.0, &gh_ops.1),
+                ch,
+                gemm::Parallelism::None,
+            );
+            gemm_rows(mw.start * k..mw.end * k, (k, o, rows), (&gw_ops.0, &gw_ops.1), cw, gemm::Parallelism::None);
+        }
+        Ok(())
+    })?;
+    // SAFETY: the groups' members cover `0..e` in both lists, and gemm wrote every element.
+    Ok(unsafe { (Some(gh.assume_init()), Some(gw.assume_init())) })
 }
 
 impl CustomOp2 for WeightMatmul {
@@ -1187,7 +1308,7 @@ fn accumulate(grads: &mut candle_core::backprop::GradStore, t: &Tensor, g: Tenso
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use super::{WeightMatmul, exp_f32};
+    use super::{WeightMatmul, exp_f32, row_cuts};
     use candle_core::{DType, Device, Tensor, Var};
 
     /// A tensor of `shape` with values in [-1, 1) from a fixed linear congruential stream.
@@ -1243,6 +1364,49 @@ pub(crate) mod tests {
                     let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
                     assert_eq!(bits(g.get(h.as_tensor()).unwrap()), bits(gh), "{case}: constant weight");
                     assert!(g.get(&fixed).is_none() && g.get(w.as_tensor()).is_none(), "{case}: no weight gradient");
+                }
+            }
+        }
+    }
+
+    /// The threads' shares of a batched product's rows: equal where a member can be
+    /// cut by rows with the same bits, else at member boundaries; every member's part
+    /// that is not the whole member keeps to `crate::split`'s rule.
+    #[test]
+    fn row_cuts_share_rows_evenly_and_split_members_only_where_exact() {
+        // Ant's hidden layer, seven members on two threads: 3.5 members each.
+        assert_eq!(row_cuts(7, (1792, 200, 200), 2), vec![0, 6272, 12544]);
+        // The weight gradient's depth is the rows: whole members (4 and 3).
+        assert_eq!(row_cuts(7, (200, 200, 1792), 2), vec![0, 800, 1400]);
+        for e in 1..=7 {
+            for m in [1, 2, 3, 5, 9, 40, 257, 600] {
+                for n in [1, 2, 3, 56, 200] {
+                    for k in [1, 2, 3, 64, 512, 513] {
+                        for t in 1..=5 {
+                            let cuts = row_cuts(e, (m, n, k), t);
+                            let case = format!("e {e} m {m} n {n} k {k} t {t}: {cuts:?}");
+                            assert_eq!((cuts[0], cuts[cuts.len() - 1]), (0, e * m), "{case}");
+                            assert!(cuts.windows(2).all(|w| w[0] < w[1]) && cuts.len() <= t + 1, "{case}");
+                            for w in cuts.windows(2) {
+                                for q in 0..e {
+                                    let (a, b) = (w[0].max(q * m), w[1].min((q + 1) * m));
+                                    if a < b && b - a < m {
+                                        assert!(k > 2 && k <= 512 && n >= 2, "{case}: member {q} cut");
+                                        assert!(b - a >= 2 && (b - a) * n > 256, "{case}: part {a}..{b}");
+                                    }
+                                }
+                            }
+                            // Where a cut may fall inside a member, each lies within a
+                            // part's least rows of the even share's.
+                            let min_rows = 257usize.div_ceil(n).max(2);
+                            if k > 2 && k <= 512 && n >= 2 && e * m / t >= 2 * min_rows {
+                                assert_eq!(cuts.len(), t + 1, "{case}");
+                                for (j, &c) in cuts.iter().enumerate() {
+                                    assert!(c.abs_diff(e * m * j / t) < min_rows, "{case}: cut {j}");
+                                }
+                            }
+                        }
+                    }
                 }
             }
         }

@@ -26,8 +26,9 @@
 //! Elementwise work (activations, the loss, Adam) and the minibatch
 //! assembly are not counted: the bound is what the products alone take.
 //! [`time_products`] times exactly those products as plain f32 GEMMs
-//! (`gemm`, the kernel candle's matmul uses), the members spread over the
-//! same number of threads as the training's, each product on one thread.
+//! (`gemm`, the kernel candle's matmul uses), the members' products shared
+//! evenly over the same number of threads as the training's, each product
+//! on one thread.
 
 use std::time::Instant;
 
@@ -112,27 +113,36 @@ pub fn flops(products: &[Product]) -> f64 {
 }
 
 /// Wall seconds of `members` copies of `products` as plain f32 GEMMs on
-/// fresh operands, the members spread over `threads` threads in contiguous
-/// groups (as the training spreads them), each product on one thread; the
-/// best of `repeats` timings.
+/// fresh operands, spread evenly over `threads` threads: thread `j` runs the
+/// products of the members' share `[members j / t, members (j + 1) / t)`, a
+/// member cut by a share's end by rows (as the training shares its members'
+/// rows, [`crate::fused`]), each product on one thread; the best of `repeats`
+/// timings.
 pub fn time_products(products: &[Product], members: usize, threads: usize, repeats: usize) -> f64 {
     let largest = |f: fn(&Product) -> usize| products.iter().map(f).max().unwrap_or(0);
     let (lhs_len, rhs_len, dst_len) = (largest(|p| p.m * p.k), largest(|p| p.k * p.n), largest(|p| p.m * p.n));
     let t = threads.clamp(1, members.max(1));
-    let group = members.div_ceil(t).max(1);
-    let run = |n_members: usize| {
+    // Thread `j`'s products: (member share in units of 1/t) for each member it touches.
+    let shares: Vec<Vec<usize>> = (0..t)
+        .map(|j| {
+            let (lo, hi) = (members * j, members * (j + 1));
+            (0..members).map(|q| hi.min((q + 1) * t).saturating_sub(lo.max(q * t))).filter(|&s| s > 0).collect()
+        })
+        .collect();
+    let run = |shares: &[usize]| {
         // Operand values do not change a GEMM's time; 0.5 keeps them normal.
         let lhs = vec![0.5f32; lhs_len];
         let rhs = vec![0.5f32; rhs_len];
         let mut dst = vec![0.0f32; dst_len];
-        for _ in 0..n_members {
+        for &share in shares {
             for p in products {
+                let m = (p.m * share).div_ceil(t);
                 // SAFETY: the three buffers hold at least m x k, k x n and m x n
                 // elements for every product (their lengths are the maxima), all
                 // row-major with the strides given; gemm writes only `dst`.
                 unsafe {
                     gemm::gemm(
-                        p.m,
+                        m,
                         p.n,
                         p.k,
                         dst.as_mut_ptr(),
@@ -161,13 +171,12 @@ pub fn time_products(products: &[Product], members: usize, threads: usize, repea
     for _ in 0..repeats.max(1) {
         let start = Instant::now();
         std::thread::scope(|s| {
-            let mut left = members;
-            let mut handles = Vec::new();
-            while left > group {
-                left -= group;
-                handles.push(s.spawn(move || run(group)));
+            let mut shares = shares.iter();
+            let own = shares.next();
+            let handles: Vec<_> = shares.map(|sh| s.spawn(move || run(sh))).collect();
+            if let Some(sh) = own {
+                run(sh);
             }
-            run(left);
             for h in handles {
                 if let Err(panic) = h.join() {
                     std::panic::resume_unwind(panic);
