@@ -473,17 +473,21 @@ where
         return f(0..e, out);
     }
     let size = e.div_ceil(t);
-    let mut groups = Vec::with_capacity(t);
+    let cuts: Vec<usize> = (0..=e.div_ceil(size)).map(|j| (j * size).min(e)).collect();
+    run_groups(chunks_at(out, &cuts, per), |(ms, chunk)| f(ms, chunk))
+}
+
+/// `out` (`per` slots per unit) cut at the increasing unit boundaries `cuts`
+/// (from 0 to the last unit): each block's units and slots.
+fn chunks_at<'a, S>(out: &'a mut [S], cuts: &[usize], per: usize) -> Vec<(std::ops::Range<usize>, &'a mut [S])> {
+    let mut chunks = Vec::with_capacity(cuts.len().saturating_sub(1));
     let mut rest = out;
-    let mut first = 0;
-    while first < e {
-        let n = size.min(e - first);
-        let (chunk, tail) = rest.split_at_mut(n * per);
-        groups.push((first..first + n, chunk));
+    for w in cuts.windows(2) {
+        let (chunk, tail) = rest.split_at_mut((w[1] - w[0]) * per);
+        chunks.push((w[0]..w[1], chunk));
         rest = tail;
-        first += n;
     }
-    run_groups(groups, |(ms, chunk)| f(ms, chunk))
+    chunks
 }
 
 /// Runs `f` on every group at the same time, the first on the calling thread and
@@ -645,6 +649,19 @@ impl<T> Operand<'_, T> {
     }
 }
 
+/// An error, not a read out of bounds, when an operand of `e` products `(m x k)
+/// (k x n)` is shorter than its strided extent.
+fn check_extents<T>(
+    e: usize,
+    (m, n, k): (usize, usize, usize),
+    (lhs, rhs): (&Operand<T>, &Operand<T>),
+) -> candle_core::Result<()> {
+    if lhs.data.len() < lhs.extent(e, m, k) || rhs.data.len() < rhs.extent(e, k, n) {
+        candle_core::bail!("batched-gemm: operand smaller than {e} x ({m} x {k}) ({k} x {n})")
+    }
+    Ok(())
+}
+
 /// `e` products `(m x k) (k x n)` with gemm (candle's own matmul kernel), written
 /// straight into a fresh buffer: candle zero-fills its product buffer first, a full
 /// extra pass over memory for each of the three products of a layer. The output
@@ -660,9 +677,7 @@ fn batched_gemm<T: Real>(
     if e == 0 || m == 0 || n == 0 || k == 0 {
         return Ok(vec![T::ZERO; e * m * n]);
     }
-    if lhs.data.len() < lhs.extent(e, m, k) || rhs.data.len() < rhs.extent(e, k, n) {
-        candle_core::bail!("batched-gemm: operand smaller than {e} x ({m} x {k}) ({k} x {n})")
-    }
+    check_extents(e, (m, n, k), (&lhs, &rhs))?;
     if e == 1 {
         // One member (a rollout's or policy update's rows of one elite): its product
         // split over the helper threads instead, with the same numbers.
@@ -678,14 +693,7 @@ fn batched_gemm<T: Real>(
     let (lhs, rhs) = (&lhs, &rhs);
     let t = if e.saturating_mul(m * n * k) < MIN_PARALLEL_WORK { 1 } else { threads };
     let cuts = row_cuts(e, (m, n, k), t);
-    let mut groups = Vec::with_capacity(cuts.len() - 1);
-    let mut rest = out.slots();
-    for w in cuts.windows(2) {
-        let (chunk, tail) = rest.split_at_mut((w[1] - w[0]) * n);
-        groups.push((w[0]..w[1], chunk));
-        rest = tail;
-    }
-    run_groups(groups, |(rows, chunk)| {
+    run_groups(chunks_at(out.slots(), &cuts, n), |(rows, chunk)| {
         // SAFETY: the extents checked above; `chunk` holds the group's rows.
         unsafe { gemm_rows(rows, (m, n, k), (lhs, rhs), chunk, parallelism) };
         Ok(())
@@ -887,12 +895,8 @@ fn product_grads<T: Real>(
         let gw = want[1].then(|| batched_gemm(e, (k, o, rows), gw_ops.0, gw_ops.1, threads)).transpose()?;
         return Ok((gh, gw));
     }
-    if gy.len() < gh_ops.0.extent(e, rows, o)
-        || w.len() < gh_ops.1.extent(e, o, k)
-        || h.len() < gw_ops.0.extent(e, k, rows)
-    {
-        candle_core::bail!("product-grads: operand smaller than {e} x ({rows} x {k}) ({k} x {o})")
-    }
+    check_extents(e, (rows, k, o), (&gh_ops.0, &gh_ops.1))?;
+    check_extents(e, (k, o, rows), (&gw_ops.0, &gw_ops.1))?;
     let (mut gh, mut gw) = (Uninit::new(e * rows * k), Uninit::new(e * k * o));
     let t = threads.min(2 * e);
     let mut groups = Vec::with_capacity(t);
