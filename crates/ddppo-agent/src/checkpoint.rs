@@ -53,6 +53,22 @@ const MODEL_BUFFER: &str = "model_buffer.bin";
 /// The held-out states of the Jacobian diagnostics, once drawn.
 const JACOBIAN_PROBE: &str = "jacobian_probe.safetensors";
 
+/// The config keys that [`Agent::branch_from_checkpoint`] cannot change:
+/// they fix the shapes of the networks and buffers (or which networks there
+/// are), or, `seed`, the random streams the checkpoint continues.
+pub const KEPT_BY_BRANCH: &[&str] = &[
+    "task",
+    "variant",
+    "seed",
+    "hidden",
+    "double_params_hidden",
+    "replay_size",
+    "model.ensemble_size",
+    "model.elites",
+    "model.hidden",
+    "model.hidden_layers",
+];
+
 fn ck(path: &Path, reason: impl Into<String>) -> Error {
     Error::Checkpoint { path: path.display().to_string(), reason: reason.into() }
 }
@@ -171,7 +187,52 @@ impl Agent {
     pub fn from_checkpoint(cfg: impl IntoValidConfig, device: Device, dir: &Path) -> Result<Self> {
         let cfg = cfg.into_valid()?;
         verify(dir, None)?;
-        let state = read_state(dir, &cfg)?;
+        let state = read_state_of(dir, &cfg)?;
+        Self::load_checkpoint(cfg, device, dir, state)
+    }
+
+    /// A new run that starts from the checkpoint in `dir` with `cfg`, which
+    /// may differ from the checkpoint's config in any key but
+    /// [`KEPT_BY_BRANCH`]: the same networks, optimiser moments, buffers,
+    /// simulator state and random streams, trained on from there under the
+    /// new settings (with `cfg` equal to the checkpoint's, exactly the
+    /// resumed run). The checkpoint must lie at a step boundary (not inside
+    /// an interrupted model training). The agent has no checkpoint of its
+    /// own yet; the Jacobian diagnostics' held-out states are drawn again
+    /// when their number or directions change.
+    pub fn branch_from_checkpoint(cfg: impl IntoValidConfig, device: Device, dir: &Path) -> Result<Self> {
+        let cfg = cfg.into_valid()?;
+        verify(dir, None)?;
+        let (state, saved) = read_state(dir)?;
+        let path = dir.join(STATE);
+        let kept: Vec<String> =
+            saved.differing_keys(&cfg)?.into_iter().filter(|k| KEPT_BY_BRANCH.contains(&k.as_str())).collect();
+        if !kept.is_empty() {
+            return Err(Error::Config(format!(
+                "a branch cannot change {} (the checkpoint's networks, buffers or random streams depend on {}); start a new run instead",
+                kept.join(", "),
+                if kept.len() == 1 { "it" } else { "them" }
+            )));
+        }
+        if state.run.mid_step {
+            return Err(ck(
+                &path,
+                "it was written inside a model training (an interrupted run); branch from a checkpoint at a step boundary",
+            ));
+        }
+        let probe_changed =
+            (saved.jacobian_states, saved.jacobian_directions) != (cfg.jacobian_states, cfg.jacobian_directions);
+        let mut agent = Self::load_checkpoint(cfg, device, dir, state)?;
+        if probe_changed {
+            agent.jacobian_probe = None;
+        }
+        agent.saved = None;
+        Ok(agent)
+    }
+
+    /// Loads the verified checkpoint in `dir`, whose `state.json` is
+    /// `state`, into a new agent of `cfg`.
+    fn load_checkpoint(cfg: crate::ValidConfig, device: Device, dir: &Path, state: State) -> Result<Self> {
         let mut agent = Agent::with_device(cfg, device.clone())?;
         let path = dir.join(NETWORKS);
         let tree = ParamTree::load(&path, &device)?;
@@ -224,7 +285,8 @@ fn load_buffer(path: &Path, like: &ReplayBuffer) -> Result<ReplayBuffer> {
     Ok(b)
 }
 
-fn read_state(dir: &Path, cfg: &AgentConfig) -> Result<State> {
+/// `state.json` of the checkpoint in `dir`, and the config it holds.
+fn read_state(dir: &Path) -> Result<(State, AgentConfig)> {
     let path = dir.join(STATE);
     let bytes = fs::read(&path).map_err(|e| io(&path, e))?;
     let state: State = serde_json::from_slice(&bytes).map_err(|e| ck(&path, format!("unreadable: {e}")))?;
@@ -233,11 +295,26 @@ fn read_state(dir: &Path, cfg: &AgentConfig) -> Result<State> {
     }
     let saved: AgentConfig =
         toml::from_str(&state.config).map_err(|e| ck(&path, format!("its config does not parse: {}", e.message())))?;
+    Ok((state, saved))
+}
+
+/// `state.json` of the checkpoint in `dir`, which must have been written
+/// with `cfg`.
+fn read_state_of(dir: &Path, cfg: &AgentConfig) -> Result<State> {
+    let (state, saved) = read_state(dir)?;
     if &saved != cfg {
         let keys = saved.differing_keys(cfg)?.join(", ");
+        let path = dir.join(STATE);
         return Err(ck(&path, format!("it was written by a run with a different config (differing keys: {keys})")));
     }
     Ok(state)
+}
+
+/// The config that the checkpoint in `dir` was written with (its
+/// `state.json`, checked against the manifest).
+pub fn checkpoint_config(dir: &Path) -> Result<AgentConfig> {
+    verify(dir, Some(&[STATE]))?;
+    Ok(read_state(dir)?.1)
 }
 
 /// Checks that `dir` holds a complete checkpoint whose files match their
@@ -274,7 +351,7 @@ fn verify(dir: &Path, only: Option<&[&str]>) -> Result<Manifest> {
 /// buffers and models); `cfg` must be the run's config.
 pub fn load_policy(cfg: &AgentConfig, device: &Device, dir: &Path) -> Result<(GaussianPolicy, usize)> {
     let manifest = verify(dir, Some(&[STATE, NETWORKS]))?;
-    read_state(dir, cfg)?;
+    read_state_of(dir, cfg)?;
     let env = EnvFactory::new(cfg.task()?)?.make()?;
     let mut init = ChaCha8Rng::seed_from_u64(cfg.seed);
     let policy = GaussianPolicy::new(

@@ -17,18 +17,18 @@ pub const CSV_FILE: &str = "metrics.csv";
 #[derive(clap::Args)]
 pub struct TrainArgs {
     /// Task (see `ddppo env list`); its preset in configs/ is the base config.
-    #[arg(long, required_unless_present_any = ["config", "resume"], conflicts_with = "resume")]
+    #[arg(long, required_unless_present_any = ["config", "resume", "from"], conflicts_with_all = ["resume", "from"])]
     env: Option<String>,
     /// A TOML config file to start from instead of the preset.
-    #[arg(long, conflicts_with = "resume")]
+    #[arg(long, conflicts_with_all = ["resume", "from"])]
     config: Option<PathBuf>,
     /// Override one config key (dotted for tables: model.lr=3e-4); repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE", conflicts_with = "resume")]
     sets: Vec<String>,
     /// ddppo, no-grad-loss, single-model, double-params, mbpo or sac.
-    #[arg(long, conflicts_with = "resume")]
+    #[arg(long, conflicts_with_all = ["resume", "from"])]
     variant: Option<String>,
-    #[arg(long, conflicts_with = "resume")]
+    #[arg(long, conflicts_with_all = ["resume", "from"])]
     seed: Option<u64>,
     /// cpu or cuda (cuda needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
@@ -40,6 +40,12 @@ pub struct TrainArgs {
     /// Continue the run in this directory from its newest complete checkpoint.
     #[arg(long, value_name = "DIR")]
     resume: Option<PathBuf>,
+    /// Branch: a new run in --out that starts from another run's checkpoint
+    /// (a run directory: its newest; or RUN/checkpoints/step-N) with that
+    /// checkpoint's config and the `--set` overrides (say, a speed option
+    /// from step N on); the source run is only read.
+    #[arg(long, value_name = "RUN_OR_CHECKPOINT", requires = "out")]
+    from: Option<PathBuf>,
     /// Seconds to wait for a run directory that another process holds (a
     /// requeued job whose predecessor still writes its last checkpoint).
     #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=86_400))]
@@ -74,17 +80,25 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     let stopped = || stop.load(Ordering::Relaxed);
     // Everything is checked before anything is written.
-    let (dir, resolved) = match (&args.resume, &args.out) {
+    let (dir, resolved, branch) = match (&args.resume, &args.out) {
         (Some(dir), _) => {
             if !dir.join(CONFIG_FILE).is_file() {
                 bail!("{} is not a run directory (no {CONFIG_FILE}); nothing to resume", dir.display());
             }
-            (dir.clone(), None)
+            (dir.clone(), None, None)
         }
         (None, Some(out)) => {
-            let cfg = resolve_config(&args)?;
+            let (cfg, branch) = match &args.from {
+                Some(from) => {
+                    let source = BranchSource::find(from)?;
+                    let base = ddppo_agent::checkpoint::checkpoint_config(&source.checkpoint)?;
+                    let overrides = ddppo_agent::Overrides { sets: args.sets.clone(), ..Default::default() };
+                    (base.resolve(&overrides)?, Some(source))
+                }
+                None => (resolve_config(&args)?, None),
+            };
             check_out_dir(out, &cfg)?;
-            (out.clone(), Some(cfg))
+            (out.clone(), Some(cfg), branch)
         }
         (None, None) => bail!("give --out DIR (a new run) or --resume DIR"),
     };
@@ -93,7 +107,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if stopped() {
         return Err(Interrupted.into());
     }
-    let Some(mut agent) = open_run(&dir, resolved, device)? else {
+    let opened = match branch {
+        // A branch whose first checkpoint exists is a run like any other.
+        Some(source) if Checkpoints::new(&dir).newest()?.is_none() => {
+            let cfg = resolved.context("no config to start a branch with")?;
+            Some(start_branch(&dir, cfg, device, &source)?)
+        }
+        _ => open_run(&dir, resolved, device)?,
+    };
+    let Some(mut agent) = opened else {
         return Ok(());
     };
     agent.set_interrupt(stop.clone());
@@ -115,6 +137,64 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     note!("run complete: {}", dir.display());
     Ok(())
+}
+
+/// The checkpoint a branch starts from, and the run directory that holds it
+/// (whose metrics up to the checkpoint the branch copies), if any.
+struct BranchSource {
+    checkpoint: PathBuf,
+    run: Option<PathBuf>,
+}
+
+impl BranchSource {
+    /// `from` is a run directory (its newest complete checkpoint) or a
+    /// checkpoint directory (`RUN/checkpoints/step-N`).
+    fn find(from: &Path) -> Result<Self> {
+        if from.join(CONFIG_FILE).is_file() {
+            let Some((_, checkpoint)) = Checkpoints::new(from).newest()? else {
+                bail!("--from {}: the run has no checkpoint yet; nothing to branch from", from.display());
+            };
+            return Ok(Self { checkpoint, run: Some(from.to_path_buf()) });
+        }
+        if !from.join("MANIFEST.json").is_file() {
+            bail!(
+                "--from {} is neither a run directory (no {CONFIG_FILE}) nor a complete checkpoint (no MANIFEST.json)",
+                from.display()
+            );
+        }
+        // RUN/checkpoints/step-N: the run's metrics are copied when RUN holds them.
+        let run = from.parent().and_then(Path::parent).filter(|r| r.join(CONFIG_FILE).is_file());
+        Ok(Self { checkpoint: from.to_path_buf(), run: run.map(Path::to_path_buf) })
+    }
+}
+
+/// Starts the branch in `dir` (locked, with no checkpoint yet): the agent
+/// from the source checkpoint under `cfg`, the source's metrics up to that
+/// checkpoint, the config, and at once a checkpoint of its own, so that a
+/// branch killed from here on resumes like any run.
+fn start_branch(dir: &Path, cfg: ValidConfig, device: candle_core::Device, source: &BranchSource) -> Result<Agent> {
+    let changed = ddppo_agent::checkpoint::checkpoint_config(&source.checkpoint)?.differing_keys(&cfg)?;
+    let mut agent = Agent::branch_from_checkpoint(cfg.clone(), device, &source.checkpoint)?;
+    let step = agent.env_steps();
+    if agent.finished() {
+        bail!(
+            "the branch's config ends at {} env steps, which the checkpoint at {step} has reached; raise `epochs`",
+            cfg.total_steps()
+        );
+    }
+    if let Some(run) = &source.run {
+        copy_metrics(run, dir, Some(step))?;
+    }
+    crate::run_dir::write_atomic(&dir.join(CONFIG_FILE), cfg.to_toml()?.as_bytes())?;
+    Checkpoints::new(dir).save(&mut agent)?;
+    note!(
+        "branching {} from {} ({step} of {} env steps; {})",
+        dir.display(),
+        source.checkpoint.display(),
+        cfg.total_steps(),
+        if changed.is_empty() { "the same config".to_string() } else { format!("changed: {}", changed.join(", ")) }
+    );
+    Ok(agent)
 }
 
 /// A new run goes into an absent or empty directory, or continues the run
@@ -234,7 +314,15 @@ fn same_run(dir: &Path, new: &ValidConfig) -> Result<ValidConfig> {
 /// cuts a torn last line (saying so), and rewrites `metrics.csv` from them;
 /// returns how many lines were dropped.
 fn truncate_metrics(dir: &Path, step: Option<usize>) -> Result<usize> {
-    let path = dir.join(METRICS_FILE);
+    copy_metrics(dir, dir, step)
+}
+
+/// Writes the `metrics.jsonl` lines of run directory `from` up to `step` env
+/// steps (none for `None`), without a torn last line (saying so), into
+/// `to`'s `metrics.jsonl` and `metrics.csv` (replacing them); returns how
+/// many lines were left out.
+fn copy_metrics(from: &Path, to: &Path, step: Option<usize>) -> Result<usize> {
+    let path = from.join(METRICS_FILE);
     let (records, torn) = crate::run_dir::read_records(&path)?;
     if let Some(line) = torn {
         note!("{}:{line}: cutting a torn last line (an interrupted write)", path.display());
@@ -265,8 +353,8 @@ fn truncate_metrics(dir: &Path, step: Option<usize>) -> Result<usize> {
         csv.push_str(&row);
         csv.push('\n');
     }
-    crate::run_dir::write_atomic(&path, jsonl.as_bytes())?;
-    crate::run_dir::write_atomic(&dir.join(CSV_FILE), csv.as_bytes())?;
+    crate::run_dir::write_atomic(&to.join(METRICS_FILE), jsonl.as_bytes())?;
+    crate::run_dir::write_atomic(&to.join(CSV_FILE), csv.as_bytes())?;
     Ok(dropped)
 }
 
