@@ -54,6 +54,15 @@ pub struct EvalRecord {
     pub model_holdout_mse: Option<f64>,
     /// Last model training: the gradient model's directional-derivative loss `R`.
     pub grad_loss: Option<f64>,
+    /// Epochs run by the rollout ensemble's trainings since the previous
+    /// evaluation (0 when none trained); empty for `sac`. With `phase_s`,
+    /// what a training costs: a warm start's epochs vary tenfold.
+    #[serde(default)]
+    pub model_epochs: Option<u64>,
+    /// The same for the gradient ensemble (`ddppo`, `double-params`); empty
+    /// for the variants without one.
+    #[serde(default)]
+    pub grad_model_epochs: Option<u64>,
     /// Current model-rollout length `k`.
     pub rollout_length: usize,
     /// Rows in `D_model`.
@@ -661,6 +670,7 @@ impl Agent {
                 / elites.len().max(1) as f64
         };
         let holdout = elite_holdout(&models.prediction, &report);
+        self.run.model_epochs[0] += report.epochs as u64;
         // The `grad_loss` column: R of the ensemble trained with it.
         let mut stats =
             ModelStats { loss: Some(report.train_loss), holdout: Some(holdout), grad: report.derivative_loss };
@@ -675,6 +685,7 @@ impl Agent {
         if let Some((gr, gradient_s)) = gradient_report {
             let gr = gr?;
             stats.grad = gr.derivative_loss;
+            self.run.model_epochs[1] += gr.epochs as u64;
             let holdout_mse = models.gradient.as_ref().map_or(f64::NAN, |g| elite_holdout(g, &gr));
             training.gradient =
                 Some(crate::profile::EnsembleTraining { epochs: gr.epochs, seconds: gradient_s, holdout_mse });
@@ -835,6 +846,7 @@ impl Agent {
         let (pred, grad) = self.jacobian_errors()?;
         let probe = self.policy_probe()?;
         self.times.diagnostics += secs(t);
+        let epochs = std::mem::take(&mut self.run.model_epochs);
         Ok(EvalRecord {
             env_steps: self.run.env_steps,
             return_mean: summary.return_mean,
@@ -848,6 +860,8 @@ impl Agent {
             model_loss: self.run.model_stats.loss,
             model_holdout_mse: self.run.model_stats.holdout,
             grad_loss: self.run.model_stats.grad,
+            model_epochs: self.models.as_ref().map(|_| epochs[0]),
+            grad_model_epochs: self.models.as_ref().and_then(|m| m.gradient.as_ref()).map(|_| epochs[1]),
             rollout_length: self.run.rollout_length,
             model_pool: self.model_buffer.len(),
             critic_updates: self.run.critic_updates,

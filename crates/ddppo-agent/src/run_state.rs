@@ -40,6 +40,11 @@ pub struct RunState {
     pub policy_loss: Mean,
     /// Figures of the last model training.
     pub model_stats: ModelStats,
+    /// Epochs run by the model trainings since the previous evaluation: the
+    /// rollout ensemble's, the gradient ensemble's. (Absent from checkpoints
+    /// written before it existed: read as none.)
+    #[serde(default)]
+    pub model_epochs: [u64; 2],
     /// The four random streams.
     pub rngs: AgentRngs,
 }
@@ -61,6 +66,7 @@ impl RunState {
             critic_loss: Mean::default(),
             policy_loss: Mean::default(),
             model_stats: ModelStats::default(),
+            model_epochs: [0; 2],
             rngs,
         }
     }

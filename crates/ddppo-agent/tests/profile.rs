@@ -78,3 +78,53 @@ fn last_model_training_reports_each_ensembles_epochs() {
     capped.max_train_repeat_per_step = 4;
     assert_eq!(critic_updates_per_step(&capped), 4);
 }
+
+/// Each evaluation record's `model_epochs` and `grad_model_epochs` are the
+/// sums of the epochs that the trainings since the previous evaluation ran
+/// (counted here from each training's own report), and empty without the
+/// ensemble.
+#[test]
+fn evaluation_records_sum_the_epochs_of_the_trainings_since_the_last() {
+    let mut cfg = small();
+    cfg.model_train_freq = 100;
+    // Early stopping after one epoch without improvement, capped at 6: the
+    // trainings run different numbers of epochs.
+    cfg.model.patience = 1;
+    cfg.model.max_epochs = Some(6);
+    cfg.eval_episodes = 1;
+    // Small per-step updates: the test is about the trainings.
+    (cfg.policy_updates_per_step, cfg.critic_updates_per_step, cfg.batch_size) = (1, 1, 32);
+    cfg.hidden = vec![32, 32];
+    let mut agent = Agent::new(cfg.clone()).unwrap();
+    let (mut trainings, mut sums, mut records) = (0, [0u64; 2], Vec::new());
+    let mut seen = Vec::new();
+    for step in 1..=750 {
+        agent.step().unwrap();
+        if agent.run_state().model_trainings > trainings {
+            trainings = agent.run_state().model_trainings;
+            let t = last_model_training(&agent).unwrap();
+            sums[0] += t.prediction.epochs as u64;
+            sums[1] += t.gradient.unwrap().epochs as u64;
+            seen.push(t.prediction.epochs);
+        }
+        if step % 250 == 0 {
+            let r = agent.evaluate().unwrap();
+            records.push((r.model_epochs, r.grad_model_epochs));
+            assert_eq!((r.model_epochs, r.grad_model_epochs), (Some(sums[0]), Some(sums[1])), "at step {step}");
+            sums = [0; 2];
+        }
+    }
+    // Trainings at 400, 500, 600 and 700: none before the second evaluation,
+    // two in each interval after it, not all of the same length.
+    assert_eq!(trainings, 4);
+    assert_eq!(records[0], (Some(0), Some(0)));
+    assert!(records[1].0.unwrap() >= 2 && records[2].0.unwrap() >= 2, "{records:?}");
+    assert!(seen.iter().any(|&e| e != seen[0]) || seen[0] < 6, "{seen:?}");
+
+    let mut sac = cfg;
+    sac.variant = ddppo_agent::Variant::Sac;
+    let mut agent = Agent::new(sac).unwrap();
+    agent.step().unwrap();
+    let r = agent.evaluate().unwrap();
+    assert_eq!((r.model_epochs, r.grad_model_epochs), (None, None));
+}
