@@ -102,6 +102,9 @@ struct Segment {
     ends: [Record; 2],
     wall: f64,
     phases: BTreeMap<String, f64>,
+    /// Epochs the model trainings in the segment ran (rollout ensemble,
+    /// gradient ensemble); `None` where the records do not log them.
+    epochs: [Option<u64>; 2],
 }
 
 fn time_table(args: &TableArgs) -> Result<()> {
@@ -166,9 +169,14 @@ fn time_table(args: &TableArgs) -> Result<()> {
         let (w0, p0) = seconds(&ends[0], from)?;
         let (w1, p1) = seconds(&ends[1], to)?;
         let phases = p1.iter().map(|(k, v)| (k.clone(), v - p0.get(k).copied().unwrap_or(0.0))).collect();
+        // The records after FROM up to TO each sum the trainings since the one before.
+        let sum = |key: &str| -> Option<u64> {
+            by_step.range(from + 1..=to).map(|(_, r)| r.get(key).and_then(|v| v.as_u64())).sum()
+        };
+        let epochs = [sum("model_epochs"), sum("grad_model_epochs")];
         let label =
             dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| dir.display().to_string());
-        segments.push(Segment { label, env: id.env, variant: id.variant, ends, wall: w1 - w0, phases });
+        segments.push(Segment { label, env: id.env, variant: id.variant, ends, wall: w1 - w0, phases, epochs });
     }
     std::io::Write::write_all(&mut std::io::stdout(), render_time(&segments, from, to).as_bytes())?;
     Ok(())
@@ -211,8 +219,9 @@ fn render_time(segments: &[Segment], from: u64, to: u64) -> String {
     for p in &phases {
         out += &format!(" {p} s |");
     }
-    out += " rest s | wall / first | same numbers as first |\n|---|---|---|---:|";
-    out += &"---:|".repeat(phases.len() + 2);
+    out +=
+        " rest s | model epochs | gradient-model epochs | wall / first | same numbers as first |\n|---|---|---|---:|";
+    out += &"---:|".repeat(phases.len() + 4);
     out += "---|\n";
     let first = &segments[0];
     for (i, s) in segments.iter().enumerate() {
@@ -238,7 +247,8 @@ fn render_time(segments: &[Segment], from: u64, to: u64) -> String {
                 }
             }
         };
-        out += &format!(" {rest:.1} | {ratio} | {same} |\n");
+        let [model, grad] = s.epochs.map(|e| e.map_or("–".to_string(), |e| e.to_string()));
+        out += &format!(" {rest:.1} | {model} | {grad} | {ratio} | {same} |\n");
     }
     out
 }

@@ -238,16 +238,20 @@ fn log_axis_of_one_value_has_positive_ticks() {
     assert!(values.iter().all(|v| (0.2..=1.25).contains(v)), "{values:?}");
 }
 
-/// A run whose records carry `wall_s` and `phase_s`, one per (wall, model_train, policy, return).
-fn fake_timed_run(dir: &Path, records: &[(f64, f64, f64, f64)]) {
+/// A run whose records carry `wall_s` and `phase_s`, one per (wall, model_train, policy, return),
+/// and, given `epochs`, `model_epochs` and `grad_model_epochs`.
+fn fake_timed_run(dir: &Path, records: &[(f64, f64, f64, f64)], epochs: Option<&[(u64, u64)]>) {
     fake_run(dir, "hopper", "ddppo", 0, &[]);
     let lines: Vec<String> = records
         .iter()
         .enumerate()
         .map(|(i, (wall, train, policy, ret))| {
+            let epochs = epochs
+                .map(|e| format!(",\"model_epochs\":{},\"grad_model_epochs\":{}", e[i].0, e[i].1))
+                .unwrap_or_default();
             format!(
                 "{{\"env_steps\":{},\"return_mean\":{ret},\"model_loss\":-3.5,\"wall_s\":{wall},\
-                 \"phase_s\":{{\"model_train\":{train},\"policy\":{policy}}}}}",
+                 \"phase_s\":{{\"model_train\":{train},\"policy\":{policy}}}{epochs}}}",
                 (i + 1) * 1000
             )
         })
@@ -258,9 +262,19 @@ fn fake_timed_run(dir: &Path, records: &[(f64, f64, f64, f64)]) {
 #[test]
 fn table_time_reports_segment_seconds_ratios_and_identity() {
     let tmp = tempdir("table_time");
-    fake_timed_run(&tmp.join("before"), &[(0.0, 0.0, 0.0, 1.0), (10.0, 5.0, 3.0, 2.0), (110.0, 65.0, 33.0, 3.0)]);
-    fake_timed_run(&tmp.join("after"), &[(0.0, 0.0, 0.0, 1.0), (8.0, 4.0, 2.0, 2.0), (58.0, 29.0, 17.0, 3.0)]);
-    fake_timed_run(&tmp.join("other"), &[(0.0, 0.0, 0.0, 1.0), (9.0, 4.0, 2.0, 2.0), (209.0, 124.0, 62.0, 4.5)]);
+    let epochs = [(0, 0), (5, 7), (12, 30)];
+    fake_timed_run(
+        &tmp.join("before"),
+        &[(0.0, 0.0, 0.0, 1.0), (10.0, 5.0, 3.0, 2.0), (110.0, 65.0, 33.0, 3.0)],
+        Some(&epochs),
+    );
+    fake_timed_run(
+        &tmp.join("after"),
+        &[(0.0, 0.0, 0.0, 1.0), (8.0, 4.0, 2.0, 2.0), (58.0, 29.0, 17.0, 3.0)],
+        Some(&epochs),
+    );
+    // No epoch counts: logged by an older binary.
+    fake_timed_run(&tmp.join("other"), &[(0.0, 0.0, 0.0, 1.0), (9.0, 4.0, 2.0, 2.0), (209.0, 124.0, 62.0, 4.5)], None);
     let runs = ["before", "after", "other"].map(|r| tmp.join(r).display().to_string());
     let rows = |out: &[u8]| -> Vec<Vec<String>> {
         let text = String::from_utf8(out.to_vec()).unwrap();
@@ -278,14 +292,18 @@ fn table_time_reports_segment_seconds_ratios_and_identity() {
     let r = rows(&o.stdout);
     assert_eq!(r.len(), 3, "{r:?}");
     // before: 100 s wall, 60 + 30 in phases, 10 elsewhere.
-    assert_eq!(r[0], ["before", "hopper", "ddppo", "100.0", "60.0", "30.0", "10.0", "1.00", "–"]);
+    // The epochs of the trainings in the segment: the record at 3,000's.
+    assert_eq!(r[0], ["before", "hopper", "ddppo", "100.0", "60.0", "30.0", "10.0", "12", "30", "1.00", "–"]);
     // after: half the wall time, and every value at 2,000 and 3,000 equal to before's
-    // (env_steps, return_mean, model_loss at both ends: 6 values).
-    assert_eq!(r[1], ["after", "hopper", "ddppo", "50.0", "25.0", "15.0", "10.0", "0.50", "yes (6 values)"]);
+    // (env_steps, return_mean, model_loss, both epoch counts at both ends: 10 values).
+    assert_eq!(
+        r[1],
+        ["after", "hopper", "ddppo", "50.0", "25.0", "15.0", "10.0", "12", "30", "0.50", "yes (10 values)"]
+    );
     // other: twice the time, and its return at 3,000 differs.
     assert_eq!(
         r[2],
-        ["other", "hopper", "ddppo", "200.0", "120.0", "60.0", "20.0", "2.00", "no: 1 differ (return_mean)"]
+        ["other", "hopper", "ddppo", "200.0", "120.0", "60.0", "20.0", "–", "–", "2.00", "no: 1 differ (return_mean)"]
     );
 
     // Default segment: the first and last evaluations every run has.
@@ -293,6 +311,8 @@ fn table_time_reports_segment_seconds_ratios_and_identity() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("Seconds from 1000 to 3000 env steps."));
     assert_eq!(rows(&o.stdout)[1][3], "58.0");
+    // Two records in that segment: their epochs add up.
+    assert_eq!(rows(&o.stdout)[0][7..9], ["17", "37"]);
 
     // Bad segments: one line each, non-zero exit.
     for (at, says) in [
