@@ -6,8 +6,8 @@
 
 mod common;
 
-use common::{TINY, ddppo, metrics, s};
-use std::path::{Path, PathBuf};
+use common::{TINY, ddppo, metrics, one_line_error, s, snapshot};
+use std::path::PathBuf;
 use std::process::Output;
 
 fn tempdir(name: &str) -> PathBuf {
@@ -18,31 +18,6 @@ fn ok(o: &Output) -> String {
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(o.status.success(), "{err}");
     err
-}
-
-fn one_line_error(o: &Output, expect: &str) {
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "expected exit 1 with '{expect}': {err}");
-    assert!(err.contains(expect), "expected '{expect}' in: {err}");
-    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
-}
-
-/// Every file under `dir` (path and bytes), the lock file aside.
-fn files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if e.file_name() != "lock" {
-                out.push((p.clone(), std::fs::read(&p).unwrap()));
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 fn step_of(v: &serde_json::Value) -> u64 {
@@ -60,7 +35,7 @@ fn a_branch_is_the_resumed_run_or_trains_on_under_its_new_settings() {
     let expected = metrics(&full);
     assert_eq!(expected.iter().map(step_of).collect::<Vec<_>>(), [0, 150, 300, 450, 600]);
     let at450 = full.join("checkpoints").join("step-0000000450");
-    let source = files(&full);
+    let source = snapshot(&full);
 
     // The same config from step 450: exactly the rest of the source run,
     // and the copied history before it.
@@ -79,17 +54,9 @@ fn a_branch_is_the_resumed_run_or_trains_on_under_its_new_settings() {
     // checkpoint (600, the run directory given): the history up to 600 is the
     // source's, the config holds the new values, and training goes on to 900.
     let longer = tmp.join("longer");
-    let err = ok(&ddppo(&[
-        "train",
-        "--from",
-        s(&full),
-        "--out",
-        s(&longer),
-        "--set",
-        "critic_lr=1e-3",
-        "--set",
-        "epoch_length=900",
-    ]));
+    let branch =
+        ["train", "--from", s(&full), "--out", s(&longer), "--set", "critic_lr=1e-3", "--set", "epoch_length=900"];
+    let err = ok(&ddppo(&branch));
     assert!(err.contains("changed: critic_lr, epoch_length"), "{err}");
     let got = metrics(&longer);
     assert_eq!(got.iter().map(step_of).collect::<Vec<_>>(), [0, 150, 300, 450, 600, 750, 900]);
@@ -101,17 +68,7 @@ fn a_branch_is_the_resumed_run_or_trains_on_under_its_new_settings() {
     assert!(longer.join("tb").is_dir());
 
     // The same branch command again: the branch exists and is complete.
-    let o = ddppo(&[
-        "train",
-        "--from",
-        s(&full),
-        "--out",
-        s(&longer),
-        "--set",
-        "critic_lr=1e-3",
-        "--set",
-        "epoch_length=900",
-    ]);
+    let o = ddppo(&branch);
     assert!(ok(&o).contains("nothing to resume"));
 
     // Keys the checkpoint's networks or streams depend on: refused, nothing written.
@@ -139,7 +96,7 @@ fn a_branch_is_the_resumed_run_or_trains_on_under_its_new_settings() {
     assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
 
     // The source run was only read.
-    assert!(files(&full) == source, "branching changed the source run");
+    assert!(snapshot(&full) == source, "branching changed the source run");
 }
 
 /// A branch killed before its first checkpoint (here: only its config was

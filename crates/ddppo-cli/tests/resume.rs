@@ -4,40 +4,13 @@
 
 mod common;
 
-use common::{TINY, ddppo, metrics, s};
+use common::{TINY, ddppo, metrics, one_line_error, s, snapshot};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn tempdir(name: &str) -> PathBuf {
     common::tempdir("resume", name)
-}
-
-fn one_line_error(o: &Output, expect: &str) {
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "expected exit 1 with '{expect}': {err}");
-    assert!(err.contains(expect), "expected '{expect}' in: {err}");
-    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
-    assert!(!err.contains("panicked"), "{err}");
-}
-
-/// Every file under `dir` with its bytes.
-fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if e.file_name() != "lock" {
-                // The run directory's lock file is created by any `train` on it.
-                out.push((p.clone(), std::fs::read(&p).unwrap()));
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 fn copy_dir(from: &Path, to: &Path) {

@@ -77,3 +77,31 @@ pub fn wait_for(what: &str, cond: impl Fn() -> bool) {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// Asserts a user error: exit 1, one line on stderr that contains `expect`, no panic.
+pub fn one_line_error(o: &Output, expect: &str) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "expected exit 1 with '{expect}': {err}");
+    assert!(err.contains(expect), "expected '{expect}' in: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// Every file under `dir` with its bytes, sorted by path; the run
+/// directory's lock file (created by any `train` on it) aside.
+pub fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if e.file_name() != "lock" {
+                out.push((p.clone(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
