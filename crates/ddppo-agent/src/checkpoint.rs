@@ -203,23 +203,8 @@ impl Agent {
     pub fn branch_from_checkpoint(cfg: impl IntoValidConfig, device: Device, dir: &Path) -> Result<Self> {
         let cfg = cfg.into_valid()?;
         verify(dir, None)?;
-        let (state, saved) = read_state(dir)?;
-        let path = dir.join(STATE);
-        let kept: Vec<String> =
-            saved.differing_keys(&cfg)?.into_iter().filter(|k| KEPT_BY_BRANCH.contains(&k.as_str())).collect();
-        if !kept.is_empty() {
-            return Err(Error::Config(format!(
-                "a branch cannot change {} (the checkpoint's networks, buffers or random streams depend on {}); start a new run instead",
-                kept.join(", "),
-                if kept.len() == 1 { "it" } else { "them" }
-            )));
-        }
-        if state.run.mid_step {
-            return Err(ck(
-                &path,
-                "it was written inside a model training (an interrupted run); branch from a checkpoint at a step boundary",
-            ));
-        }
+        let saved = check_branch(dir, &cfg)?;
+        let (state, _) = read_state(dir)?;
         let probe_changed =
             (saved.jacobian_states, saved.jacobian_directions) != (cfg.jacobian_states, cfg.jacobian_directions);
         let mut agent = Self::load_checkpoint(cfg, device, dir, state)?;
@@ -315,6 +300,39 @@ fn read_state_of(dir: &Path, cfg: &AgentConfig) -> Result<State> {
 pub fn checkpoint_config(dir: &Path) -> Result<AgentConfig> {
     verify(dir, Some(&[STATE]))?;
     Ok(read_state(dir)?.1)
+}
+
+/// Whether a branch ([`Agent::branch_from_checkpoint`]) from the checkpoint
+/// in `dir` under `cfg` can start: `cfg` keeps every key of
+/// [`KEPT_BY_BRANCH`], the checkpoint lies at a step boundary, and `cfg`'s
+/// run ends after it. Reads only `state.json` (checked against the
+/// manifest); returns the checkpoint's config.
+pub fn check_branch(dir: &Path, cfg: &AgentConfig) -> Result<AgentConfig> {
+    verify(dir, Some(&[STATE]))?;
+    let (state, saved) = read_state(dir)?;
+    let kept: Vec<String> =
+        saved.differing_keys(cfg)?.into_iter().filter(|k| KEPT_BY_BRANCH.contains(&k.as_str())).collect();
+    if !kept.is_empty() {
+        return Err(Error::Config(format!(
+            "a branch cannot change {} (the checkpoint's networks, buffers or random streams depend on {}); start a new run instead",
+            kept.join(", "),
+            if kept.len() == 1 { "it" } else { "them" }
+        )));
+    }
+    if state.run.mid_step {
+        return Err(ck(
+            &dir.join(STATE),
+            "it was written inside a model training (an interrupted run); branch from a checkpoint at a step boundary",
+        ));
+    }
+    let step = state.run.env_steps;
+    if cfg.total_steps() <= step {
+        return Err(Error::Config(format!(
+            "the branch's config ends at {} env steps, which the checkpoint at {step} has reached; raise `epochs`",
+            cfg.total_steps()
+        )));
+    }
+    Ok(saved)
 }
 
 /// Checks that `dir` holds a complete checkpoint whose files match their

@@ -125,6 +125,9 @@ fn an_interrupted_model_training_is_undone_and_the_run_continues_identically() {
     // From the checkpoint, in a fresh agent.
     let mut resumed = Agent::from_checkpoint(tiny(), candle_core::Device::Cpu, &path).expect("load");
     assert!(resumed.is_mid_step());
+    // A branch cannot start inside an interrupted training.
+    let e = Agent::branch_from_checkpoint(tiny(), candle_core::Device::Cpu, &path).err().expect("refused");
+    assert!(e.to_string().contains("inside a model training"), "{e}");
     let mut got = got;
     run_to_end(&mut resumed, &mut got);
     assert_eq!(got, expected, "continued from the checkpoint");

@@ -93,7 +93,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
                     let source = BranchSource::find(from)?;
                     let base = ddppo_agent::checkpoint::checkpoint_config(&source.checkpoint)?;
                     let overrides = ddppo_agent::Overrides { sets: args.sets.clone(), ..Default::default() };
-                    (base.resolve(&overrides)?, Some(source))
+                    let cfg = base.resolve(&overrides)?;
+                    // Refused before the run directory is created.
+                    ddppo_agent::checkpoint::check_branch(&source.checkpoint, &cfg)?;
+                    (cfg, Some(source))
                 }
                 None => (resolve_config(&args)?, None),
             };
@@ -176,12 +179,6 @@ fn start_branch(dir: &Path, cfg: ValidConfig, device: candle_core::Device, sourc
     let changed = ddppo_agent::checkpoint::checkpoint_config(&source.checkpoint)?.differing_keys(&cfg)?;
     let mut agent = Agent::branch_from_checkpoint(cfg.clone(), device, &source.checkpoint)?;
     let step = agent.env_steps();
-    if agent.finished() {
-        bail!(
-            "the branch's config ends at {} env steps, which the checkpoint at {step} has reached; raise `epochs`",
-            cfg.total_steps()
-        );
-    }
     if let Some(run) = &source.run {
         copy_metrics(run, dir, Some(step))?;
     }

@@ -78,7 +78,7 @@ fn a_branch_is_the_resumed_run_or_trains_on_under_its_new_settings() {
             &ddppo(&["train", "--from", s(&at450), "--out", s(&out), "--set", set]),
             &format!("a branch cannot change {key}"),
         );
-        assert!(!out.join("config.toml").exists() && !out.join("checkpoints").exists(), "{key}: something was written");
+        assert!(!out.exists(), "{key}: the run directory was created");
     }
     // A config that ends where the checkpoint already is.
     let out = tmp.join("ended");
@@ -86,7 +86,7 @@ fn a_branch_is_the_resumed_run_or_trains_on_under_its_new_settings() {
         &ddppo(&["train", "--from", s(&at450), "--out", s(&out), "--set", "epoch_length=450"]),
         "raise `epochs`",
     );
-    assert!(!out.join("config.toml").exists());
+    assert!(!out.exists());
     // Not a run or a checkpoint; flags that name another base config.
     one_line_error(
         &ddppo(&["train", "--from", s(&full.join("checkpoints")), "--out", s(&tmp.join("x"))]),
