@@ -24,14 +24,21 @@ fn step_of(v: &serde_json::Value) -> u64 {
     v["env_steps"].as_u64().unwrap()
 }
 
-#[test]
-fn a_branch_is_the_resumed_run_or_trains_on_under_its_new_settings() {
-    let tmp = tempdir("all");
+/// A test's directory and the source run in it: the tiny config trained to
+/// its end (600), with the checkpoints at 450 and 600 kept.
+fn source_run(name: &str) -> (PathBuf, PathBuf) {
+    let tmp = tempdir(name);
     let cfg = tmp.join("tiny.toml");
     std::fs::write(&cfg, TINY).unwrap();
-    // The source: the whole run, whose newest two checkpoints (450, 600) remain.
     let full = tmp.join("full");
     ok(&ddppo(&["train", "--config", s(&cfg), "--out", s(&full)]));
+    (tmp, full)
+}
+
+#[test]
+fn a_branch_is_the_resumed_run_or_trains_on_under_its_new_settings() {
+    // The source: the whole run, whose newest two checkpoints (450, 600) remain.
+    let (tmp, full) = source_run("all");
     let expected = metrics(&full);
     assert_eq!(expected.iter().map(step_of).collect::<Vec<_>>(), [0, 150, 300, 450, 600]);
     let at450 = full.join("checkpoints").join("step-0000000450");
@@ -103,11 +110,7 @@ fn a_branch_is_the_resumed_run_or_trains_on_under_its_new_settings() {
 /// written) is started again by the same command, not run from step 0.
 #[test]
 fn an_unfinished_branch_is_started_again() {
-    let tmp = tempdir("unfinished");
-    let cfg = tmp.join("tiny.toml");
-    std::fs::write(&cfg, TINY).unwrap();
-    let full = tmp.join("full");
-    ok(&ddppo(&["train", "--config", s(&cfg), "--out", s(&full)]));
+    let (tmp, full) = source_run("unfinished");
     let at450 = full.join("checkpoints").join("step-0000000450");
     let b = tmp.join("b");
     ok(&ddppo(&["train", "--from", s(&at450), "--out", s(&b), "--set", "policy_lr=1e-3"]));
