@@ -10,7 +10,7 @@ checkpoint at step s is 865bef1's state at step s in another layout; this
 script writes that layout, and both codes time the same next segment from
 one state.
 
-    python3 benches/format1.py CHECKPOINT_DIR NEW_RUN_DIR --epochs E
+    python3 benches/format1.py CHECKPOINT_DIR NEW_RUN_DIR --epochs E [--paper]
     python3 benches/format1.py CHECKPOINT_DIR --compare FORMAT1_CHECKPOINT_DIR
 
 The first form writes NEW_RUN_DIR/config.toml (the checkpoint's config in
@@ -25,8 +25,13 @@ excepted); it exits 1
 on any difference.
 
 A config that uses a setting 865bef1 does not have (a non-zero
-`cold_start_wait` or `jacobian_states`, an epoch cap, sampled directions,
-...) is refused: 865bef1 would compute something else from that state.
+`cold_start_wait` or `jacobian_states`, ...) is refused: 865bef1 would
+compute something else from that state. The speed options
+(`gradient.directions_per_step`, `model.warm_max_epochs`) too, unless
+`--paper` drops them: then 865bef1 continues, under the paper's schedule, a
+state that a run with the options reached (compare it with this code's
+branch `ddppo train --from CHECKPOINT_DIR --set gradient.directions_per_step=0
+...`).
 Standard library only.
 """
 
@@ -49,6 +54,10 @@ ADDED = {
     ("jacobian_directions",): None,  # unused when jacobian_states = 0
     ("model", "cold_start_wait"): 0,
 }
+# The speed options (absent or 0: the paper's schedule). `--paper` drops
+# them, so that 865bef1 continues a state an option run reached under the
+# paper's schedule; without it they are refused.
+OPTIONS = {("gradient", "directions_per_step"): 0, ("model", "warm_max_epochs"): None}
 # 865bef1's ensemble metadata: these keys of [model], in this order.
 ENSEMBLE_KEYS = (
     "ensemble_size", "elites", "hidden", "hidden_layers", "weight_decay", "lr",
@@ -112,9 +121,10 @@ def fnv1a64(path):
     return h
 
 
-def old_config(text, epochs=None):
+def old_config(text, epochs=None, paper=False):
     """The current config's TOML in 865bef1's keys (refused if it uses a
-    setting 865bef1 does not have)."""
+    setting 865bef1 does not have; the speed options dropped if `paper`)."""
+    dropped = ADDED | OPTIONS
     cfg = tomllib.loads(text)
     for key, value in cfg.items():
         if isinstance(value, dict):
@@ -122,17 +132,19 @@ def old_config(text, epochs=None):
             if known is None:
                 raise Refused(f"section [{key}] does not exist in 865bef1")
             for k in value:
-                if k not in known and (key, k) not in ADDED:
+                if k not in known and (key, k) not in dropped:
                     raise Refused(f"`{key}.{k}` does not exist in 865bef1")
         elif key not in OLD_TOP and (key,) not in ADDED:
             raise Refused(f"`{key}` does not exist in 865bef1")
-    for path, want in ADDED.items():
+    for path, want in (ADDED if paper else dropped).items():
         node = cfg
         for p in path[:-1]:
             node = node.get(p, {})
         have = node.get(path[-1])
-        if have is not None and want is not None and have != want:
-            raise Refused(f"`{'.'.join(path)} = {have}`: 865bef1 computes only `{want}`")
+        if have is not None and have != want and (want is not None or path in OPTIONS):
+            hint = " (--paper drops it)" if path in OPTIONS else ""
+            only = "no such setting" if want is None else f"only `{want}`"
+            raise Refused(f"`{'.'.join(path)} = {have}`: 865bef1 has {only}{hint}")
     # Drop the added keys line by line (the rest of the text stays as written).
     out, section = [], ()
     for line in text.splitlines():
@@ -140,7 +152,7 @@ def old_config(text, epochs=None):
         if m:
             section = (m.group(1),)
         k = re.match(r"\s*([A-Za-z_]+)\s*=", line)
-        if k and section + (k.group(1),) in ADDED:
+        if k and section + (k.group(1),) in dropped:
             continue
         if epochs is not None and k and not section and k.group(1) == "epochs":
             line = f"epochs = {epochs}"
@@ -148,7 +160,7 @@ def old_config(text, epochs=None):
     return "\n".join(out) + "\n", cfg
 
 
-def convert(src):
+def convert(src, paper=False):
     """(files, env_steps, config dict): 865bef1's checkpoint files, in memory,
     for the current checkpoint directory `src`."""
     src = Path(src)
@@ -163,7 +175,7 @@ def convert(src):
         raise Refused(f"{src}: written inside an interrupted model training (865bef1 has no such state)")
     if run.get("diverged_episodes", 0):
         raise Refused(f"{src}: {run['diverged_episodes']} diverged episodes (865bef1 keeps no such count)")
-    config_text, cfg = old_config(state["config"])
+    config_text, cfg = old_config(state["config"], paper=paper)
     clock = json.loads((src / "clock.json").read_text())
     tensors, _ = read_safetensors(src / "networks.safetensors")
 
@@ -227,16 +239,16 @@ def convert(src):
     return files, run["env_steps"], cfg
 
 
-def write(src, out, epochs):
+def write(src, out, epochs, paper=False):
     out = Path(out)
     if out.exists():
         raise Refused(f"{out} exists (pick a new run directory)")
-    files, step, cfg = convert(src)
+    files, step, cfg = convert(src, paper)
     end = epochs * cfg["epoch_length"]
     if end <= step:
         raise Refused(f"--epochs {epochs} ends at {end} env steps, not after the checkpoint's step {step}")
     state = files["state.json"]
-    config, _ = old_config(json.loads((Path(src) / "state.json").read_text())["config"], epochs)
+    config, _ = old_config(json.loads((Path(src) / "state.json").read_text())["config"], epochs, paper)
     state["config"] = config
     ck = out / "checkpoints" / f"step-{step:010d}"
     ck.mkdir(parents=True)
@@ -303,6 +315,7 @@ def main():
     ap.add_argument("checkpoint", help="a checkpoint directory of the current code (RUN/checkpoints/step-N)")
     ap.add_argument("out", nargs="?", help="the new 865bef1 run directory")
     ap.add_argument("--epochs", type=int, help="the new run's `epochs` (it ends at epochs x epoch_length env steps)")
+    ap.add_argument("--paper", action="store_true", help="drop the speed options: 865bef1 continues under the paper's schedule")
     ap.add_argument("--compare", metavar="FORMAT1_CHECKPOINT", help="compare with 865bef1's checkpoint of the same step")
     a = ap.parse_args()
     try:
@@ -314,7 +327,7 @@ def main():
             sys.exit(1 if diffs else 0)
         if not a.out or a.epochs is None:
             ap.error("give NEW_RUN_DIR and --epochs (or --compare)")
-        write(a.checkpoint, a.out, a.epochs)
+        write(a.checkpoint, a.out, a.epochs, a.paper)
     except (Refused, OSError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -217,7 +217,7 @@ fn a_setting_865bef1_lacks_is_refused_and_nothing_is_written() {
     std::fs::write(edited.join("state.json"), changed).unwrap();
 
     for (args, expect) in [
-        (vec![s(&edited), s(&tmp.join("a")), "--epochs", "2"], "`jacobian_states = 16`: 865bef1 computes only `0`"),
+        (vec![s(&edited), s(&tmp.join("a")), "--epochs", "2"], "`jacobian_states = 16`: 865bef1 has only `0`"),
         (vec![s(&src), s(&tmp.join("b")), "--epochs", "0"], "not after the checkpoint's step 450"),
         (vec![s(&run), s(&tmp.join("c")), "--epochs", "2"], "MANIFEST.json"),
     ] {
@@ -227,6 +227,21 @@ fn a_setting_865bef1_lacks_is_refused_and_nothing_is_written() {
         assert!(err.contains(expect) && err.trim().lines().count() == 1 && !err.contains("Traceback"), "{err}");
         assert!(!Path::new(args[1]).exists(), "{} was written", args[1]);
     }
+    // A speed option: refused, or dropped with `--paper`.
+    let text = std::fs::read_to_string(src.join("state.json")).unwrap();
+    let with_option = text.replace("neighbours = 3\\n", "neighbours = 3\\ndirections_per_step = 1\\n");
+    assert_ne!(with_option, text);
+    std::fs::write(edited.join("state.json"), with_option).unwrap();
+    let o = format1(&[s(&edited), s(&tmp.join("d")), "--epochs", "2"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("`gradient.directions_per_step = 1`") && err.contains("--paper"), "{err}");
+    assert!(!tmp.join("d").exists());
+    ok(&format1(&[s(&edited), s(&tmp.join("d")), "--epochs", "2", "--paper"]));
+    let config: toml::Table = std::fs::read_to_string(tmp.join("d").join("config.toml")).unwrap().parse().unwrap();
+    assert_eq!(config["gradient"].as_table().unwrap().get("directions_per_step"), None);
+    assert_eq!(config["gradient"]["neighbours"].as_integer(), Some(3));
+
     // An existing directory is not written into.
     let o = format1(&[s(&src), s(&run), "--epochs", "2"]);
     assert_eq!(o.status.code(), Some(1));
