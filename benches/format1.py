@@ -16,13 +16,11 @@ one state.
 The first form writes NEW_RUN_DIR/config.toml (the checkpoint's config in
 865bef1's keys, with `epochs = E`), NEW_RUN_DIR/checkpoints/step-N/ and
 NEW_RUN_DIR/metrics.jsonl (the source run's lines up to step N, if found);
-then `ddppo-865bef1 train --resume NEW_RUN_DIR` runs steps N to E x
-`epoch_length`.
-The second form converts in memory and compares the result with a
-checkpoint 865bef1 wrote at the same step of the same run, tensor for
-tensor and field for field (the wall-clock figures and `epochs`
-excepted); it exits 1
-on any difference.
+then `ddppo-865bef1 train --resume NEW_RUN_DIR` runs steps N to
+E x `epoch_length`. The second form converts in memory and compares the
+result with a checkpoint 865bef1 wrote at the same step of the same run,
+tensor for tensor and field for field (the wall-clock figures and `epochs`
+excepted); it exits 1 on any difference.
 
 A config that uses a setting 865bef1 does not have (a non-zero
 `cold_start_wait` or `jacobian_states`, ...) is refused: 865bef1 would
