@@ -85,20 +85,20 @@ class Refused(Exception):
 
 
 def read_safetensors(path):
-    """{name: (dtype, shape, bytes)} and the metadata of a safetensors file."""
+    """{name: (dtype, shape, bytes)} of a safetensors file."""
     data = Path(path).read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
-    meta = header.pop("__metadata__", None)
+    header.pop("__metadata__", None)
     base = 8 + n
     out = {}
     for name, t in header.items():
         a, b = t["data_offsets"]
         out[name] = (t["dtype"], list(t["shape"]), data[base + a : base + b])
-    return out, meta
+    return out
 
 
-def write_safetensors(path, tensors):
+def safetensors_bytes(tensors):
     header, offset, chunks = {}, 0, []
     for name in sorted(tensors):
         dtype, shape, raw = tensors[name]
@@ -107,15 +107,13 @@ def write_safetensors(path, tensors):
         chunks.append(raw)
     h = json.dumps(header, separators=(",", ":")).encode()
     h += b" " * (-len(h) % 8)
-    Path(path).write_bytes(struct.pack("<Q", len(h)) + h + b"".join(chunks))
+    return struct.pack("<Q", len(h)) + h + b"".join(chunks)
 
 
-def fnv1a64(path):
+def fnv1a64(data):
     h = 0xCBF29CE484222325
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            for b in chunk:
-                h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    for b in data:
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
     return h
 
 
@@ -158,9 +156,10 @@ def old_config(text, epochs=None, paper=False):
     return "\n".join(out) + "\n", cfg
 
 
-def convert(src, paper=False):
+def convert(src, paper=False, epochs=None):
     """(files, env_steps, config dict): 865bef1's checkpoint files, in memory,
-    for the current checkpoint directory `src`."""
+    for the current checkpoint directory `src` (its config with `epochs`, if
+    given)."""
     src = Path(src)
     if not (src / "MANIFEST.json").is_file():
         raise Refused(f"{src} is not a complete checkpoint directory (no MANIFEST.json; give RUN/checkpoints/step-N)")
@@ -173,9 +172,9 @@ def convert(src, paper=False):
         raise Refused(f"{src}: written inside an interrupted model training (865bef1 has no such state)")
     if run.get("diverged_episodes", 0):
         raise Refused(f"{src}: {run['diverged_episodes']} diverged episodes (865bef1 keeps no such count)")
-    config_text, cfg = old_config(state["config"], paper=paper)
+    config_text, cfg = old_config(state["config"], epochs, paper)
     clock = json.loads((src / "clock.json").read_text())
-    tensors, _ = read_safetensors(src / "networks.safetensors")
+    tensors = read_safetensors(src / "networks.safetensors")
 
     networks, ensembles, steps = {}, {e: {} for e in ENSEMBLES}, {}
     for name, t in tensors.items():
@@ -241,26 +240,23 @@ def write(src, out, epochs, paper=False):
     out = Path(out)
     if out.exists():
         raise Refused(f"{out} exists (pick a new run directory)")
-    files, step, cfg = convert(src, paper)
+    files, step, cfg = convert(src, paper, epochs)
     end = epochs * cfg["epoch_length"]
     if end <= step:
         raise Refused(f"--epochs {epochs} ends at {end} env steps, not after the checkpoint's step {step}")
-    state = files["state.json"]
-    config, _ = old_config(json.loads((Path(src) / "state.json").read_text())["config"], epochs, paper)
-    state["config"] = config
     ck = out / "checkpoints" / f"step-{step:010d}"
     ck.mkdir(parents=True)
-    (out / "config.toml").write_text(config)
+    (out / "config.toml").write_text(files["state.json"]["config"])
     sums = {}
     for name, content in files.items():
-        path = ck / name
         if name == "state.json":
-            path.write_text(json.dumps(content, indent=2))
+            data = json.dumps(content, indent=2).encode()
         elif isinstance(content, Path):
-            path.write_bytes(content.read_bytes())
+            data = content.read_bytes()
         else:
-            write_safetensors(path, content)
-        sums[name] = {"bytes": path.stat().st_size, "fnv1a64": f"{fnv1a64(path):016x}"}
+            data = safetensors_bytes(content)
+        (ck / name).write_bytes(data)
+        sums[name] = {"bytes": len(data), "fnv1a64": f"{fnv1a64(data):016x}"}
     (ck / "MANIFEST.json").write_text(json.dumps({"format": FORMAT_OLD, "env_steps": step, "files": sums}, indent=2))
     # The source run's metrics up to the step (865bef1 keeps them on resume).
     metrics = Path(src).parent.parent / "metrics.jsonl"
@@ -296,7 +292,7 @@ def compare(src, old):
             if content.read_bytes() != (old / name).read_bytes():
                 diffs.append(f"{name}: bytes differ")
             continue
-        theirs, _ = read_safetensors(old / name)
+        theirs = read_safetensors(old / name)
         for t in sorted(set(theirs) | set(content)):
             if t == "meta.json":
                 a = json.loads(theirs[t][2]) if t in theirs else None
