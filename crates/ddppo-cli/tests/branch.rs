@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{TINY, ddppo, metrics, one_line_error, s, snapshot};
+use common::{ddppo, metrics, one_line_error, s, snapshot, tiny_run};
 use std::path::PathBuf;
 use std::process::Output;
 
@@ -28,10 +28,7 @@ fn step_of(v: &serde_json::Value) -> u64 {
 /// its end (600), with the checkpoints at 450 and 600 kept.
 fn source_run(name: &str) -> (PathBuf, PathBuf) {
     let tmp = tempdir(name);
-    let cfg = tmp.join("tiny.toml");
-    std::fs::write(&cfg, TINY).unwrap();
-    let full = tmp.join("full");
-    ok(&ddppo(&["train", "--config", s(&cfg), "--out", s(&full)]));
+    let full = tiny_run(&tmp, "full", &[]);
     (tmp, full)
 }
 

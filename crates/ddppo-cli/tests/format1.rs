@@ -11,7 +11,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{TINY, ddppo, s};
+use common::{s, tiny_run};
 use ddppo_buffer::Fnv1a;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -45,32 +45,19 @@ fn json(path: &Path) -> Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
 
-/// The tiny config with 865bef1's early stopping and no Jacobian
-/// diagnostics, trained to its end (checkpoints at 450 and 600).
-fn source_run(tmp: &Path) -> PathBuf {
-    let cfg = tmp.join("tiny.toml");
-    std::fs::write(&cfg, TINY).unwrap();
-    let run = tmp.join("run");
-    let o = ddppo(&[
-        "train",
-        "--config",
-        s(&cfg),
-        "--set",
-        "jacobian_states=0",
-        "--set",
-        "model.cold_start_wait=0",
-        "--out",
-        s(&run),
-    ]);
-    ok(&o);
-    run
+/// A test's directory, and the tiny config with 865bef1's early stopping
+/// and no Jacobian diagnostics trained to its end in it: the run and its
+/// checkpoint at 450 (600 is the other).
+fn source_run(name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let tmp = common::tempdir("format1", name);
+    let run = tiny_run(&tmp, "run", &["jacobian_states=0", "model.cold_start_wait=0"]);
+    let src = run.join("checkpoints").join("step-0000000450");
+    (tmp, run, src)
 }
 
 #[test]
 fn a_checkpoint_arrives_whole_in_865bef1s_layout() {
-    let tmp = common::tempdir("format1", "whole");
-    let run = source_run(&tmp);
-    let src = run.join("checkpoints").join("step-0000000450");
+    let (tmp, run, src) = source_run("whole");
     let out = tmp.join("old");
     let said = ok(&format1(&[s(&src), s(&out), "--epochs", "2"]));
     assert!(said.contains("step 450 of 1200"), "{said}");
@@ -202,9 +189,7 @@ fn a_checkpoint_arrives_whole_in_865bef1s_layout() {
 
 #[test]
 fn a_setting_865bef1_lacks_is_refused_and_nothing_is_written() {
-    let tmp = common::tempdir("format1", "refused");
-    let run = source_run(&tmp);
-    let src = run.join("checkpoints").join("step-0000000450");
+    let (tmp, run, src) = source_run("refused");
     // The same checkpoint with Jacobian diagnostics in its config.
     let edited = tmp.join("edited");
     std::fs::create_dir(&edited).unwrap();

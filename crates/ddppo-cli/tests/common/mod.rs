@@ -56,6 +56,21 @@ pub fn ddppo(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ddppo")).args(args).output().unwrap()
 }
 
+/// The tiny config, with `KEY=VALUE` overrides, trained to its end (600 env
+/// steps) into `dir/name`, whose newest two checkpoints (450, 600) remain.
+pub fn tiny_run(dir: &Path, name: &str, sets: &[&str]) -> PathBuf {
+    let cfg = dir.join("tiny.toml");
+    std::fs::write(&cfg, TINY).unwrap();
+    let run = dir.join(name);
+    let mut args = vec!["train", "--config", s(&cfg), "--out", s(&run)];
+    for kv in sets {
+        args.extend(["--set", kv]);
+    }
+    let o = ddppo(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    run
+}
+
 /// The metrics lines without their wall-clock fields.
 pub fn metrics(run: &Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
