@@ -10,14 +10,16 @@ checkpoint at step s is 865bef1's state at step s in another layout; this
 script writes that layout, and both codes time the same next segment from
 one state.
 
-    python3 benches/format1.py CHECKPOINT_DIR NEW_RUN_DIR --epochs E [--paper]
+    python3 benches/format1.py CHECKPOINT_DIR NEW_RUN_DIR --epochs E [--paper] [--checkpoint-every C]
     python3 benches/format1.py CHECKPOINT_DIR --compare FORMAT1_CHECKPOINT_DIR
 
 The first form writes NEW_RUN_DIR/config.toml (the checkpoint's config in
-865bef1's keys, with `epochs = E`), NEW_RUN_DIR/checkpoints/step-N/ and
-NEW_RUN_DIR/metrics.jsonl (the source run's lines up to step N, if found);
-then `ddppo-865bef1 train --resume NEW_RUN_DIR` runs steps N to
-E x `epoch_length`. The second form converts in memory and compares the
+865bef1's keys, with `epochs = E` and, if given, `checkpoint_every = C`),
+NEW_RUN_DIR/checkpoints/step-N/ and NEW_RUN_DIR/metrics.jsonl (the source
+run's lines up to step N, if found); then `ddppo-865bef1 train --resume
+NEW_RUN_DIR` runs steps N to E x `epoch_length`. Its checkpoints carry
+`wall_s` and `phase_s`, so a short `checkpoint_every` times a part of a
+segment where a whole one takes too long. The second form converts in memory and compares the
 result with a checkpoint 865bef1 wrote at the same step of the same run,
 tensor for tensor and field for field (the wall-clock figures and `epochs`
 excepted); it exits 1 on any difference.
@@ -117,9 +119,11 @@ def fnv1a64(data):
     return h
 
 
-def old_config(text, epochs=None, paper=False):
+def old_config(text, top=None, paper=False):
     """The current config's TOML in 865bef1's keys (refused if it uses a
-    setting 865bef1 does not have; the speed options dropped if `paper`)."""
+    setting 865bef1 does not have; the speed options dropped if `paper`;
+    the top-level keys in `top` set to its values)."""
+    top = top or {}
     dropped = ADDED | OPTIONS
     cfg = tomllib.loads(text)
     for key, value in cfg.items():
@@ -150,16 +154,19 @@ def old_config(text, epochs=None, paper=False):
         k = re.match(r"\s*([A-Za-z_]+)\s*=", line)
         if k and section + (k.group(1),) in dropped:
             continue
-        if epochs is not None and k and not section and k.group(1) == "epochs":
-            line = f"epochs = {epochs}"
+        if k and not section and k.group(1) in top:
+            line = f"{k.group(1)} = {top[k.group(1)]}"
         out.append(line)
+    missing = sorted(set(top) - set(cfg))
+    if missing:
+        raise Refused(f"the checkpoint's config has no top-level `{missing[0]}` to set")
     return "\n".join(out) + "\n", cfg
 
 
-def convert(src, paper=False, epochs=None):
+def convert(src, paper=False, top=None):
     """(files, env_steps, config dict): 865bef1's checkpoint files, in memory,
-    for the current checkpoint directory `src` (its config with `epochs`, if
-    given)."""
+    for the current checkpoint directory `src` (its config with the top-level
+    keys in `top` set to their values)."""
     src = Path(src)
     if not (src / "MANIFEST.json").is_file():
         raise Refused(f"{src} is not a complete checkpoint directory (no MANIFEST.json; give RUN/checkpoints/step-N)")
@@ -172,7 +179,7 @@ def convert(src, paper=False, epochs=None):
         raise Refused(f"{src}: written inside an interrupted model training (865bef1 has no such state)")
     if run.get("diverged_episodes", 0):
         raise Refused(f"{src}: {run['diverged_episodes']} diverged episodes (865bef1 keeps no such count)")
-    config_text, cfg = old_config(state["config"], epochs, paper)
+    config_text, cfg = old_config(state["config"], top, paper)
     clock = json.loads((src / "clock.json").read_text())
     tensors = read_safetensors(src / "networks.safetensors")
 
@@ -236,11 +243,16 @@ def convert(src, paper=False, epochs=None):
     return files, run["env_steps"], cfg
 
 
-def write(src, out, epochs, paper=False):
+def write(src, out, epochs, paper=False, checkpoint_every=None):
     out = Path(out)
     if out.exists():
         raise Refused(f"{out} exists (pick a new run directory)")
-    files, step, cfg = convert(src, paper, epochs)
+    if checkpoint_every is not None and checkpoint_every < 0:
+        raise Refused(f"--checkpoint-every {checkpoint_every}: give 0 (only at the end) or more env steps")
+    top = {"epochs": epochs}
+    if checkpoint_every is not None:
+        top["checkpoint_every"] = checkpoint_every
+    files, step, cfg = convert(src, paper, top)
     end = epochs * cfg["epoch_length"]
     if end <= step:
         raise Refused(f"--epochs {epochs} ends at {end} env steps, not after the checkpoint's step {step}")
@@ -310,6 +322,12 @@ def main():
     ap.add_argument("out", nargs="?", help="the new 865bef1 run directory")
     ap.add_argument("--epochs", type=int, help="the new run's `epochs` (it ends at epochs x epoch_length env steps)")
     ap.add_argument("--paper", action="store_true", help="drop the speed options: 865bef1 continues under the paper's schedule")
+    ap.add_argument(
+        "--checkpoint-every",
+        type=int,
+        metavar="STEPS",
+        help="the new run's `checkpoint_every` (its checkpoints carry `wall_s` and `phase_s`: a shorter segment to time)",
+    )
     ap.add_argument("--compare", metavar="FORMAT1_CHECKPOINT", help="compare with 865bef1's checkpoint of the same step")
     a = ap.parse_args()
     try:
@@ -321,7 +339,7 @@ def main():
             sys.exit(1 if diffs else 0)
         if not a.out or a.epochs is None:
             ap.error("give NEW_RUN_DIR and --epochs (or --compare)")
-        write(a.checkpoint, a.out, a.epochs, a.paper)
+        write(a.checkpoint, a.out, a.epochs, a.paper, a.checkpoint_every)
     except (Refused, OSError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -179,8 +179,16 @@ fn a_checkpoint_arrives_whole_in_865bef1s_layout() {
     let same = format1(&[s(&src), "--compare", s(&ck)]);
     assert!(ok(&same).contains("0 differences"));
     let later = run.join("checkpoints").join("step-0000000600");
-    ok(&format1(&[s(&later), s(&tmp.join("old600")), "--epochs", "2"]));
+    ok(&format1(&[s(&later), s(&tmp.join("old600")), "--epochs", "2", "--checkpoint-every", "50"]));
     let other = tmp.join("old600").join("checkpoints").join("step-0000000600");
+    // `--checkpoint-every` sets that key and nothing else (in both copies).
+    let state600 = json(&other.join("state.json"));
+    let text600 = state600["config"].as_str().unwrap();
+    assert_eq!(std::fs::read_to_string(tmp.join("old600").join("config.toml")).unwrap(), text600);
+    let mut parsed600: toml::Table = text600.parse().unwrap();
+    assert_eq!(parsed600.insert("checkpoint_every".into(), parsed["checkpoint_every"].clone()), Some(50.into()));
+    assert_ne!(parsed["checkpoint_every"].as_integer(), Some(50));
+    assert_eq!(parsed600, parsed);
     let differ = format1(&[s(&src), "--compare", s(&other)]);
     let said = String::from_utf8_lossy(&differ.stdout);
     assert_eq!(differ.status.code(), Some(1), "{said}");
@@ -205,6 +213,7 @@ fn a_setting_865bef1_lacks_is_refused_and_nothing_is_written() {
         (vec![s(&edited), s(&tmp.join("a")), "--epochs", "2"], "`jacobian_states = 16`: 865bef1 has only `0`"),
         (vec![s(&src), s(&tmp.join("b")), "--epochs", "0"], "not after the checkpoint's step 450"),
         (vec![s(&run), s(&tmp.join("c")), "--epochs", "2"], "MANIFEST.json"),
+        (vec![s(&src), s(&tmp.join("e")), "--epochs", "2", "--checkpoint-every", "-5"], "--checkpoint-every -5"),
     ] {
         let o = format1(&args);
         let err = String::from_utf8_lossy(&o.stderr);
