@@ -227,6 +227,17 @@ const PRESETS: [(&str, &str); 7] = [
     ("pendulum", include_str!("../configs/pendulum.toml")),
 ];
 
+/// The table at `path` in `tree` (created where missing), or the name of the
+/// first step that holds something else.
+fn table_at<'a>(tree: &'a mut toml::Table, path: &[&'a str]) -> std::result::Result<&'a mut toml::Table, &'a str> {
+    let mut node = tree;
+    for &table in path {
+        node =
+            node.entry(table).or_insert_with(|| toml::Value::Table(Default::default())).as_table_mut().ok_or(table)?;
+    }
+    Ok(node)
+}
+
 fn bad(msg: impl Into<String>) -> Error {
     Error::Config(msg.into())
 }
@@ -317,32 +328,57 @@ impl AgentConfig {
 
     /// Applies one `key=value` (dotted for tables: `model.lr=3e-4`). The
     /// value is read as a TOML value (number, bool, array, quoted string),
-    /// else taken as a bare string; a key the config does not have, or a
-    /// value of the wrong type, is an error naming it. Not validated.
+    /// else taken as a bare string; the bare word `none` unsets an optional
+    /// key (`model.warm_max_epochs=none`: a branch of a run with the warm
+    /// cap trains without it; the string "none" is `key="none"`). A key the
+    /// config does not have, a value of the wrong type, or `none` for a key
+    /// that is not optional is an error naming it. Not validated.
     pub fn set(&mut self, assignment: &str) -> Result<()> {
         let syntax = |what: &str| Error::Override(format!("--set {assignment}: {what}"));
         let (key, raw) = assignment.split_once('=').ok_or_else(|| syntax("expected KEY=VALUE"))?;
-        let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
-            .ok()
-            .and_then(|mut t| t.remove("v"))
-            .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+        let value = (raw.trim() != "none").then(|| {
+            toml::from_str::<toml::Table>(&format!("v = {raw}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+        });
         let mut path: Vec<&str> = key.trim().split('.').collect();
         let last = path.pop().filter(|k| !k.is_empty()).ok_or_else(|| syntax("empty key"))?;
         // The typed config as a value tree: serde then checks the one new
         // value (and rejects an unknown key) exactly as it checks a file.
-        let mut tree = toml::Table::try_from(&*self).map_err(|e| bad(format!("cannot serialise the config: {e}")))?;
-        let mut node = &mut tree;
-        for table in path {
-            node = node
-                .entry(table)
-                .or_insert_with(|| toml::Value::Table(Default::default()))
-                .as_table_mut()
-                .ok_or_else(|| syntax(&format!("`{table}` is not a table")))?;
-        }
-        node.insert(last.to_string(), value);
+        let serialise =
+            |c: &Self| toml::Table::try_from(c).map_err(|e| bad(format!("cannot serialise the config: {e}")));
+        let mut tree = serialise(self)?;
+        let node = table_at(&mut tree, &path).map_err(|t| syntax(&format!("`{t}` is not a table")))?;
         // The message names the value but not its key (serde's value
         // deserialiser has no position), hence the assignment in front.
-        *self = Self::deserialize(tree).map_err(|e| bad(format!("--set {assignment}: {}", e.message())))?;
+        let parse = |tree: toml::Table| {
+            Self::deserialize(tree).map_err(|e| bad(format!("--set {assignment}: {}", e.message())))
+        };
+        let Some(value) = value else {
+            // An optional key that is set serialises; one that is not does
+            // not, nor does an unknown key: a probe value tells them apart.
+            if node.remove(last).is_none() {
+                let mut probe = tree.clone();
+                let probe_node = table_at(&mut probe, &path).map_err(|t| syntax(&format!("`{t}` is not a table")))?;
+                probe_node.insert(last.to_string(), toml::Value::Table(Default::default()));
+                if let Err(e) = Self::deserialize(probe)
+                    && e.message().starts_with("unknown field")
+                {
+                    return Err(bad(format!("--set {assignment}: {}", e.message())));
+                }
+            }
+            let unset = parse(tree)?;
+            // A key that is not optional comes back with its default.
+            let mut again = serialise(&unset)?;
+            if table_at(&mut again, &path).is_ok_and(|n| n.contains_key(last)) {
+                return Err(syntax(&format!("`{}` is not optional; give it a value", key.trim())));
+            }
+            *self = unset;
+            return Ok(());
+        };
+        node.insert(last.to_string(), value);
+        *self = parse(tree)?;
         Ok(())
     }
 

@@ -266,6 +266,24 @@ fn overrides_change_the_typed_config_and_resolve_validates_once() {
     assert_eq!(c.variant, Variant::Mbpo);
     c.set("task=\"ant\"").unwrap();
     assert_eq!(c.task, "ant");
+    c.set("task=\"none\"").unwrap();
+    assert_eq!(c.task, "none");
+
+    // The bare word `none` unsets an optional key (again: no change), and
+    // only that key.
+    let mut c = base.clone();
+    c.set("model.warm_max_epochs=5").unwrap();
+    c.set("target_entropy=-1.5").unwrap();
+    assert_eq!((c.model.warm_max_epochs, c.target_entropy), (Some(5), Some(-1.5)));
+    c.set("model.warm_max_epochs=none").unwrap();
+    assert_eq!((c.model.warm_max_epochs, c.target_entropy), (None, Some(-1.5)));
+    c.set("target_entropy = none").unwrap();
+    let mut expect = base.clone();
+    expect.model.warm_max_epochs = None;
+    expect.target_entropy = None;
+    assert_eq!(c, expect);
+    c.set("model.warm_max_epochs=none").unwrap();
+    assert_eq!(c, expect);
 
     // Bad assignments name the key and leave the config as it was.
     let cases = [
@@ -275,6 +293,11 @@ fn overrides_change_the_typed_config_and_resolve_validates_once() {
         ("epochs", "--set epochs: expected KEY=VALUE"),
         ("=1", "--set =1: empty key"),
         ("epochs.x=1", "--set epochs.x=1: `epochs` is not a table"),
+        ("epochs=none", "--set epochs=none: `epochs` is not optional; give it a value"),
+        ("model.lr=none", "`model.lr` is not optional"),
+        ("model.no_such_key=none", "--set model.no_such_key=none: unknown field `no_such_key`"),
+        ("no_such_table.key=none", "unknown field `no_such_table`"),
+        ("epochs.x=none", "`epochs` is not a table"),
     ];
     for (assignment, expect) in cases {
         let mut c = base.clone();

@@ -17,7 +17,7 @@ pub struct ConfigArgs {
     /// A TOML config file to start from instead of the preset.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Override one config key (dotted for tables: model.lr=3e-4); repeatable.
+    /// Override one config key (dotted for tables: model.lr=3e-4; KEY=none unsets an optional one); repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
     /// ddppo, no-grad-loss, single-model, double-params, mbpo or sac.
