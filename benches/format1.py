@@ -19,10 +19,10 @@ NEW_RUN_DIR/checkpoints/step-N/ and NEW_RUN_DIR/metrics.jsonl (the source
 run's lines up to step N, if found); then `ddppo-865bef1 train --resume
 NEW_RUN_DIR` runs steps N to E x `epoch_length`. Its checkpoints carry
 `wall_s` and `phase_s`, so a short `checkpoint_every` times a part of a
-segment where a whole one takes too long. The second form converts in memory and compares the
-result with a checkpoint 865bef1 wrote at the same step of the same run,
-tensor for tensor and field for field (the wall-clock figures and `epochs`
-excepted); it exits 1 on any difference.
+segment where a whole one takes too long. The second form converts in
+memory and compares the result with a checkpoint 865bef1 wrote at the same
+step of the same run, tensor for tensor and field for field (the
+wall-clock figures and `epochs` excepted); it exits 1 on any difference.
 
 A config that uses a setting 865bef1 does not have (a non-zero
 `cold_start_wait` or `jacobian_states`, ...) is refused: 865bef1 would

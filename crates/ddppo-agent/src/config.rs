@@ -348,24 +348,25 @@ impl AgentConfig {
         // value (and rejects an unknown key) exactly as it checks a file.
         let serialise =
             |c: &Self| toml::Table::try_from(c).map_err(|e| bad(format!("cannot serialise the config: {e}")));
+        let not_table = |t: &str| syntax(&format!("`{t}` is not a table"));
         let mut tree = serialise(self)?;
-        let node = table_at(&mut tree, &path).map_err(|t| syntax(&format!("`{t}` is not a table")))?;
+        let node = table_at(&mut tree, &path).map_err(not_table)?;
         // The message names the value but not its key (serde's value
         // deserialiser has no position), hence the assignment in front.
-        let parse = |tree: toml::Table| {
-            Self::deserialize(tree).map_err(|e| bad(format!("--set {assignment}: {}", e.message())))
-        };
+        let invalid = |e: toml::de::Error| bad(format!("--set {assignment}: {}", e.message()));
+        let parse = |tree: toml::Table| Self::deserialize(tree).map_err(invalid);
         let Some(value) = value else {
             // An optional key that is set serialises; one that is not does
             // not, nor does an unknown key: a probe value tells them apart.
             if node.remove(last).is_none() {
                 let mut probe = tree.clone();
-                let probe_node = table_at(&mut probe, &path).map_err(|t| syntax(&format!("`{t}` is not a table")))?;
-                probe_node.insert(last.to_string(), toml::Value::Table(Default::default()));
+                table_at(&mut probe, &path)
+                    .map_err(not_table)?
+                    .insert(last.to_string(), toml::Value::Table(Default::default()));
                 if let Err(e) = Self::deserialize(probe)
                     && e.message().starts_with("unknown field")
                 {
-                    return Err(bad(format!("--set {assignment}: {}", e.message())));
+                    return Err(invalid(e));
                 }
             }
             let unset = parse(tree)?;
